@@ -1,0 +1,74 @@
+// The whole op surface of h3fusion_ext, declared once.
+//
+// CPU bodies live in csrc/cpu/*.cpp and CUDA bodies in csrc/cuda/*.cu; each of those files registers its own
+// kernels with TORCH_LIBRARY_IMPL(h3fusion, CPU|CUDA, m). Fake (meta) kernels and autograd are registered in
+// Python (h3fusion_ext/*.py), so torch.compile can trace every op.
+//
+// Conventions shared by every op (SPEC §5):
+//   * activations/weights: fp32, bf16, fp16 (fp64 on the CPU for gradcheck); accumulation in fp32 (fp64 for fp64);
+//   * index tensors are int32; per-expert offsets are int64 and stay on the device;
+//   * "pair" p = t * k + j names slot j of token t; "row" r is a position in the expert-sorted order.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(h3fusion, m) {
+  // ---- routing ------------------------------------------------------------------------------------------------
+  // logits[T,E] (any float dtype) -> weights[T,k] fp32 (fp64 for fp64 logits), experts[T,k] int32.
+  // softmax over E, top-k (ties to the lower expert index, sorted by descending weight), optional renormalisation.
+  m.def("topk_route(Tensor logits, int k, bool renormalize) -> (Tensor weights, Tensor experts)");
+  // d(loss)/d(logits)[T,E] in logits.dtype, recomputing the softmax from logits.
+  m.def("topk_route_backward(Tensor grad_weights, Tensor logits, Tensor experts, bool renormalize) -> Tensor");
+
+  // ---- permutation ------------------------------------------------------------------------------------------
+  // experts[T,k] int32 -> sorted_pairs[T*k] int32 (row -> pair, stable counting sort by expert),
+  //                       pair_rows[T*k] int32 (pair -> row, the inverse permutation),
+  //                       expert_offsets[E+1] int64 (rows of expert e are [offsets[e], offsets[e+1])).
+  m.def("moe_route_plan(Tensor experts, int num_experts) -> (Tensor sorted_pairs, Tensor pair_rows, "
+        "Tensor expert_offsets)");
+  // x[T,H], sorted_pairs[T*k] -> x_sorted[T*k,H] with x_sorted[r] = x[sorted_pairs[r] // k].
+  m.def("moe_gather(Tensor x, Tensor sorted_pairs, int k) -> Tensor");
+  // rows[T*k,H] (expert-sorted), weights[T,k], pair_rows[T*k] -> y[T,H], y[t] = sum_j w[t,j] rows[pair_rows[t*k+j]].
+  // Each token sums its own k rows in a fixed order: no floating-point atomics.
+  m.def("moe_combine(Tensor rows, Tensor weights, Tensor pair_rows) -> Tensor");
+
+  // ---- fused expert FFN -----------------------------------------------------------------------------------------
+  // x[T,H], weights[T,k] (fp32 or x.dtype), experts[T,k] int32, gate_up_proj[E,2F,H], down_proj[E,H,F]
+  //   -> y[T,H] (x.dtype), and what backward needs: sorted_pairs, pair_rows, expert_offsets (as moe_route_plan),
+  //      gate_up_out[T*k,2F] (x.dtype, expert-sorted rows, pre-activation).
+  m.def("moe_ffn_forward(Tensor x, Tensor weights, Tensor experts, Tensor gate_up_proj, Tensor down_proj) -> "
+        "(Tensor y, Tensor sorted_pairs, Tensor pair_rows, Tensor expert_offsets, Tensor gate_up_out)");
+  // -> grad_x[T,H], grad_weights[T,k] (weights.dtype), grad_gate_up_proj[E,2F,H], grad_down_proj[E,H,F].
+  m.def("moe_ffn_backward(Tensor grad_y, Tensor x, Tensor weights, Tensor gate_up_proj, Tensor down_proj, "
+        "Tensor sorted_pairs, Tensor pair_rows, Tensor expert_offsets, Tensor gate_up_out) -> "
+        "(Tensor grad_x, Tensor grad_weights, Tensor grad_gate_up_proj, Tensor grad_down_proj)");
+
+  // ---- linear log-prob ------------------------------------------------------------------------------------------
+  // hidden[N,H], weight[V,H], targets[N] int64 -> logp[N] fp32 (fp64 for fp64), lse[N] fp32 (fp64 for fp64).
+  // Chunked over V with an online logsumexp: at most one [N, chunk] block of logits exists at a time.
+  m.def("linear_logprob_forward(Tensor hidden, Tensor weight, Tensor targets, int ignore_index) -> "
+        "(Tensor logp, Tensor lse)");
+  // grad_logp[N], grad_lse[N] -> grad_hidden[N,H], grad_weight[V,H]; recomputes logits per chunk.
+  m.def("linear_logprob_backward(Tensor grad_logp, Tensor grad_lse, Tensor hidden, Tensor weight, Tensor targets, "
+        "Tensor lse, int ignore_index) -> (Tensor grad_hidden, Tensor grad_weight)");
+
+  // ---- build facts -------------------------------------------------------------------------------------------
+  m.def("has_cuda_kernels() -> bool");
+}
+
+namespace {
+bool has_cuda_kernels() {
+#ifdef H3FUSION_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(h3fusion, CompositeExplicitAutograd, m) { m.impl("has_cuda_kernels", &has_cuda_kernels); }
+
+// A minimal module init so that `import h3fusion_ext._C` loads the library and runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,26 @@
+"""h3fusion_ext: MoE routing, permutation, fused expert FFN and linear-log-prob ops for CPU and CUDA.
+
+Public ops (autograd-aware, `torch.compile`-traceable):
+    topk_route(logits[T,E], k, renormalize=True) -> (weights[T,k] fp32, experts[T,k] int32)
+    moe_ffn(x[T,H], weights[T,k], experts[T,k], gate_up_proj[E,2F,H], down_proj[E,H,F]) -> y[T,H]
+    linear_logprob(hidden[N,H], weight[V,H], targets[N], ignore_index=-100) -> logp[N] fp32
+`h3fusion_ext.reference` has the same functions in plain PyTorch (the test oracle).
+"""
+
+from . import reference
+from ._library import has_cuda_kernels
+from .logprob import linear_logprob
+from .moe import moe_combine, moe_ffn, moe_gather, moe_route_plan
+from .routing import topk_route
+
+__all__ = [
+    "has_cuda_kernels",
+    "linear_logprob",
+    "moe_combine",
+    "moe_ffn",
+    "moe_gather",
+    "moe_route_plan",
+    "reference",
+    "topk_route",
+]
+__version__ = "0.1.0"

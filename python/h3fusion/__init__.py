@@ -1,0 +1,7 @@
+"""h3fusion: fuse aligned LLMs into a mixture of experts (H3Fusion) and train with reward-weighted preference
+fusion (FuseSFT / FusePO), on the h3fusion_ext kernels.
+
+Each feature module adds its public names below (keep this file a list of imports).
+"""
+
+__version__ = "0.1.0"
