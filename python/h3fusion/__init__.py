@@ -5,3 +5,12 @@ Each feature module adds its public names below (keep this file a list of import
 """
 
 __version__ = "0.1.0"
+
+from .losses.preference import (  # noqa: F401
+    rloo_loss,
+    simpo_loss,
+    weighted_dpo_loss,
+    weighted_sft_loss,
+    wrpo_alpha,
+    wrpo_loss,
+)
