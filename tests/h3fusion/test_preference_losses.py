@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from h3fusion.losses.preference import (
     rloo_advantages,
     rloo_loss,
@@ -28,7 +27,7 @@ def _logsig(x: float) -> float:
 def _wmean(losses: list[float], weights: list[float] | None) -> float:
     if weights is None:
         weights = [1.0] * len(losses)
-    return sum(w * v for w, v in zip(weights, losses)) / sum(weights)
+    return sum(w * v for w, v in zip(weights, losses, strict=True)) / sum(weights)
 
 
 def _vec(n, lo=-30.0, hi=-1.0):
@@ -78,7 +77,7 @@ def test_weighted_dpo_unit_weights_equal_standard_dpo():
     torch.testing.assert_close(weighted_dpo_loss(pc, pr, rc, rr, beta=beta), standard, rtol=1e-14, atol=1e-14)
     g_ours = torch.autograd.grad(ours, (pc, pr))
     g_std = torch.autograd.grad(standard, (pc, pr))
-    for a, b in zip(g_ours, g_std):
+    for a, b in zip(g_ours, g_std, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
 
 
@@ -108,9 +107,7 @@ def test_simpo_formula_and_gradient():
     w = _weights(p)
     beta, gamma = 2.0, 0.7
     got = simpo_loss(pc, pr, lc, lr, beta=beta, gamma=gamma, weights=w)
-    per = [
-        -_logsig(beta / float(lc[i]) * float(pc[i]) - beta / float(lr[i]) * float(pr[i]) - gamma) for i in range(p)
-    ]
+    per = [-_logsig(beta / float(lc[i]) * float(pc[i]) - beta / float(lr[i]) * float(pr[i]) - gamma) for i in range(p)]
     assert got.item() == pytest.approx(_wmean(per, w.tolist()), rel=1e-12)
     assert torch.autograd.gradcheck(
         lambda a, b: simpo_loss(a, b, lc, lr, beta=beta, gamma=gamma, weights=w), (pc.detach().requires_grad_(), pr)

@@ -1,0 +1,67 @@
+"""Tiny offline model + tokenizer factories for the preference-fusion tests (no downloads)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+_WORDS = "the a cat dog sat ran on mat red blue big small is was good bad yes no why how answer question".split()
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in milliseconds on a fixed word list, with <s>, </s>, <pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([" ".join(_WORDS)] * 4, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_llama(vocab_size: int, hidden: int = 32, layers: int = 2):
+    """A randomly initialised LlamaForCausalLM small enough for a few CPU training steps."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(cfg).float()
+
+
+def random_text(rng: random.Random, lo: int = 2, hi: int = 6) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def random_records(n_prompts: int, sources=("alpha", "beta", "target"), per_source: int = 2, seed=None):
+    """Multi-source records {prompt, responses: [{text, source, reward}]} with random texts and rewards."""
+    rng = random.Random(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
+    records = []
+    for i in range(n_prompts):
+        responses = [
+            {"text": random_text(rng), "source": s, "reward": round(rng.uniform(-2.0, 2.0), 4)}
+            for s in sources
+            for _ in range(per_source)
+        ]
+        records.append({"prompt": f"question {i}: " + random_text(rng), "responses": responses})
+    return records
