@@ -9,3 +9,13 @@ from .preference import (  # noqa: F401
     wrpo_alpha,
     wrpo_loss,
 )
+
+from .gating import (  # noqa: F401
+    canonical_param_name,
+    drift_regularization,
+    expert_drift_norms,
+    expert_reference_state,
+    gating_loss,
+    load_balancing_loss,
+    mean_router_probs,
+)
