@@ -6,8 +6,6 @@ import math
 
 import pytest
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM
-
 from h3fusion.losses import (
     drift_regularization,
     expert_drift_norms,
@@ -16,6 +14,7 @@ from h3fusion.losses import (
     load_balancing_loss,
     mean_router_probs,
 )
+from transformers import MixtralConfig, MixtralForCausalLM
 
 
 def _tiny_mixtral(num_layers=2, experts=3):

@@ -1,15 +1,5 @@
 """h3fusion.losses."""
 
-from .preference import (  # noqa: F401
-    rloo_advantages,
-    rloo_loss,
-    simpo_loss,
-    weighted_dpo_loss,
-    weighted_sft_loss,
-    wrpo_alpha,
-    wrpo_loss,
-)
-
 from .gating import (  # noqa: F401
     canonical_param_name,
     drift_regularization,
@@ -18,4 +8,13 @@ from .gating import (  # noqa: F401
     gating_loss,
     load_balancing_loss,
     mean_router_probs,
+)
+from .preference import (  # noqa: F401
+    rloo_advantages,
+    rloo_loss,
+    simpo_loss,
+    weighted_dpo_loss,
+    weighted_sft_loss,
+    wrpo_alpha,
+    wrpo_loss,
 )
