@@ -11,3 +11,20 @@ from .preference import (  # noqa: F401
     save_records,
     sft_examples,
 )
+from .instructions import (  # noqa: F401
+    ALPACA_PROMPT,
+    IGNORE_INDEX,
+    InstructionCollator,
+    InstructionDataset,
+    InstructionExample,
+    category_index,
+    expert_names_from_config,
+    format_prompt,
+    load_alpaca,
+    load_beavertails,
+    load_instructions,
+    load_paper_datasets,
+    load_truthfulqa,
+    save_instructions,
+    tokenize_instruction,
+)

@@ -1,0 +1,322 @@
+"""H3FusionTrainer: trains a fused MoE's routers and experts with the LM loss, the gating loss and the drift regularizer.
+
+    L = L_LM + λ_gate · L_gate + Σ_i γ_i · R_i (+ λ_bal · L_balance)       (SPEC §3, `h3fusion.losses.gating`)
+
+A `transformers.Trainer` subclass, so Accelerate, torchrun, FSDP and DeepSpeed launch it as usual. Only the routers
+(`*.mlp.gate.weight`) and the experts (`*.mlp.experts.*`, full weights or PEFT LoRA on the 3-D expert weights) train;
+attention, norms, embeddings and lm_head are frozen. Each loss term is logged separately (`lm_loss`, `gate_loss`,
+`drift_loss`, `balance_loss`). Checkpoints are written into a staging folder and renamed into place, so an
+interrupted save never corrupts the last good checkpoint; the fusion-time expert snapshot θ⁽⁰⁾ is saved with each
+checkpoint and restored on resume.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..data.instructions import IGNORE_INDEX, expert_names_from_config
+from ..losses.gating import (
+    canonical_param_name,
+    drift_regularization,
+    expert_reference_state,
+    gating_loss,
+    load_balancing_loss,
+)
+from .checkpoint import clean_stale_staging, publish_staged_dir, staging_dir_for
+
+__all__ = ["H3FusionTrainer", "causal_lm_loss", "is_trainable_h3fusion_param", "prepare_h3fusion_model"]
+
+REFERENCE_FILE = "h3fusion_reference.safetensors"
+_ROUTER_RE = re.compile(r"(?:^|\.)mlp\.gate\.weight$")
+_EXPERT_RE = re.compile(r"(?:^|\.)mlp\.experts\.")
+
+
+def is_trainable_h3fusion_param(name: str) -> bool:
+    """True for router weights and expert weights (incl. their LoRA factors), by canonical parameter name."""
+    key = canonical_param_name(name)
+    return bool(_ROUTER_RE.search(key) or _EXPERT_RE.search(key))
+
+
+def _set_top_k(model: torch.nn.Module, top_k: int) -> None:
+    config = getattr(model, "config", None)
+    num_experts = getattr(config, "num_local_experts", None)
+    if num_experts is not None and not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+    if config is not None:
+        config.num_experts_per_tok = int(top_k)
+    for module in model.modules():
+        # MixtralSparseMoeBlock and MixtralTopKRouter both keep their own copy of top_k
+        if hasattr(module, "top_k") and (hasattr(module, "experts") or hasattr(module, "num_experts")):
+            module.top_k = int(top_k)
+
+
+def prepare_h3fusion_model(
+    model: torch.nn.Module,
+    *,
+    top_k: int | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+) -> torch.nn.Module:
+    """Freezes everything but routers and experts; optionally LoRA-adapts the experts through PEFT.
+
+    With `lora_rank`, the 3-D expert weights get PEFT LoRA adapters (`target_parameters`), the routers are trained
+    in full (as `modules_to_save`), and the base expert weights are frozen.
+
+    Args:
+        model: a fused MoE causal LM (e.g. `MixtralForCausalLM` from `fuse_models`).
+        top_k: experts per token (None keeps the config's).
+        lora_rank: LoRA rank for the experts (None: train full expert weights).
+        lora_alpha: LoRA alpha (default 2 × rank).
+
+    Returns:
+        the model to train (a `peft.PeftModel` when `lora_rank` is set).
+    """
+    if top_k is not None:
+        _set_top_k(model, top_k)
+    if lora_rank:
+        import peft
+
+        targets = sorted({canonical_param_name(n).split(".mlp.experts.")[-1] for n, _ in model.named_parameters()
+                          if _EXPERT_RE.search(canonical_param_name(n))})
+        cfg = peft.LoraConfig(
+            r=int(lora_rank),
+            lora_alpha=float(lora_alpha if lora_alpha is not None else 2 * lora_rank),
+            target_modules=[],
+            target_parameters=[f"mlp.experts.{t}" for t in targets],
+            modules_to_save=["gate"],
+        )
+        model = peft.get_peft_model(model, cfg)
+        for name, p in model.named_parameters():
+            key = canonical_param_name(name)
+            p.requires_grad_("lora_" in key or ("modules_to_save" in key and ".mlp.gate." in key))
+        return model
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_trainable_h3fusion_param(name))
+    return model
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token-mean NLL of next-token prediction over labelled positions (labels -100 are ignored).
+
+    Args:
+        logits: [B, S, V] (any float dtype; computed in fp32).
+        labels: int64 [B, S]; position s is predicted from positions < s.
+
+    Returns:
+        fp32 scalar (0 with a graph when no position is labelled).
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    if not bool((shift_labels != IGNORE_INDEX).any()):
+        return shift_logits.sum() * 0.0
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+class H3FusionTrainer(Trainer):
+    """`transformers.Trainer` for H3Fusion alignment fusion.
+
+    Batches must hold input_ids / attention_mask / labels [B, S] (labels -100 on prompt and padding) and
+    category_labels [B] (expert indices; see `h3fusion.data.InstructionDataset`).
+
+    Args:
+        model: the fused MoE (bare, or already prepared). It is prepared with `prepare_h3fusion_model`
+            (freezing, optional LoRA, top-k) unless `prepare=False`.
+        args: TrainingArguments (`remove_unused_columns` is forced off: category_labels must reach the loss).
+        lambda_gate: weight of the gating loss (paper ≈ 0.01).
+        gammas: one drift weight γ_i per expert (a float applies to all; None or 0 disables the regularizer).
+        lambda_balance: weight of the Switch load-balancing loss (0 = off). The model's own
+            `router_aux_loss_coef` is set to it too; the model's aux loss is never added twice (labels are not
+            passed to the model, the trainer computes every term itself).
+        squared_drift: use ‖ΔW‖² in the drift term.
+        top_k, lora_rank, lora_alpha: see `prepare_h3fusion_model`.
+        expert_names: category names in expert order (default: from the model config); stored for reports.
+        **kwargs: passed to `transformers.Trainer` (train_dataset, data_collator, callbacks, ...).
+    """
+
+    # compute_loss returns a per-batch mean: let Trainer divide by the gradient-accumulation steps
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        args: TrainingArguments | None = None,
+        *,
+        lambda_gate: float = 0.01,
+        gammas: float | Sequence[float] | None = None,
+        lambda_balance: float = 0.0,
+        squared_drift: bool = False,
+        top_k: int | None = None,
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
+        expert_names: Sequence[str] | None = None,
+        prepare: bool = True,
+        **kwargs: Any,
+    ):
+        config = model.config
+        num_experts = int(config.num_local_experts)
+        if expert_names is None:
+            try:
+                expert_names = expert_names_from_config(config)
+            except ValueError:
+                expert_names = [f"expert_{i}" for i in range(num_experts)]
+        if len(expert_names) != num_experts:
+            raise ValueError(f"expert_names has {len(expert_names)} names for {num_experts} experts")
+        self.expert_names = list(expert_names)
+        if lambda_gate < 0 or lambda_balance < 0:
+            raise ValueError("lambda_gate and lambda_balance must be non-negative")
+        if gammas is None:
+            gammas = [0.0] * num_experts
+        elif isinstance(gammas, (int, float)):
+            gammas = [float(gammas)] * num_experts
+        gammas = [float(g) for g in gammas]
+        if len(gammas) != num_experts or any(g < 0 for g in gammas):
+            raise ValueError(f"gammas must be {num_experts} non-negative numbers (one per expert), got {gammas}")
+        self.lambda_gate = float(lambda_gate)
+        self.gammas = gammas
+        self.lambda_balance = float(lambda_balance)
+        self.squared_drift = bool(squared_drift)
+        config.router_aux_loss_coef = self.lambda_balance
+        # θ⁽⁰⁾: the expert weights at fusion time, a detached snapshot (never a trainable parameter)
+        self.reference_state = expert_reference_state(model) if any(g > 0 for g in gammas) else {}
+        if prepare:
+            model = prepare_h3fusion_model(model, top_k=top_k, lora_rank=lora_rank, lora_alpha=lora_alpha)
+        elif top_k is not None:
+            _set_top_k(model, top_k)
+        if args is None:
+            args = TrainingArguments(output_dir="h3fusion-train", report_to=[])
+        args.remove_unused_columns = False
+        super().__init__(model=model, args=args, **kwargs)
+        self._term_sums: dict[str, torch.Tensor] = {}
+        self._term_count = 0
+        self._staging_root: str | None = None
+        if self.args.should_save:
+            clean_stale_staging(self.args.output_dir)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # loss
+
+    def _reference_on_device(self) -> dict[str, torch.Tensor]:
+        # move θ⁽⁰⁾ next to the parameters once (the model may have been moved after __init__)
+        if self.reference_state:
+            params = {canonical_param_name(n): p for n, p in self.model.named_parameters()}
+            for key, ref in self.reference_state.items():
+                p = params.get(key)
+                if p is not None and ref.device != p.device:
+                    self.reference_state[key] = ref.to(p.device)
+        return self.reference_state
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        categories = inputs.pop("category_labels", None)
+        if categories is None and self.lambda_gate > 0:
+            raise ValueError("the batch has no `category_labels`; the gating loss needs one category per example")
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(inputs["input_ids"])
+            inputs["attention_mask"] = attention_mask
+        outputs = model(**inputs, output_router_logits=True, use_cache=False)
+        lm = causal_lm_loss(outputs.logits, labels)
+        terms = {"lm_loss": lm}
+        loss = lm
+        router_logits = outputs.router_logits
+        if self.lambda_gate > 0:
+            gate = gating_loss(router_logits, attention_mask, categories)
+            terms["gate_loss"] = gate
+            loss = loss + self.lambda_gate * gate
+        if self.lambda_balance > 0:
+            top_k = int(self.accelerator.unwrap_model(model).config.num_experts_per_tok)
+            bal = load_balancing_loss(router_logits, attention_mask, top_k)
+            terms["balance_loss"] = bal
+            loss = loss + self.lambda_balance * bal
+        if self.reference_state:
+            drift = drift_regularization(
+                self.accelerator.unwrap_model(model), self._reference_on_device(), self.gammas, self.squared_drift
+            )
+            terms["drift_loss"] = drift
+            loss = loss + drift.to(loss.device)
+        if model.training:
+            for k, v in terms.items():
+                v = v.detach().float()
+                self._term_sums[k] = self._term_sums[k] + v if k in self._term_sums else v
+            self._term_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._term_count > 0:
+            keys = sorted(self._term_sums)
+            stacked = torch.stack([self._term_sums[k] for k in keys]) / self._term_count
+            stacked = self.accelerator.reduce(stacked, reduction="mean")
+            for k, v in zip(keys, stacked.tolist()):
+                logs[k] = round(v, 6)
+            self._term_sums, self._term_count = {}, 0
+        super().log(logs, start_time) if start_time is not None else super().log(logs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # atomic checkpoints
+
+    def _get_output_dir(self, trial):
+        if self._staging_root is not None:
+            return self._staging_root
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = staging_dir_for(run_dir, name)
+        os.makedirs(staging, exist_ok=True)
+        self._staging_root = staging
+        try:
+            super()._save_checkpoint(model, trial)  # writes <staging>/<name>, rotates nothing real
+        finally:
+            self._staging_root = None
+        staged = os.path.join(staging, name)
+        if self.args.should_save and self.reference_state:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.reference_state.items()},
+                      os.path.join(staged, REFERENCE_FILE))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            publish_staged_dir(staged, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            best = self.state.best_model_checkpoint
+            if best and best.startswith(staging):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            self._rotate(run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _rotate(self, run_dir: str) -> None:
+        try:
+            from transformers.trainer_utils import rotate_checkpoints
+        except ImportError:  # older transformers 5.x keep it as a method
+            self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
+            return
+        rotate_checkpoints(
+            output_dir=run_dir,
+            save_total_limit=self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=True,
+        )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, REFERENCE_FILE)
+        if os.path.exists(path):
+            from safetensors.torch import load_file
+
+            loaded = load_file(path)
+            if set(loaded) != set(self.reference_state) and self.reference_state:
+                raise ValueError(f"{path} holds other expert weights than this model's")
+            self.reference_state = dict(loaded)
