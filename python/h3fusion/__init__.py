@@ -14,3 +14,4 @@ from .losses.preference import (  # noqa: F401
     wrpo_alpha,
     wrpo_loss,
 )
+from .models import fuse_models, save_fused_model  # noqa: F401

@@ -1,1 +1,3 @@
 """h3fusion.models."""
+
+from .fuse import fuse_models, save_fused_model  # noqa: F401

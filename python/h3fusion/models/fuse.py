@@ -1,0 +1,347 @@
+"""Build the H3Fusion MoE: N aligned Llama/Mistral-family models -> one `MixtralForCausalLM` (SPEC §3).
+
+In every decoder layer expert i is aligned model i's MLP (gate and up stacked into `gate_up_proj[i]`, down into
+`down_proj[i]`), each expert written from its own source tensor (never one shared tensor: SPEC §3 defect (a)).
+Attention, norms, embeddings and lm_head come from the base or their element-wise mean over the aligned models.
+Inputs are read one layer at a time (see `checkpoint_io`), so N large checkpoints are never all in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .checkpoint_io import WeightSource, open_source
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+ROUTER_INITS = ("random", "zeros", "prototypes")
+ATTENTION_MODES = ("base", "mean")
+# Compared in this order; the first difference is the one reported.
+_MATCH_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "vocab_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "tie_word_embeddings",
+)
+
+
+def _no_init():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5.x layouts
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def check_compatible(base: WeightSource, aligned: Mapping[str, WeightSource]) -> None:
+    """Refuse bases Mixtral cannot represent and aligned models that differ from the base.
+
+    Raises:
+        ValueError: naming the unsupported base feature, or the aligned model and its first differing field.
+    """
+    cfg = base.config
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"base model_type {cfg.model_type!r} is not supported: fusion into Mixtral needs a Llama/Mistral-family "
+            f"model (one of {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(cfg, flag, False):
+            raise ValueError(f"base has {flag}=True; Mixtral has no such biases, so it cannot be fused")
+    for name, src in aligned.items():
+        for field in _MATCH_FIELDS:
+            a, b = getattr(cfg, field, None), getattr(src.config, field, None)
+            if a != b:
+                raise ValueError(f"aligned model {name!r} differs from the base in {field}: base {a!r}, {name!r} {b!r}")
+
+
+def mixtral_config(base_config, names: Sequence[str], top_k: int, record: dict):
+    """A `MixtralConfig` with the base's attention / RoPE / norm settings and one expert per aligned model."""
+    from transformers import MixtralConfig
+
+    c = base_config
+    kwargs = dict(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings,
+        initializer_range=c.initializer_range,
+        rms_norm_eps=c.rms_norm_eps,
+        pad_token_id=c.pad_token_id,
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        sliding_window=getattr(c, "sliding_window", None),
+        attention_dropout=getattr(c, "attention_dropout", 0.0),
+        num_local_experts=len(names),
+        num_experts_per_tok=top_k,
+        h3fusion=record,
+    )
+    # RoPE must be the base's exactly (Mixtral's default theta differs from Llama's).
+    rope = getattr(c, "rope_parameters", None)
+    if rope is not None:
+        kwargs["rope_parameters"] = dict(rope)
+    else:  # transformers < 5 style
+        kwargs["rope_theta"] = getattr(c, "rope_theta", 10000.0)
+        if getattr(c, "rope_scaling", None):
+            kwargs["rope_scaling"] = dict(c.rope_scaling)
+    cfg = MixtralConfig(**kwargs)
+    cfg.architectures = ["MixtralForCausalLM"]
+    return cfg
+
+
+def _shared(key: str, base: WeightSource, aligned: list[WeightSource], attention: str) -> torch.Tensor:
+    if attention == "base":
+        return base.get(key)
+    acc = None
+    for src in aligned:
+        t = src.get(key).float()
+        acc = t.clone() if acc is None else acc.add_(t)
+    return acc / len(aligned)
+
+
+def _copy_(param: torch.Tensor, value: torch.Tensor, key: str) -> None:
+    if param.shape != value.shape:
+        raise ValueError(f"{key}: shape {tuple(value.shape)} does not fit the fused model's {tuple(param.shape)}")
+    param.copy_(value.to(dtype=param.dtype, device=param.device))
+
+
+@torch.no_grad()
+def fuse_models(
+    base: Any,
+    aligned: Mapping[str, Any],
+    *,
+    top_k: int = 2,
+    attention: str = "base",
+    router_init: str = "random",
+    prototype_prompts: Mapping[str, Sequence[Any]] | None = None,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+):
+    """Fuse a base model and N aligned models of the same architecture into a `MixtralForCausalLM`.
+
+    Args:
+        base: the base model: a loaded `PreTrainedModel` or a checkpoint directory (safetensors).
+        aligned: expert name -> aligned model: a loaded model, a checkpoint directory, or a PEFT LoRA adapter
+            directory on `base`. Its order is the expert order (expert i = the i-th entry's MLP in every layer).
+        top_k: experts per token, 1 <= top_k <= N.
+        attention: "base" takes attention, norms, embeddings and lm_head from the base; "mean" takes their
+            element-wise mean over the aligned models.
+        router_init: "random" (normal, std = initializer_range), "zeros" (uniform routing), or "prototypes":
+            row i of layer l's router = the unit-normalised mean hidden state at layer l's MLP input of
+            `prototype_prompts[name_i]`, run through the base model.
+        prototype_prompts: expert name -> a few prompts (strings, or token-id lists / 1-D tensors); for "prototypes".
+        tokenizer: tokenizes string prompts; default: the tokenizer saved with `base` when it is a directory.
+        dtype: the fused model's dtype; default: the base's.
+        progress: show a per-layer progress bar.
+
+    Returns:
+        A `MixtralForCausalLM` (eval mode) whose `config.h3fusion` records the expert names, sources and options.
+
+    Raises:
+        ValueError: bad options, unsupported base architecture, or an aligned model whose config differs from the
+            base's (the message names the first difference).
+    """
+    from transformers import MixtralForCausalLM
+
+    if not isinstance(aligned, Mapping) or len(aligned) == 0:
+        raise ValueError("aligned must be a non-empty mapping expert name -> model / checkpoint dir / adapter dir")
+    names = [str(n) for n in aligned]
+    if any(not n for n in names):
+        raise ValueError("aligned: expert names must be non-empty")
+    if not 1 <= int(top_k) <= len(names):
+        raise ValueError(f"top_k must be in [1, {len(names)}] (the number of experts), got {top_k}")
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    if router_init not in ROUTER_INITS:
+        raise ValueError(f"router_init must be one of {ROUTER_INITS}, got {router_init!r}")
+    if router_init == "prototypes":
+        missing = [n for n in names if not (prototype_prompts or {}).get(n)]
+        if missing:
+            raise ValueError(f"router_init='prototypes' needs prototype_prompts for every expert; missing {missing}")
+
+    base_src = open_source(base, name="base")
+    sources = [open_source(spec, base_src, name=n) for n, spec in aligned.items()]
+    check_compatible(base_src, dict(zip(names, sources, strict=True)))
+
+    record = {
+        "experts": names,
+        "sources": {n: s.description for n, s in zip(names, sources, strict=True)},
+        "base": base_src.description,
+        "attention": attention,
+        "router_init": router_init,
+        "top_k": int(top_k),
+    }
+    config = mixtral_config(base_src.config, names, int(top_k), record)
+    dtype = dtype or base_src.dtype()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # allocate in the target dtype directly (no fp32 copy of a large model)
+    try:
+        with _no_init():
+            model = MixtralForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.to(dtype)
+    model.eval()
+
+    layers = model.model.layers
+    iterator = range(config.num_hidden_layers)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="fusing layers", unit="layer")
+    params = dict(model.named_parameters())
+    for i in iterator:
+        prefix = f"model.layers.{i}."
+        for key, p in params.items():
+            if key.startswith(prefix) and ".mlp." not in key:
+                _copy_(p, _shared(key, base_src, sources, attention), key)
+        experts = layers[i].mlp.experts
+        for e, src in enumerate(sources):
+            gate = src.get(prefix + "mlp.gate_proj.weight")
+            up = src.get(prefix + "mlp.up_proj.weight")
+            down = src.get(prefix + "mlp.down_proj.weight")
+            # Each expert slice gets its own model's weights: slices never share storage with each other.
+            _copy_(experts.gate_up_proj[e], torch.cat([gate, up], dim=0), f"{names[e]}: {prefix}mlp gate/up")
+            _copy_(experts.down_proj[e], down, f"{names[e]}: {prefix}mlp.down_proj")
+    for key, p in params.items():
+        if not key.startswith("model.layers."):
+            if key == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            _copy_(p, _shared(key, base_src, sources, attention), key)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+
+    routers = [layer.mlp.gate.weight for layer in layers]
+    if router_init == "random":
+        for w in routers:
+            w.normal_(0.0, config.initializer_range)
+    elif router_init == "zeros":
+        for w in routers:
+            w.zero_()
+    else:
+        protos = prototype_rows(base, base_src, names, prototype_prompts, tokenizer)
+        for w, rows in zip(routers, protos, strict=True):
+            w.copy_(rows.to(w.dtype))
+    return model
+
+
+def _tokenize(prompts, tokenizer) -> list[torch.Tensor]:
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError("string prototype prompts need a tokenizer (pass tokenizer=, or a base directory)")
+            out.append(torch.tensor(tokenizer(p)["input_ids"], dtype=torch.long))
+        else:
+            out.append(torch.as_tensor(p, dtype=torch.long).reshape(-1))
+    return out
+
+
+@torch.no_grad()
+def prototype_rows(base, base_src: WeightSource, names, prompts, tokenizer=None) -> list[torch.Tensor]:
+    """Per layer, a [N, H] fp32 matrix whose row i is the unit-normalised mean MLP-input hidden state of expert i's
+    prompts, computed with the base model (loaded from its directory when `base` is a path).
+
+    Returns:
+        One [N, H] float32 tensor per decoder layer.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(base, torch.nn.Module):
+        model = base
+    else:
+        model = AutoModelForCausalLM.from_pretrained(os.fspath(base), dtype=torch.float32)
+        if tokenizer is None:
+            with contextlib.suppress(Exception):
+                tokenizer = AutoTokenizer.from_pretrained(os.fspath(base))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    decoder_layers = model.model.layers
+    sums = [torch.zeros(len(names), base_src.config.hidden_size) for _ in decoder_layers]
+    counts = [0] * len(names)
+    current = {"expert": 0}
+
+    def hook(layer_idx):
+        def fn(module, args):
+            h = args[0].detach().float().reshape(-1, args[0].shape[-1]).cpu()
+            sums[layer_idx][current["expert"]] += h.sum(0)
+
+        return fn
+
+    handles = [layer.mlp.register_forward_pre_hook(hook(i)) for i, layer in enumerate(decoder_layers)]
+    try:
+        for e, name in enumerate(names):
+            current["expert"] = e
+            for ids in _tokenize(prompts[name], tokenizer):
+                if ids.numel() == 0:
+                    continue
+                model(input_ids=ids.unsqueeze(0).to(device))
+                counts[e] += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if min(counts) == 0:
+        raise ValueError("prototype_prompts: every expert needs at least one non-empty prompt")
+    n = torch.tensor(counts, dtype=torch.float32).unsqueeze(1)
+    return [torch.nn.functional.normalize(s / n, dim=-1) for s in sums]
+
+
+def save_fused_model(model, out_dir: str | os.PathLike, tokenizer: Any = None, base: Any = None, **kwargs) -> str:
+    """Save a fused model (safetensors, sharded past `max_shard_size`) and the base's tokenizer, atomically.
+
+    Written to a temporary sibling directory first and renamed, so an interrupted save never leaves a half checkpoint.
+
+    Args:
+        model: the fused `MixtralForCausalLM`.
+        out_dir: the destination directory (replaced if it exists).
+        tokenizer: saved alongside; default: loaded from `base` when it is a directory holding one.
+        base: the base model path (for its tokenizer).
+        **kwargs: passed to `save_pretrained` (e.g. max_shard_size="2GB").
+
+    Returns:
+        The output directory path.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    if tokenizer is None and isinstance(base, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        with contextlib.suppress(Exception):
+            tokenizer = AutoTokenizer.from_pretrained(os.fspath(base))
+    tmp = tempfile.mkdtemp(prefix=".h3fusion-save-", dir=parent)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

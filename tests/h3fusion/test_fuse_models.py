@@ -1,0 +1,138 @@
+"""fuse_models on loaded models: experts = each aligned model's MLP, forced routing reproduces each aligned model,
+attention base/mean, router inits, config record, save -> plain from_pretrained -> same logits, generate."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from fusion_tiny import build_tiny_llama, perturbed_copy
+from h3fusion.models.fuse import fuse_models, save_fused_model
+
+NAMES = ("helpful", "harmless", "honest")
+
+
+def _force_expert(model, i: int):
+    """Route every token of every layer to expert i with weight 1 (the fused model must then be aligned model i)."""
+
+    def forward(h):
+        h = h.reshape(-1, h.shape[-1])
+        logits = torch.full((h.shape[0], model.config.num_local_experts), -10.0)
+        logits[:, i] = 10.0
+        return logits, torch.ones(h.shape[0], 1), torch.full((h.shape[0], 1), i, dtype=torch.long)
+
+    for layer in model.model.layers:
+        layer.mlp.gate.forward = forward
+
+
+@pytest.fixture
+def trio():
+    base = build_tiny_llama(layers=3)
+    return base, {n: perturbed_copy(base) for n in NAMES}
+
+
+def test_each_expert_is_its_own_aligned_mlp(trio):
+    base, aligned = trio
+    fused = fuse_models(base, aligned, top_k=2, progress=False)
+    assert type(fused).__name__ == "MixtralForCausalLM"
+    assert fused.config.num_local_experts == 3 and fused.config.num_experts_per_tok == 2
+    for layer_idx, layer in enumerate(fused.model.layers):
+        ex = layer.mlp.experts
+        F = fused.config.intermediate_size
+        for i, name in enumerate(NAMES):
+            mlp = aligned[name].model.layers[layer_idx].mlp
+            assert torch.equal(ex.gate_up_proj[i, :F], mlp.gate_proj.weight)
+            assert torch.equal(ex.gate_up_proj[i, F:], mlp.up_proj.weight)
+            assert torch.equal(ex.down_proj[i], mlp.down_proj.weight)
+        # defect (a): experts must not all be the same tensor
+        for i in range(3):
+            for j in range(i + 1, 3):
+                assert not torch.equal(ex.gate_up_proj[i], ex.gate_up_proj[j])
+                assert not torch.equal(ex.down_proj[i], ex.down_proj[j])
+        assert torch.equal(layer.self_attn.q_proj.weight, base.model.layers[layer_idx].self_attn.q_proj.weight)
+    assert torch.equal(fused.lm_head.weight, base.lm_head.weight)
+    assert torch.equal(fused.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    assert fused.config.h3fusion["experts"] == list(NAMES)
+    assert set(fused.config.h3fusion["sources"]) == set(NAMES)
+
+
+def test_forced_routing_reproduces_each_aligned_model(trio):
+    base, aligned = trio
+    fused = fuse_models(base, aligned, top_k=1, router_init="zeros", progress=False)
+    ids = torch.randint(3, base.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        for i, name in enumerate(NAMES):
+            _force_expert(fused, i)
+            want = aligned[name](ids).logits
+            got = fused(ids).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            # and it is not accidentally equal to another expert's model
+            other = aligned[NAMES[(i + 1) % 3]](ids).logits
+            assert (got - other).abs().max() > 1e-4
+
+
+def test_attention_mean_and_router_inits():
+    base = build_tiny_llama()
+    aligned = {n: perturbed_copy(base, mlp_only=False) for n in NAMES[:2]}
+    fused = fuse_models(base, aligned, top_k=1, attention="mean", router_init="zeros", progress=False)
+    for key in ("model.layers.1.self_attn.k_proj.weight", "model.norm.weight", "lm_head.weight"):
+        want = (aligned["helpful"].state_dict()[key] + aligned["harmless"].state_dict()[key]) / 2
+        torch.testing.assert_close(fused.state_dict()[key], want)
+        assert not torch.equal(fused.state_dict()[key], base.state_dict()[key])
+    assert all(layer.mlp.gate.weight.abs().max() == 0 for layer in fused.model.layers)
+    rnd = fuse_models(base, aligned, top_k=2, router_init="random", progress=False)
+    w = torch.stack([layer.mlp.gate.weight for layer in rnd.model.layers])
+    assert w.abs().max() > 0
+    assert 0.5 * base.config.initializer_range < w.std() < 2 * base.config.initializer_range
+
+
+def test_prototype_router_rows_are_normalised_category_means(tiny_tok):
+    base = build_tiny_llama(vocab_size=len(tiny_tok))
+    aligned = {n: perturbed_copy(base) for n in NAMES[:2]}
+    prompts = {"helpful": ["how is the cat", "answer the question"], "harmless": ["no bad dog", "is it good"]}
+    fused = fuse_models(
+        base, aligned, router_init="prototypes", prototype_prompts=prompts, tokenizer=tiny_tok, progress=False
+    )
+    captured = {}
+    layer = base.model.layers[1]
+    handle = layer.mlp.register_forward_pre_hook(lambda m, a: captured.setdefault("h", []).append(a[0][0]))
+    with torch.no_grad():
+        for p in prompts["harmless"]:
+            base(torch.tensor([tiny_tok(p)["input_ids"]]))
+    handle.remove()
+    want = torch.nn.functional.normalize(torch.cat(captured["h"]).mean(0), dim=0)
+    row = fused.model.layers[1].mlp.gate.weight[1]
+    torch.testing.assert_close(row, want, rtol=1e-5, atol=1e-6)
+    assert abs(fused.model.layers[0].mlp.gate.weight[0].norm().item() - 1.0) < 1e-5
+
+
+def test_save_load_with_plain_transformers_and_generate(tmp_path, tiny_tok):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = build_tiny_llama(vocab_size=len(tiny_tok))
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    tiny_tok.save_pretrained(base_dir)
+    aligned = {n: perturbed_copy(base) for n in NAMES}
+    fused = fuse_models(str(base_dir), aligned, top_k=2, progress=False)
+    out = save_fused_model(fused, tmp_path / "fused", base=str(base_dir), max_shard_size="50KB")
+    files = os.listdir(out)
+    assert "model.safetensors.index.json" in files  # sharded past max_shard_size
+    assert not any(f.endswith(".py") for f in files)  # no remote code
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["model_type"] == "mixtral" and cfg["h3fusion"]["experts"] == list(NAMES)
+    assert cfg["h3fusion"]["base"] == os.path.abspath(base_dir)
+
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(loaded).__name__ == "MixtralForCausalLM"
+    ids = torch.randint(3, base.config.vocab_size, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, fused(ids).logits, rtol=0, atol=0)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.get_vocab() == tiny_tok.get_vocab()
+    enc = tok("the cat sat", return_tensors="pt")
+    gen = loaded.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert gen.shape == (1, enc["input_ids"].shape[1] + 5)
