@@ -6,6 +6,14 @@ Each feature module adds its public names below (keep this file a list of import
 
 __version__ = "0.1.0"
 
+from .data.preference import (  # noqa: F401
+    build_pairs,
+    load_records,
+    precompute_reference_logps,
+    rloo_groups,
+    save_records,
+    sft_examples,
+)
 from .losses.preference import (  # noqa: F401
     rloo_loss,
     simpo_loss,
@@ -15,3 +23,5 @@ from .losses.preference import (  # noqa: F401
     wrpo_loss,
 )
 from .models import fuse_models, save_fused_model  # noqa: F401
+from .trainers.fuse_po import FusePOTrainer  # noqa: F401
+from .trainers.fuse_sft import FuseSFTTrainer  # noqa: F401

@@ -1,7 +1,10 @@
 """h3fusion.trainers."""
+from .fuse_po import FUSE_PO_LOSSES, FusePOTrainer  # noqa: F401
+from .fuse_sft import FuseSFTTrainer  # noqa: F401
 from .h3fusion_trainer import (  # noqa: F401
     H3FusionTrainer,
     causal_lm_loss,
     is_trainable_h3fusion_param,
     prepare_h3fusion_model,
 )
+from .sequence_logprobs import SequenceLogprobs, sequence_logprobs  # noqa: F401

@@ -1,0 +1,156 @@
+"""Shared pieces of the FuseSFT / FusePO trainers: the list dataset, the batch collator, per-step metrics.
+
+The collator tokenises on the fly (`encode_example`), so datasets are plain item dicts from `h3fusion.data`:
+SFT items, pair items or group items. Every batch it builds is a dict of tensors, which the default
+`transformers.Trainer` machinery (device placement, accelerate, torchrun) handles unchanged.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import transformers
+
+from .sequence_logprobs import collate_examples, encode_example
+
+__all__ = ["ItemDataset", "PreferenceCollator", "PreferenceTrainerMixin"]
+
+
+class ItemDataset(torch.utils.data.Dataset):
+    """A list of item dicts as a map-style dataset."""
+
+    def __init__(self, items: Sequence[dict]):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def as_dataset(data: Any) -> Any:
+    """Lists become `ItemDataset`; torch / Hugging Face datasets pass through."""
+    if data is None or isinstance(data, torch.utils.data.Dataset) or hasattr(data, "column_names"):
+        return data
+    if isinstance(data, dict):  # eval_dataset may be a dict of datasets
+        return {k: as_dataset(v) for k, v in data.items()}
+    return ItemDataset(list(data))
+
+
+class PreferenceCollator:
+    """Turns item dicts into one padded batch.
+
+    kind="sft":   rows = the items' responses;                         + weights [B]
+    kind="pair":  rows = chosen (P), rejected (P)[, target_chosen (P)]; + weights [P], ref_* [P] when present
+    kind="group": rows = every response of every group;                 + rewards, weights, group_ids [N], ref_logps
+
+    Args:
+        tokenizer: the Hugging Face tokenizer.
+        kind: "sft", "pair" or "group".
+        encode_kwargs: keyword arguments of `encode_example` (max_length, max_prompt_length, chat_template).
+        with_target: pair batches also carry the target-chosen rows (WRPO); items must have "target_chosen".
+    """
+
+    def __init__(self, tokenizer: Any, kind: str, encode_kwargs: dict | None = None, with_target: bool = False):
+        if kind not in ("sft", "pair", "group"):
+            raise ValueError(f"kind must be 'sft', 'pair' or 'group', got {kind!r}")
+        self.tokenizer = tokenizer
+        self.kind = kind
+        self.encode_kwargs = dict(encode_kwargs or {})
+        self.with_target = with_target
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("tokenizer has neither a pad_token_id nor an eos_token_id to pad with")
+        self.pad_token_id = int(pad)
+
+    def _encode(self, prompt: str, response: str) -> dict:
+        return encode_example(self.tokenizer, prompt, response, **self.encode_kwargs)
+
+    @staticmethod
+    def _floats(items: Sequence[dict], key: str, default: float | None = None) -> torch.Tensor | None:
+        if default is None and not all(key in it for it in items):
+            return None
+        return torch.tensor([float(it.get(key, default)) for it in items], dtype=torch.float32)
+
+    def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        if not items:
+            raise ValueError("empty batch")
+        if self.kind == "sft":
+            batch = collate_examples([self._encode(it["prompt"], it["response"]) for it in items], self.pad_token_id)
+            batch["weights"] = self._floats(items, "weight", 1.0)
+            return batch
+        if self.kind == "pair":
+            fields = ["chosen", "rejected"] + (["target_chosen"] if self.with_target else [])
+            for i, it in enumerate(items):
+                missing = [f for f in fields if f not in it]
+                if missing:
+                    raise ValueError(
+                        f"pair item {i} lacks {missing} (WRPO pairs come from build_pairs(target_source=...))"
+                    )
+            enc = [self._encode(it["prompt"], it[f]) for f in fields for it in items]
+            batch = collate_examples(enc, self.pad_token_id)
+            batch["weights"] = self._floats(items, "weight", 1.0)
+            for f in fields:
+                ref = self._floats(items, f"ref_{f}_logp")
+                if ref is not None:
+                    batch[f"ref_{f}_logps"] = ref
+            return batch
+        enc, rewards, weights, groups, refs = [], [], [], [], []
+        have_ref = all("ref_logps" in it for it in items)
+        for g, it in enumerate(items):
+            k = len(it["responses"])
+            if len(it["rewards"]) != k:
+                raise ValueError(f"group item {g}: {k} responses but {len(it['rewards'])} rewards")
+            enc += [self._encode(it["prompt"], r) for r in it["responses"]]
+            rewards += [float(r) for r in it["rewards"]]
+            weights += [float(w) for w in it.get("weights", [1.0] * k)]
+            groups += [g] * k
+            if have_ref:
+                refs += [float(v) for v in it["ref_logps"]]
+        batch = collate_examples(enc, self.pad_token_id)
+        batch["rewards"] = torch.tensor(rewards, dtype=torch.float32)
+        batch["weights"] = torch.tensor(weights, dtype=torch.float32)
+        batch["group_ids"] = torch.tensor(groups, dtype=torch.long)
+        if have_ref:
+            batch["ref_logps"] = torch.tensor(refs, dtype=torch.float32)
+        return batch
+
+
+class PreferenceTrainerMixin:
+    """Metric accumulation (averaged into each `log` call) and loss-only evaluation for our Trainer subclasses."""
+
+    def _setup_preference(self) -> None:
+        # Our compute_loss returns a per-batch mean: let the Trainer divide it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self._pref_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _record(self, metrics: dict[str, float | torch.Tensor]) -> None:
+        split = "train" if self.model.training else "eval"
+        for k, v in metrics.items():
+            self._pref_metrics[split][k].append(float(v.detach().float().mean()) if torch.is_tensor(v) else float(v))
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if split == "eval" else ""
+        stored = self._pref_metrics[split]
+        logs = {**logs, **{prefix + k: sum(v) / len(v) for k, v in stored.items() if v}}
+        stored.clear()
+        return super().log(logs, *args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+def training_args_for_preference(args: transformers.TrainingArguments | None, output_dir: str = "h3fusion_out"):
+    """Default arguments, and `remove_unused_columns=False` (our columns are not model.forward arguments)."""
+    if args is None:
+        args = transformers.TrainingArguments(output_dir=output_dir, report_to="none")
+    args.remove_unused_columns = False
+    return args
