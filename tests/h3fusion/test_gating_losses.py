@@ -19,8 +19,15 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 def _tiny_mixtral(num_layers=2, experts=3):
     cfg = MixtralConfig(
-        vocab_size=32, hidden_size=8, intermediate_size=12, num_hidden_layers=num_layers, num_attention_heads=2,
-        num_key_value_heads=1, num_local_experts=experts, num_experts_per_tok=2, max_position_embeddings=32,
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=12,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=32,
     )
     return MixtralForCausalLM(cfg)
 

@@ -14,8 +14,15 @@ NAMES = ["helpful", "harmless", "honest"]
 
 def tiny_fused(layers=2, experts=3):
     cfg = MixtralConfig(
-        vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=layers, num_attention_heads=2,
-        num_key_value_heads=1, num_local_experts=experts, num_experts_per_tok=2, max_position_embeddings=64,
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
     )
     cfg.h3fusion_expert_names = NAMES[:experts]
     return MixtralForCausalLM(cfg)
@@ -34,8 +41,16 @@ def separable_features(n, gen=None):
 
 def args_for(tmp_path, **kw):
     base = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, learning_rate=2e-2, num_train_epochs=3,
-        logging_steps=2, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=int(torch.seed() % 2**31),
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        learning_rate=2e-2,
+        num_train_epochs=3,
+        logging_steps=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=int(torch.seed() % 2**31),
     )
     base.update(kw)
     return TrainingArguments(**base)
@@ -55,8 +70,13 @@ def test_only_router_and_experts_change(tmp_path):
     model = tiny_fused()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = H3FusionTrainer(
-        model, args_for(tmp_path, num_train_epochs=1), train_dataset=separable_features(24),
-        data_collator=InstructionCollator(0), lambda_gate=1.0, gammas=[1e-3, 1e-2, 1e-1], lambda_balance=0.01,
+        model,
+        args_for(tmp_path, num_train_epochs=1),
+        train_dataset=separable_features(24),
+        data_collator=InstructionCollator(0),
+        lambda_gate=1.0,
+        gammas=[1e-3, 1e-2, 1e-1],
+        lambda_balance=0.01,
     )
     trainer.train()
     frozen = [n for n in before if not (".mlp.gate." in n or ".mlp.experts." in n)]
@@ -77,8 +97,12 @@ def test_gating_loss_falls_and_routing_accuracy_rises(tmp_path):
     train, held_out = separable_features(60), separable_features(30)
     acc0, gate0 = routing_accuracy(model, held_out)
     trainer = H3FusionTrainer(
-        model, args_for(tmp_path, num_train_epochs=4), train_dataset=train, data_collator=InstructionCollator(0),
-        lambda_gate=1.0, gammas=1e-3,
+        model,
+        args_for(tmp_path, num_train_epochs=4),
+        train_dataset=train,
+        data_collator=InstructionCollator(0),
+        lambda_gate=1.0,
+        gammas=1e-3,
     )
     trainer.train()
     acc1, gate1 = routing_accuracy(model, held_out)
@@ -124,8 +148,13 @@ def test_lora_experts_train_router_and_adapters_only(tmp_path):
     model = tiny_fused()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = H3FusionTrainer(
-        model, args_for(tmp_path, num_train_epochs=2), train_dataset=separable_features(32),
-        data_collator=InstructionCollator(0), lambda_gate=1.0, gammas=[0.01, 0.01, 0.01], lora_rank=2,
+        model,
+        args_for(tmp_path, num_train_epochs=2),
+        train_dataset=separable_features(32),
+        data_collator=InstructionCollator(0),
+        lambda_gate=1.0,
+        gammas=[0.01, 0.01, 0.01],
+        lora_rank=2,
     )
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or ("modules_to_save" in n and ".mlp.gate." in n) for n in trainable)

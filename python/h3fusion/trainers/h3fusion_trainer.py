@@ -1,4 +1,4 @@
-"""H3FusionTrainer: trains a fused MoE's routers and experts with the LM loss, the gating loss and the drift regularizer.
+"""H3FusionTrainer: trains a fused MoE's routers and experts with the LM, gating and drift-regularizer losses.
 
     L = L_LM + λ_gate · L_gate + Σ_i γ_i · R_i (+ λ_bal · L_balance)       (SPEC §3, `h3fusion.losses.gating`)
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.instructions import IGNORE_INDEX, expert_names_from_config
@@ -85,8 +85,13 @@ def prepare_h3fusion_model(
     if lora_rank:
         import peft
 
-        targets = sorted({canonical_param_name(n).split(".mlp.experts.")[-1] for n, _ in model.named_parameters()
-                          if _EXPERT_RE.search(canonical_param_name(n))})
+        targets = sorted(
+            {
+                canonical_param_name(n).split(".mlp.experts.")[-1]
+                for n, _ in model.named_parameters()
+                if _EXPERT_RE.search(canonical_param_name(n))
+            }
+        )
         cfg = peft.LoraConfig(
             r=int(lora_rank),
             lora_alpha=float(lora_alpha if lora_alpha is not None else 2 * lora_rank),
@@ -118,8 +123,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_labels = labels[:, 1:].to(shift_logits.device)
     if not bool((shift_labels != IGNORE_INDEX).any()):
         return shift_logits.sum() * 0.0
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
 
 
 class H3FusionTrainer(Trainer):
@@ -188,12 +194,17 @@ class H3FusionTrainer(Trainer):
         config.router_aux_loss_coef = self.lambda_balance
         # θ⁽⁰⁾: the expert weights at fusion time, a detached snapshot (never a trainable parameter)
         self.reference_state = expert_reference_state(model) if any(g > 0 for g in gammas) else {}
+        if args is None:
+            args = TrainingArguments(output_dir="h3fusion-train", report_to=[])
         if prepare:
+            if lora_rank:
+                # LoRA factors are initialised randomly: seed first so a run (and its resume) is reproducible
+                from transformers import set_seed
+
+                set_seed(args.seed)
             model = prepare_h3fusion_model(model, top_k=top_k, lora_rank=lora_rank, lora_alpha=lora_alpha)
         elif top_k is not None:
             _set_top_k(model, top_k)
-        if args is None:
-            args = TrainingArguments(output_dir="h3fusion-train", report_to=[])
         args.remove_unused_columns = False
         super().__init__(model=model, args=args, **kwargs)
         self._term_sums: dict[str, torch.Tensor] = {}
@@ -257,7 +268,7 @@ class H3FusionTrainer(Trainer):
             keys = sorted(self._term_sums)
             stacked = torch.stack([self._term_sums[k] for k in keys]) / self._term_count
             stacked = self.accelerator.reduce(stacked, reduction="mean")
-            for k, v in zip(keys, stacked.tolist()):
+            for k, v in zip(keys, stacked.tolist(), strict=True):
                 logs[k] = round(v, 6)
             self._term_sums, self._term_count = {}, 0
         super().log(logs, start_time) if start_time is not None else super().log(logs)
@@ -284,8 +295,10 @@ class H3FusionTrainer(Trainer):
         if self.args.should_save and self.reference_state:
             from safetensors.torch import save_file
 
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.reference_state.items()},
-                      os.path.join(staged, REFERENCE_FILE))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.reference_state.items()},
+                os.path.join(staged, REFERENCE_FILE),
+            )
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             final = os.path.join(run_dir, name)
@@ -311,7 +324,24 @@ class H3FusionTrainer(Trainer):
         )
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        has_full_weights = any(
+            os.path.isfile(os.path.join(resume_from_checkpoint, f))
+            for f in ("model.safetensors", "model.safetensors.index.json")
+        )
+        if (
+            isinstance(target, PreTrainedModel)
+            and has_full_weights
+            and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        ):
+            # Trainer's loader reads the raw state dict, but transformers 5 saves MoE checkpoints in the
+            # hub layout (`block_sparse_moe.experts.N.w1` for Mixtral) and converts only in from_pretrained:
+            # the expert and router weights would silently not be restored. Load through from_pretrained.
+            loaded = type(target).from_pretrained(resume_from_checkpoint, dtype=next(target.parameters()).dtype)
+            target.load_state_dict(loaded.state_dict(), strict=True)
+            del loaded
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, REFERENCE_FILE)
         if os.path.exists(path):
             from safetensors.torch import load_file

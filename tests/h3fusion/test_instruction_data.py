@@ -1,0 +1,132 @@
+"""Instruction records, JSON/JSONL loading, category labels from the fused config, masking and padding."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from h3fusion.data import (
+    IGNORE_INDEX,
+    InstructionCollator,
+    InstructionDataset,
+    InstructionExample,
+    category_index,
+    expert_names_from_config,
+    format_prompt,
+    load_instructions,
+    save_instructions,
+    tokenize_instruction,
+)
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+WORDS = "below is an instruction that describes a task write response appropriately completes the request".split()
+
+
+def word_tokenizer(extra=()):
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for w in list(WORDS) + ["###", ":", ".", ",", "instruction", "response", "input", "Below", "Write"] + list(extra):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def _rand_word():
+    return "".join(random.choice("abcdefgh") for _ in range(random.randint(1, 5)))
+
+
+def test_json_and_jsonl_roundtrip(tmp_path):
+    exs = [
+        InstructionExample(_rand_word(), _rand_word(), random.choice(["helpful", "honest"]), random.choice(["", "x"]))
+        for _ in range(7)
+    ]
+    save_instructions(exs, tmp_path / "d.jsonl")
+    assert load_instructions(tmp_path / "d.jsonl") == exs
+    (tmp_path / "d.json").write_text(json.dumps([{"instruction": e.instruction, "output": e.output} for e in exs]))
+    loaded = load_instructions(tmp_path / "d.json", category="harmless")
+    assert [e.instruction for e in loaded] == [e.instruction for e in exs]
+    assert {e.category for e in loaded} == {"harmless"}
+
+
+def test_bad_records_are_named(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "output": "b", "category": "x"}\n{"instruction": 3}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl\[1\].*output"):
+        load_instructions(tmp_path / "bad.jsonl")
+    (tmp_path / "nocat.json").write_text('[{"instruction": "a", "output": "b"}]')
+    with pytest.raises(ValueError, match="category"):
+        load_instructions(tmp_path / "nocat.json")
+
+
+def test_labels_come_from_the_fused_configs_expert_names():
+    # defect (f): labels must follow the model's expert names, whatever order categories appear in the data
+    from transformers import MixtralConfig
+
+    cfg = MixtralConfig(num_local_experts=3)
+    cfg.h3fusion_expert_names = ["honest", "helpful", "harmless"]
+    assert expert_names_from_config(cfg) == ["honest", "helpful", "harmless"]
+    idx = category_index(expert_names_from_config(cfg))
+    assert idx == {"honest": 0, "helpful": 1, "harmless": 2}
+    with pytest.raises(ValueError, match="twice"):
+        category_index(["a", "a"])
+    with pytest.raises(ValueError, match="names no experts"):
+        expert_names_from_config(MixtralConfig())
+
+
+def test_prompt_is_masked_and_category_label_set():
+    tok = word_tokenizer(extra=["hello", "world", "yes"])
+    ex = InstructionExample("hello world", "yes yes", "honest")
+    feat = tokenize_instruction(tok, ex, {"helpful": 0, "honest": 1})
+    prompt, chat = format_prompt(tok, ex)
+    assert not chat and "### Instruction:" in prompt  # no chat template -> Alpaca
+    n_prompt = len(tok(prompt)["input_ids"])
+    assert feat["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert feat["labels"][n_prompt:] == feat["input_ids"][n_prompt:]
+    assert feat["input_ids"][-1] == tok.eos_token_id and feat["category_labels"] == 1
+    with pytest.raises(ValueError, match="not an expert"):
+        tokenize_instruction(tok, InstructionExample("a", "b", "harmless"), {"helpful": 0})
+
+
+def test_chat_template_used_when_present():
+    tok = word_tokenizer(extra=["user", "assistant", "hi", "ok"])
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}assistant :"
+    prompt, chat = format_prompt(tok, InstructionExample("hi", "ok", "helpful"))
+    assert chat and prompt == "user : hi assistant :"
+
+
+def test_truncation_keeps_response_and_budget():
+    tok = word_tokenizer(extra=["w"])
+    ex = InstructionExample(" ".join(["w"] * 50), " ".join(["w"] * 30), "helpful")
+    feat = tokenize_instruction(tok, ex, {"helpful": 0}, max_length=40)
+    assert len(feat["input_ids"]) == 40
+    assert sum(label != IGNORE_INDEX for label in feat["labels"]) == 20  # half the budget left for the response
+
+
+def test_collator_pads_to_longest_in_batch():
+    feats = [
+        {"input_ids": list(range(3, 3 + n)), "labels": [IGNORE_INDEX] + list(range(4, 3 + n)), "category_labels": c}
+        for n, c in ((random.randint(2, 6), 0), (random.randint(7, 9), 2))
+    ]
+    batch = InstructionCollator(pad_token_id=0)(feats)
+    longest = max(len(f["input_ids"]) for f in feats)
+    assert batch["input_ids"].shape == (2, longest)  # the batch's longest, not a fixed max_length
+    n0 = len(feats[0]["input_ids"])
+    assert batch["attention_mask"][0].tolist() == [1] * n0 + [0] * (longest - n0)
+    assert (batch["labels"][0, n0:] == IGNORE_INDEX).all() and (batch["input_ids"][0, n0:] == 0).all()
+    assert batch["category_labels"].tolist() == [0, 2]
+    assert batch["input_ids"].dtype == torch.long
+    with pytest.raises(ValueError, match="pad_token_id"):
+        InstructionCollator(None)
+
+
+def test_dataset_builds_features():
+    tok = word_tokenizer(extra=["a", "b"])
+    ds = InstructionDataset(
+        [InstructionExample("a", "b", "harmless"), InstructionExample("b", "a", "helpful")],
+        tok,
+        ["helpful", "harmless"],
+        max_length=64,
+    )
+    assert len(ds) == 2 and ds[0]["category_labels"] == 1 and ds[1]["category_labels"] == 0

@@ -1,0 +1,148 @@
+"""Checkpoints: resume equals the uninterrupted run; an interrupted save leaves the previous checkpoint intact."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from h3fusion.data import InstructionCollator
+from h3fusion.trainers import H3FusionTrainer
+from h3fusion.trainers.h3fusion_trainer import REFERENCE_FILE
+from transformers import MixtralConfig, MixtralForCausalLM, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+
+def tiny_fused():
+    cfg = MixtralConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=3,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    cfg.h3fusion_expert_names = ["helpful", "harmless", "honest"]
+    return MixtralForCausalLM(cfg)
+
+
+def feats(n):
+    out = []
+    for i in range(n):
+        c = i % 3
+        ids = (torch.randint(0, 10, (int(torch.randint(4, 9, ())),)) + 10 * c + 1).tolist()
+        out.append({"input_ids": ids, "labels": [-100, -100] + ids[2:], "category_labels": c})
+    return out
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def make_trainer(model, out, data, seed, callbacks=None, lora_rank=None):
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_steps=6,
+        save_steps=3,
+        save_strategy="steps",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=seed,
+        lr_scheduler_type="linear",
+        warmup_steps=2,
+    )
+    return H3FusionTrainer(
+        model,
+        args,
+        train_dataset=data,
+        data_collator=InstructionCollator(0),
+        lambda_gate=0.5,
+        gammas=[1e-2, 1e-3, 1e-1],
+        lambda_balance=0.01,
+        callbacks=callbacks,
+        lora_rank=lora_rank,
+    )
+
+
+def trained_state(trainer):
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model = copy.deepcopy(model).merge_and_unload()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_resume_equals_uninterrupted(tmp_path, lora_rank):
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    data = feats(16)
+    init = tiny_fused()
+    full = make_trainer(copy.deepcopy(init), tmp_path / "full", data, seed, lora_rank=lora_rank)
+    full.train()
+    expected = trained_state(full)
+
+    part = make_trainer(copy.deepcopy(init), tmp_path / "part", data, seed, callbacks=[StopAt(3)], lora_rank=lora_rank)
+    part.train()
+    ckpt = get_last_checkpoint(str(tmp_path / "part"))
+    assert ckpt is not None and ckpt.endswith("checkpoint-3")
+    assert os.path.exists(os.path.join(ckpt, REFERENCE_FILE))
+
+    resumed = make_trainer(copy.deepcopy(init), tmp_path / "part", data, seed, lora_rank=lora_rank)
+    resumed.train(resume_from_checkpoint=ckpt)
+    got = trained_state(resumed)
+    assert resumed.state.global_step == 6
+    assert set(got) == set(expected)
+    changed = 0
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=k)
+        changed += not torch.equal(expected[k], init.state_dict()[k])
+    assert changed > 0
+    # the logged loss terms after resume match the uninterrupted run's
+    tail = [h["loss"] for h in full.state.log_history if "loss" in h][3:]
+    tail_resumed = [h["loss"] for h in resumed.state.log_history if "loss" in h][-3:]
+    assert tail == pytest.approx(tail_resumed, rel=1e-4)
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    data = feats(16)
+    trainer = make_trainer(tiny_fused(), tmp_path / "run", data, seed)
+    calls = {"n": 0}
+    original = trainer._save_optimizer_and_scheduler
+
+    def crash_on_second(output_dir):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            # the model weights of checkpoint-6 are already half-written when the process "dies"
+            raise KeyboardInterrupt("simulated crash mid-checkpoint")
+        return original(output_dir)
+
+    trainer._save_optimizer_and_scheduler = crash_on_second
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    run = tmp_path / "run"
+    assert sorted(p for p in os.listdir(run) if not p.startswith(".")) == ["checkpoint-3"]
+    assert any(p.startswith(".staging-") for p in os.listdir(run))  # the partial write stayed in staging
+    last = get_last_checkpoint(str(run))
+    assert last.endswith("checkpoint-3")
+    for f in ("trainer_state.json", "optimizer.pt", "scheduler.pt", REFERENCE_FILE):
+        assert os.path.exists(os.path.join(last, f)), f
+    # a new trainer cleans the stale staging folder and resumes from the intact checkpoint
+    again = make_trainer(tiny_fused(), run, data, seed)
+    assert not any(p.startswith(".staging-") for p in os.listdir(run))
+    again.train(resume_from_checkpoint=True)
+    assert again.state.global_step == 6
+    assert get_last_checkpoint(str(run)).endswith("checkpoint-6")
