@@ -22,6 +22,12 @@ from .losses.preference import (  # noqa: F401
     wrpo_alpha,
     wrpo_loss,
 )
-from .models import fuse_models, save_fused_model  # noqa: F401
+from .models import (  # noqa: F401  (importing .models registers "h3fusion" with transformers' experts interface)
+    H3FusionMoE,
+    fuse_models,
+    register_experts_implementation,
+    replace_moe_blocks,
+    save_fused_model,
+)
 from .trainers.fuse_po import FusePOTrainer  # noqa: F401
 from .trainers.fuse_sft import FuseSFTTrainer  # noqa: F401

@@ -1,4 +1,7 @@
-"""Tiny offline models for the fusion tests: Llama models with random weights and perturbed aligned copies."""
+"""Tiny offline models for the fusion tests: Llama models with random weights and perturbed aligned copies.
+
+(The offline tokenizer is `pref_tiny.tiny_tokenizer`.)
+"""
 
 from __future__ import annotations
 

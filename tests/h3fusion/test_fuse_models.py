@@ -10,6 +10,7 @@ import pytest
 import torch
 from fusion_tiny import build_tiny_llama, perturbed_copy
 from h3fusion.models.fuse import fuse_models, save_fused_model
+from pref_tiny import tiny_tokenizer
 
 NAMES = ("helpful", "harmless", "honest")
 
@@ -88,7 +89,8 @@ def test_attention_mean_and_router_inits():
     assert 0.5 * base.config.initializer_range < w.std() < 2 * base.config.initializer_range
 
 
-def test_prototype_router_rows_are_normalised_category_means(tiny_tok):
+def test_prototype_router_rows_are_normalised_category_means():
+    tiny_tok = tiny_tokenizer()
     base = build_tiny_llama(vocab_size=len(tiny_tok))
     aligned = {n: perturbed_copy(base) for n in NAMES[:2]}
     prompts = {"helpful": ["how is the cat", "answer the question"], "harmless": ["no bad dog", "is it good"]}
@@ -108,7 +110,8 @@ def test_prototype_router_rows_are_normalised_category_means(tiny_tok):
     assert abs(fused.model.layers[0].mlp.gate.weight[0].norm().item() - 1.0) < 1e-5
 
 
-def test_save_load_with_plain_transformers_and_generate(tmp_path, tiny_tok):
+def test_save_load_with_plain_transformers_and_generate(tmp_path):
+    tiny_tok = tiny_tokenizer()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = build_tiny_llama(vocab_size=len(tiny_tok))
