@@ -36,7 +36,7 @@ def moe_gather(x: torch.Tensor, sorted_pairs: torch.Tensor, k: int) -> torch.Ten
 def moe_combine(rows: torch.Tensor, weights: torch.Tensor, pair_rows: torch.Tensor) -> torch.Tensor:
     """rows[T*k,H] (expert-sorted), weights[T,k], pair_rows[T*k] -> y[T,H] = sum_j w[t,j] rows[pair_rows[t*k+j]]."""
     T, k = weights.shape
-    per_pair = rows.index_select(0, pair_rows.to(torch.int64)).reshape(T, k, -1)
+    per_pair = rows.index_select(0, pair_rows.to(torch.int64)).reshape(T, k, rows.shape[1])
     acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
     return (per_pair.to(acc) * weights.to(acc).unsqueeze(-1)).sum(dim=1).to(rows.dtype)
 
