@@ -69,6 +69,8 @@ def test_labels_come_from_the_fused_configs_expert_names():
     assert expert_names_from_config(cfg) == ["honest", "helpful", "harmless"]
     idx = category_index(expert_names_from_config(cfg))
     assert idx == {"honest": 0, "helpful": 1, "harmless": 2}
+    cfg2 = MixtralConfig(num_local_experts=2, h3fusion={"experts": ["harmless", "helpful"], "top_k": 2})
+    assert expert_names_from_config(cfg2) == ["harmless", "helpful"]
     with pytest.raises(ValueError, match="twice"):
         category_index(["a", "a"])
     with pytest.raises(ValueError, match="names no experts"):

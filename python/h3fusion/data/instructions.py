@@ -196,8 +196,8 @@ def load_paper_datasets(limit: int | None = None, seed: int = 42) -> dict[str, l
 def expert_names_from_config(config: Any) -> list[str]:
     """The fused model's expert names, in expert order, from its config.
 
-    `fuse_models` records them in the config (`h3fusion_expert_names`, or `expert_names`, or an `h3fusion` dict
-    with `expert_names`); a config without them is an error rather than a guess from list positions.
+    `fuse_models` records them in the config's `h3fusion` dict (`experts`); `h3fusion_expert_names` or
+    `expert_names` attributes work too. A config without them is an error rather than a guess from list positions.
     """
     if hasattr(config, "config") and not isinstance(config, Mapping):  # a model
         config = config.config
@@ -207,8 +207,10 @@ def expert_names_from_config(config: Any) -> list[str]:
         if names:
             return [str(n) for n in names]
     meta = get("h3fusion", None)
-    if isinstance(meta, Mapping) and meta.get("expert_names"):
-        return [str(n) for n in meta["expert_names"]]
+    if isinstance(meta, Mapping):
+        for key in ("experts", "expert_names"):
+            if meta.get(key):
+                return [str(n) for n in meta[key]]
     raise ValueError(
         "the model config names no experts (expected `h3fusion_expert_names`); fuse the model with "
         "h3fusion.fuse_models or pass expert_names explicitly"

@@ -1,0 +1,115 @@
+"""route-report: routing accuracy per category (vs a per-example recomputation), usage heatmaps, files, CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import torch
+from h3fusion.data import InstructionExample, save_instructions
+from h3fusion.losses import mean_router_probs
+from h3fusion.route_report import route_report
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+
+NAMES = ["helpful", "harmless", "honest"]
+WORDS = [f"w{i}" for i in range(30)]
+
+
+def tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, ":": 3}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def model():
+    cfg = MixtralConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=3,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        h3fusion={"experts": NAMES},
+    )
+    m = MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.mlp.gate.weight.normal_(0, 1.0)  # confident, varied routing
+    return m
+
+
+def examples(n):
+    out = []
+    for _ in range(n):
+        cat = random.choice(NAMES)
+        out.append(
+            InstructionExample(
+                " ".join(random.choices(WORDS, k=random.randint(1, 6))),
+                " ".join(random.choices(WORDS, k=random.randint(1, 4))),
+                cat,
+            )
+        )
+    return out
+
+
+def test_accuracy_and_usage_match_per_example_recomputation(tmp_path):
+    m, tok, exs = model(), tokenizer(), examples(20)
+    stats = route_report(m, exs, tok, tmp_path, template="{instruction} :", batch_size=7)
+    correct = {c: [] for c in NAMES}
+    for ex in exs:
+        ids = tok(f"{ex.instruction} :")["input_ids"] + tok(ex.output)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            out = m(input_ids=torch.tensor([ids]), output_router_logits=True)
+        pred = int(mean_router_probs(out.router_logits, torch.ones(1, len(ids))).argmax())
+        correct[ex.category].append(pred == NAMES.index(ex.category))
+    for cat, hits in correct.items():
+        if hits:
+            assert abs(stats["accuracy"][cat] - sum(hits) / len(hits)) < 1e-9, cat
+            assert stats["counts"][cat] == len(hits)
+    assert abs(stats["overall_accuracy"] - sum(sum(h) for h in correct.values()) / len(exs)) < 1e-9
+    for cat in stats["categories"]:
+        usage = torch.tensor(stats["usage"][cat])
+        assert usage.shape == (3, 3)
+        torch.testing.assert_close(usage.sum(-1), torch.ones(3, dtype=usage.dtype))
+    saved = json.loads((tmp_path / "route_report.json").read_text())
+    assert saved["accuracy"] == stats["accuracy"]
+    assert (tmp_path / "route_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_route_report(tmp_path, capsys):
+    from h3fusion.cli import main
+
+    m, tok = model(), tokenizer()
+    m.save_pretrained(tmp_path / "fused")
+    tok.save_pretrained(tmp_path / "fused")
+    exs = examples(12)
+    save_instructions([e for e in exs if e.category != "honest"], tmp_path / "a.jsonl")
+    records = [{"instruction": e.instruction, "output": e.output} for e in exs if e.category == "honest"]
+    (tmp_path / "b.json").write_text(json.dumps(records))
+    out = tmp_path / "report"
+    rc = main(
+        [
+            "route-report",
+            str(tmp_path / "fused"),
+            "--data",
+            str(tmp_path / "a.jsonl"),
+            "--data",
+            f"honest={tmp_path / 'b.json'}",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    stats = json.loads((out / "route_report.json").read_text())
+    assert sum(stats["counts"].values()) == len(exs)
+    assert (out / "route_report.png").exists()
+    assert "overall" in capsys.readouterr().out
