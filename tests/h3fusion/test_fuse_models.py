@@ -139,3 +139,51 @@ def test_save_load_with_plain_transformers_and_generate(tmp_path):
     enc = tok("the cat sat", return_tensors="pt")
     gen = loaded.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert gen.shape == (1, enc["input_ids"].shape[1] + 5)
+
+
+def test_refusals_name_the_first_difference(tmp_path):
+    base = build_tiny_llama(layers=2)
+    good = perturbed_copy(base)
+    cases = [
+        (build_tiny_llama(hidden=48, layers=2), "hidden_size"),
+        (build_tiny_llama(vocab_size=130, layers=2), "vocab_size"),
+        (build_tiny_llama(layers=3), "num_hidden_layers"),
+        (build_tiny_llama(layers=2, intermediate=80), "intermediate_size"),
+    ]
+    for other, field in cases:
+        with pytest.raises(ValueError, match=rf"aligned model 'bad' differs from the base in {field}"):
+            fuse_models(base, {"ok": good, "bad": other}, top_k=1, progress=False)
+
+    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+
+    mistral = MistralForCausalLM(
+        MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="differs from the base in model_type: base 'llama', 'bad' 'mistral'"):
+        fuse_models(base, {"bad": mistral}, top_k=1, progress=False)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128))
+    with pytest.raises(ValueError, match="base model_type 'gpt2' is not supported"):
+        fuse_models(gpt2, {"a": gpt2}, top_k=1, progress=False)
+    biased = build_tiny_llama(layers=2, attention_bias=True)
+    with pytest.raises(ValueError, match="attention_bias"):
+        fuse_models(biased, {"a": biased}, top_k=1, progress=False)
+    with pytest.raises(ValueError, match="top_k must be in"):
+        fuse_models(base, {"a": good}, top_k=2, progress=False)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        fuse_models(base, {"a": good}, top_k=1, attention="max", progress=False)
+    with pytest.raises(ValueError, match="router_init must be one of"):
+        fuse_models(base, {"a": good}, top_k=1, router_init="ones", progress=False)
+    with pytest.raises(ValueError, match="missing \\['b'\\]"):
+        fuse_models(base, {"a": good, "b": good}, router_init="prototypes", prototype_prompts={"a": [[5, 6]]})
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        fuse_models(base, {}, progress=False)
+    with pytest.raises(ValueError, match="is not a directory"):
+        fuse_models(base, {"a": str(tmp_path / "nope")}, top_k=1, progress=False)
+    with pytest.raises(ValueError, match="no config.json"):
+        fuse_models(base, {"a": str(tmp_path)}, top_k=1, progress=False)
+    (tmp_path / "bin").mkdir()
+    base.config.save_pretrained(tmp_path / "bin")
+    torch.save(base.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="only safetensors checkpoints"):
+        fuse_models(base, {"a": str(tmp_path / "bin")}, top_k=1, progress=False)
