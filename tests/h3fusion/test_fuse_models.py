@@ -187,3 +187,51 @@ def test_refusals_name_the_first_difference(tmp_path):
     torch.save(base.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
     with pytest.raises(ValueError, match="only safetensors checkpoints"):
         fuse_models(base, {"a": str(tmp_path / "bin")}, top_k=1, progress=False)
+
+
+def test_checkpoint_dirs_stream_layer_by_layer(tmp_path, monkeypatch, capsys):
+    """Sharded safetensors dirs fuse to exactly what the loaded models give, without loading any full model."""
+    import safetensors.torch
+    import transformers
+
+    base = build_tiny_llama(layers=3, tie_word_embeddings=True)
+    aligned = {n: perturbed_copy(base) for n in NAMES}
+    base.save_pretrained(tmp_path / "base", max_shard_size="40KB")
+    for n, m in aligned.items():
+        m.save_pretrained(tmp_path / n, max_shard_size="40KB")
+    assert (tmp_path / "honest" / "model.safetensors.index.json").exists()
+    want = fuse_models(base, aligned, router_init="zeros", progress=False)
+
+    def refuse(*a, **k):
+        raise AssertionError("a whole model was loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    got = fuse_models(str(tmp_path / "base"), {n: str(tmp_path / n) for n in NAMES}, router_init="zeros", progress=True)
+    assert "fusing layers" in capsys.readouterr().err  # the progress bar
+    sd_want, sd_got = want.state_dict(), got.state_dict()
+    assert sd_want.keys() == sd_got.keys()
+    for key in sd_want:
+        assert torch.equal(sd_got[key], sd_want[key]), key
+    assert got.config.tie_word_embeddings and got.lm_head.weight.data_ptr() == got.model.embed_tokens.weight.data_ptr()
+    assert got.config.h3fusion["sources"]["honest"] == str(tmp_path / "honest")
+
+
+def test_mistral_base_and_bf16_checkpoint(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=6, rope_theta=5000.0,
+    )  # fmt: skip
+    base = MistralForCausalLM(cfg).eval()
+    aligned = {n: perturbed_copy(base) for n in NAMES[:2]}
+    aligned["harmless"].to(torch.bfloat16).save_pretrained(tmp_path / "h")
+    fused = fuse_models(base, {"helpful": aligned["helpful"], "harmless": str(tmp_path / "h")}, top_k=1)
+    assert fused.config.sliding_window == 6 and fused.dtype == torch.float32
+    ids = torch.randint(3, 128, (1, 12))
+    with torch.no_grad():
+        _force_expert(fused, 0)
+        torch.testing.assert_close(fused(ids).logits, aligned["helpful"](ids).logits, rtol=1e-5, atol=1e-5)
+    want = aligned["harmless"].model.layers[1].mlp.up_proj.weight.to(torch.bfloat16).float()
+    assert torch.equal(fused.model.layers[1].mlp.experts.gate_up_proj[1, 64:], want)
