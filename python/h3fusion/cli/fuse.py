@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     out = save_fused_model(model, args.out, base=args.base, max_shard_size=args.max_shard_size)
     cfg = model.config
     print(
-        f"fused {len(names)} experts ({', '.join(names)}) x {cfg.num_hidden_layers} layers, top-{cfg.num_experts_per_tok}, "
-        f"attention={args.attention}, router={args.router_init}, {model.dtype} -> {out}"
+        f"fused {len(names)} experts ({', '.join(names)}) x {cfg.num_hidden_layers} layers, "
+        f"top-{cfg.num_experts_per_tok}, attention={args.attention}, router={args.router_init}, {model.dtype} -> {out}"
     )
     return 0
