@@ -1,0 +1,122 @@
+"""Whole-model benchmark: a tiny Mixtral with experts_implementation="h3fusion" against transformers' eager experts.
+
+`collect(device, quick)` returns rows {bench, case, impl, mode, median_ms, speedup_vs_eager, ...} for the runner
+(`h3fusion bench`); `python benchmarks/hf_moe_bench.py [--device cpu] [--quick]` prints them on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+CASE = dict(hidden=256, intermediate=512, layers=4, experts=8, top_k=2, vocab=1024, seq=256, batch=1)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_ms(fn, device: str, warmup: int, reps: int) -> float:
+    """Median wall time of fn() in milliseconds (synchronised on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _model(impl: str, device: str, dtype: torch.dtype, seed: int):
+    import h3fusion  # noqa: F401  (registers "h3fusion" in transformers' experts interface)
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        vocab_size=CASE["vocab"],
+        hidden_size=CASE["hidden"],
+        intermediate_size=CASE["intermediate"],
+        num_hidden_layers=CASE["layers"],
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_local_experts=CASE["experts"],
+        num_experts_per_tok=CASE["top_k"],
+        max_position_embeddings=2 * CASE["seq"],
+    )
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(seed)  # both implementations get the same weights
+    model = MixtralForCausalLM(cfg).to(device=device, dtype=dtype)
+    if impl != "eager":
+        model.set_experts_implementation(impl)
+    return model
+
+
+def collect(device: str = "cpu", quick: bool = False) -> list[dict]:
+    """Time forward and forward+backward of the tiny Mixtral for both experts implementations.
+
+    Args:
+        device: "cpu" or "cuda".
+        quick: fewer repetitions (for CI smoke runs).
+
+    Returns:
+        One row per (impl, mode): bench="hf_moe", case, impl ("h3fusion" | "eager"), mode ("fwd" | "fwd+bwd"),
+        median_ms, speedup_vs_eager, plus device, dtype and tokens.
+    """
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    warmup, reps = (1, 3) if quick else (3, 10)
+    case = "mixtral-h{hidden}-f{intermediate}-l{layers}-e{experts}-k{top_k}-s{seq}".format(**CASE)
+    ids = torch.randint(0, CASE["vocab"], (CASE["batch"], CASE["seq"]), device=device)
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    rows: list[dict] = []
+    eager_ms: dict[str, float] = {}
+    for impl in ("eager", "h3fusion"):
+        model = _model(impl, device, dtype, seed)
+
+        def fwd(model=model):
+            with torch.no_grad():
+                model(ids)
+
+        def fwd_bwd(model=model):
+            model.zero_grad(set_to_none=True)
+            model(ids, labels=ids).loss.backward()
+
+        for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            ms = _median_ms(fn, device, warmup, reps)
+            if impl == "eager":
+                eager_ms[mode] = ms
+            rows.append(
+                dict(
+                    bench="hf_moe",
+                    case=case,
+                    impl=impl,
+                    mode=mode,
+                    median_ms=round(ms, 3),
+                    speedup_vs_eager=round(eager_ms[mode] / ms, 3),
+                    device=device,
+                    dtype=str(dtype).replace("torch.", ""),
+                    tokens=CASE["batch"] * CASE["seq"],
+                )
+            )
+        del model
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    rows = collect(args.device, args.quick)
+    print(f"{'case':<40} {'impl':<9} {'mode':<8} {'median ms':>10} {'vs eager':>9}")
+    for r in rows:
+        print(f"{r['case']:<40} {r['impl']:<9} {r['mode']:<8} {r['median_ms']:>10.2f} {r['speedup_vs_eager']:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
