@@ -109,3 +109,26 @@ def test_rejects_bias_and_bad_shapes():
     model.lm_head.bias = torch.nn.Parameter(torch.randn(len(tok)))
     with pytest.raises(ValueError, match="bias"):
         sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no `logits_to_keep` argument (older / custom architectures)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, use_cache=None, return_dict=True):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+
+def test_model_without_logits_to_keep():
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok))
+    batch = _batch(tok, 3)
+    a = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).logps
+    b = sequence_logprobs(_NoLogitsToKeep(model), batch["input_ids"], batch["attention_mask"], batch["labels"]).logps
+    torch.testing.assert_close(a, b)

@@ -52,7 +52,8 @@ def load_model_and_tokenizer(path: str, dtype: str) -> tuple[Any, Any]:
 def maybe_checkpoint(model: Any, args: argparse.Namespace) -> Any:
     # enabled on the model itself: the TrainingArguments field changed name within transformers 5.x
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
         model.config.use_cache = False
     return model
 

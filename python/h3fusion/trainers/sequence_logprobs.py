@@ -133,14 +133,14 @@ def last_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attentio
     Returns:
         [B, S, H] in the model's compute dtype.
     """
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        output_hidden_states=True,
-        logits_to_keep=1,
-        use_cache=False,
-        return_dict=True,
-    )
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "output_hidden_states": True}
+    kwargs.update(use_cache=False, return_dict=True)
+    try:
+        out = model(**kwargs, logits_to_keep=1)
+    except TypeError as exc:
+        if "logits_to_keep" not in str(exc):
+            raise
+        out = model(**kwargs)  # a model without logits_to_keep: its full logits are computed but not used
     hidden = getattr(out, "hidden_states", None)
     if not hidden:
         raise RuntimeError(f"{type(_unwrap(model)).__name__} returned no hidden_states with output_hidden_states=True")
