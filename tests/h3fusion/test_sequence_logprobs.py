@@ -132,3 +132,45 @@ def test_model_without_logits_to_keep():
     a = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).logps
     b = sequence_logprobs(_NoLogitsToKeep(model), batch["input_ids"], batch["attention_mask"], batch["labels"]).logps
     torch.testing.assert_close(a, b)
+
+
+def test_moe_model_matches_full_logits():
+    """The fused models are Mixtral-style MoEs: the same identity must hold there (router logits are ignored)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = MixtralConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=3,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        output_router_logits=True,
+    )
+    model = MixtralForCausalLM(cfg)
+    batch = _batch(tok, 4)
+    ours = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    ref_seq, ref_len, _ = _full_logits_logps(model, batch)
+    torch.testing.assert_close(ours.logps, ref_seq, rtol=1e-5, atol=1e-4)
+    assert torch.equal(ours.lengths, ref_len)
+
+
+def test_bf16_error_within_twice_pytorchs_own():
+    """flash-attention's rule: our bf16 error vs an fp64 computation <= 2x that of PyTorch's bf16 full logits."""
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok)).double()
+    batch = _batch(tok, 4)
+    ref_fp, _, _ = _full_logits_logps(model, batch)
+    low = model.to(torch.bfloat16)
+    ours = sequence_logprobs(low, batch["input_ids"], batch["attention_mask"], batch["labels"]).logps
+    logits = low(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # bf16
+    tgt = batch["labels"][:, 1:]
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, tgt.clamp_min(0)[..., None])[..., 0]
+    ref_low = (lp * (tgt != IGNORE_INDEX)).sum(-1)
+    our_err = (ours.double() - ref_fp).abs().max().item()
+    torch_err = (ref_low.double() - ref_fp).abs().max().item()
+    assert our_err <= 2 * torch_err + 1e-3, (our_err, torch_err)
