@@ -51,7 +51,8 @@ def _check_output(out: Path, model_dir: Path, command: str) -> dict:
 def test_fuse_sft_cli(model_and_data, tmp_path):
     model_dir, data = model_and_data
     out = tmp_path / "sft"
-    rc = main(["fuse-sft", *_common(model_dir, data, out), "--top-k", "2", "--temperature", "0.5", "--gradient-checkpointing"])
+    extra = ["--top-k", "2", "--temperature", "0.5", "--gradient-checkpointing"]
+    rc = main(["fuse-sft", *_common(model_dir, data, out), *extra])
     assert rc == 0
     log = _check_output(out, model_dir, "fuse-sft")
     assert log["items"] == 12  # 6 prompts x top-2
