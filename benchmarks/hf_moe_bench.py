@@ -49,11 +49,10 @@ def _model(impl: str, device: str, dtype: torch.dtype, seed: int):
         num_experts_per_tok=CASE["top_k"],
         max_position_embeddings=2 * CASE["seq"],
     )
-    cfg._experts_implementation = "eager"
+    cfg._experts_implementation = impl
     torch.manual_seed(seed)  # both implementations get the same weights
     model = MixtralForCausalLM(cfg).to(device=device, dtype=dtype)
-    if impl != "eager":
-        model.set_experts_implementation(impl)
+    assert model.config._experts_implementation == impl
     return model
 
 

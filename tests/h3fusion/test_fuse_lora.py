@@ -110,5 +110,10 @@ def test_unsupported_adapters_are_refused(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="DoRA"):
         fuse_models(base, {"d": str(tmp_path / "d")}, top_k=1, progress=False)
+    from peft import LoraConfig, get_peft_model
+
+    in_memory = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=MLP))
+    with pytest.raises(ValueError, match="in-memory PEFT model; pass its adapter directory"):
+        fuse_models(base, {"p": in_memory}, top_k=1, progress=False)
     with pytest.raises(ValueError, match="base model must be a full model"):
         fuse_models(str(tmp_path / "d"), {"d": base}, top_k=1, progress=False)

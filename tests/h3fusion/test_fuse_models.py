@@ -233,5 +233,8 @@ def test_mistral_base_and_bf16_checkpoint(tmp_path):
     with torch.no_grad():
         _force_expert(fused, 0)
         torch.testing.assert_close(fused(ids).logits, aligned["helpful"](ids).logits, rtol=1e-5, atol=1e-5)
+    from h3fusion.models.checkpoint_io import CheckpointWeights
+
+    assert CheckpointWeights(tmp_path / "h").dtype() == torch.bfloat16
     want = aligned["harmless"].model.layers[1].mlp.up_proj.weight.to(torch.bfloat16).float()
     assert torch.equal(fused.model.layers[1].mlp.experts.gate_up_proj[1, 64:], want)

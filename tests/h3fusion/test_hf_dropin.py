@@ -163,3 +163,32 @@ def test_refusals_name_the_problem():
         replace_moe_blocks(nn.Sequential(ok, odd))
     assert type(ok.gate) is MixtralTopKRouter
     assert replace_moe_blocks(nn.Sequential(nn.Linear(3, 3))) == 0
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_block_bf16_within_dtype_tolerance(kind):
+    """One MoE block in bf16: the interface path and replace_moe_blocks are as close to the fp64 eager block as
+    transformers' own bf16 eager block is (flash-attention rule: 2x for values, 3x for gradients)."""
+    from conftest import assert_close_to_reference
+
+    block = _model(kind).model.layers[0].mlp
+    x = torch.randn(3, 7, H, dtype=torch.bfloat16)
+    g = torch.randn(3, 7, H, dtype=torch.float64)
+    block.to(torch.bfloat16)  # round the weights once; the fp64 copy sees the same values
+
+    def run(dtype, mode):
+        b = copy.deepcopy(block).to(dtype)
+        b.experts.config = copy.copy(b.experts.config)
+        b.experts.config._experts_implementation = "h3fusion" if mode == "interface" else "eager"
+        if mode == "replace":
+            assert replace_moe_blocks(b) == 1
+        xx = x.to(dtype).requires_grad_()
+        y = b(xx)
+        y.backward(g.to(dtype))
+        return [y, xx.grad] + [p.grad for p in b.parameters()]
+
+    ref64, ref_lo = run(torch.float64, "eager"), run(torch.bfloat16, "eager")
+    for mode in ("interface", "replace"):
+        ours = run(torch.bfloat16, mode)
+        for i, (a, lo, hi) in enumerate(zip(ours, ref_lo, ref64, strict=True)):
+            assert_close_to_reference(a, lo, hi, factor=2 if i == 0 else 3, atol=1e-5, what=f"{kind} {mode} #{i}")

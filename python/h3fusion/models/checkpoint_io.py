@@ -6,6 +6,7 @@ that tensor, so fusing N aligned 7B checkpoints holds one layer of each at a tim
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
+_SAFE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 class WeightSource:
@@ -135,6 +137,12 @@ class CheckpointWeights(WeightSource):
         return self._open(file).get_tensor(stored)
 
     def dtype(self) -> torch.dtype:
+        # Read the dtype from the safetensors header, not by loading the (large) embedding matrix.
+        key = self._alias.get("model.embed_tokens.weight", "model.embed_tokens.weight")
+        if key in self._where:
+            file, stored = self._where[key]
+            with contextlib.suppress(Exception):
+                return _SAFE_DTYPES[self._open(file).get_slice(stored).get_dtype()]
         return self.get("model.embed_tokens.weight").dtype
 
     def close(self) -> None:
@@ -160,6 +168,10 @@ def open_source(spec: Any, base: WeightSource | None = None, name: str = "base")
     if isinstance(spec, WeightSource):
         return spec
     if isinstance(spec, torch.nn.Module):
+        if hasattr(spec, "peft_config"):
+            raise ValueError(
+                f"{name}: an in-memory PEFT model; pass its adapter directory (save_pretrained) or merge_and_unload() it"
+            )
         if not hasattr(spec, "config"):
             raise ValueError(f"{name}: a torch module without a Hugging Face config cannot be fused")
         return ModelWeights(spec)
