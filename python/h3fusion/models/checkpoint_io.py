@@ -170,7 +170,7 @@ def open_source(spec: Any, base: WeightSource | None = None, name: str = "base")
     if isinstance(spec, torch.nn.Module):
         if hasattr(spec, "peft_config"):
             raise ValueError(
-                f"{name}: an in-memory PEFT model; pass its adapter directory (save_pretrained) or merge_and_unload() it"
+                f"{name}: an in-memory PEFT model; pass its adapter directory (save_pretrained) or merge_and_unload()"
             )
         if not hasattr(spec, "config"):
             raise ValueError(f"{name}: a torch module without a Hugging Face config cannot be fused")
