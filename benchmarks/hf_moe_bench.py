@@ -20,18 +20,23 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_ms(fn, device: str, warmup: int, reps: int) -> float:
-    """Median wall time of fn() in milliseconds (synchronised on CUDA)."""
+def _median_ms(fns: dict, device: str, warmup: int, reps: int) -> dict:
+    """Median wall time in milliseconds of each fn() (synchronised on CUDA).
+
+    The functions run interleaved, one round at a time, so a busy shared machine slows all of them alike.
+    """
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     _sync(device)
-    times = []
+    times: dict = {name: [] for name in fns}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _model(impl: str, device: str, dtype: torch.dtype, seed: int):
@@ -72,37 +77,34 @@ def collect(device: str = "cpu", quick: bool = False) -> list[dict]:
     case = "mixtral-h{hidden}-f{intermediate}-l{layers}-e{experts}-k{top_k}-s{seq}".format(**CASE)
     ids = torch.randint(0, CASE["vocab"], (CASE["batch"], CASE["seq"]), device=device)
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    models = {impl: _model(impl, device, dtype, seed) for impl in ("eager", "h3fusion")}
+
+    def fwd(model):
+        with torch.no_grad():
+            model(ids)
+
+    def fwd_bwd(model):
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+
     rows: list[dict] = []
-    eager_ms: dict[str, float] = {}
-    for impl in ("eager", "h3fusion"):
-        model = _model(impl, device, dtype, seed)
-
-        def fwd(model=model):
-            with torch.no_grad():
-                model(ids)
-
-        def fwd_bwd(model=model):
-            model.zero_grad(set_to_none=True)
-            model(ids, labels=ids).loss.backward()
-
-        for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-            ms = _median_ms(fn, device, warmup, reps)
-            if impl == "eager":
-                eager_ms[mode] = ms
+    for mode, step in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        fns = {impl: (lambda m=m, step=step: step(m)) for impl, m in models.items()}
+        ms = _median_ms(fns, device, warmup, reps)
+        for impl in models:
             rows.append(
                 dict(
                     bench="hf_moe",
                     case=case,
                     impl=impl,
                     mode=mode,
-                    median_ms=round(ms, 3),
-                    speedup_vs_eager=round(eager_ms[mode] / ms, 3),
+                    median_ms=round(ms[impl], 3),
+                    speedup_vs_eager=round(ms["eager"] / ms[impl], 3),
                     device=device,
                     dtype=str(dtype).replace("torch.", ""),
                     tokens=CASE["batch"] * CASE["seq"],
                 )
             )
-        del model
     return rows
 
 
