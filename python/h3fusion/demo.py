@@ -206,8 +206,8 @@ def _run(out_dir, seed, quick, progress, echo, t0):
 
     torch.manual_seed(seed)
     os.makedirs(out_dir, exist_ok=True)
-    sizes = dict(n_pretrain=300, n_train=60, n_test=16) if quick else dict(n_pretrain=1500, n_train=240, n_test=60)
-    epochs = dict(pretrain=2, align=2, fuse=1) if quick else dict(pretrain=4, align=4, fuse=2)
+    sizes = dict(n_pretrain=300, n_train=60, n_test=16) if quick else dict(n_pretrain=2000, n_train=300, n_test=60)
+    epochs = dict(pretrain=2, align=2, fuse=1) if quick else dict(pretrain=6, align=8, fuse=4)
     data = build_corpora(seed=seed, **sizes)
     texts = list(data["pretrain"]) + [DEMO_TEMPLATE]
     for split in ("train", "test"):
