@@ -2,7 +2,7 @@
 
 An example is routed correctly when the argmax of its mean router probability p̄_b (mean over MoE layers and its
 non-padding tokens, as in the gating loss) is its category's expert. Usage of expert e in layer l for category c is
-the fraction of the top-k assignments of category c's real tokens that go to e (each row sums to 1).
+the fraction of category c's real tokens whose top-k experts in layer l include e (each row sums to k).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def collect_routing_stats(
         counts_tok += torch.bincount(tok_cat, minlength=num_experts).double()
         for layer, z in enumerate(logits):
             pz = torch.softmax(z.float(), -1).cpu()[real].double()
-            chosen = torch.zeros_like(pz).scatter_(-1, pz.topk(top_k, -1).indices, 1.0 / top_k)
+            chosen = torch.zeros_like(pz).scatter_(-1, pz.topk(top_k, -1).indices, 1.0)
             usage[:, layer].index_add_(0, tok_cat, chosen)
             probs_sum[:, layer].index_add_(0, tok_cat, pz)
     if was_training:
@@ -150,8 +150,8 @@ def plot_usage_heatmaps(stats: Mapping[str, Any], path: str, title: str = "Exper
                 v = float(data[i, j])
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=7)
     if image is not None:
-        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of top-k assignments")
-    fig.suptitle(title)
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="fraction of tokens routed to the expert")
+    fig.suptitle(f"{title} (top-{stats.get('top_k', '?')})", y=1.03)
 
     def write(tmp):
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
