@@ -6,6 +6,12 @@ Each feature module adds its public names below (keep this file a list of import
 
 __version__ = "0.1.0"
 
+from .data.instructions import (  # noqa: F401
+    InstructionCollator,
+    InstructionDataset,
+    InstructionExample,
+    load_instructions,
+)
 from .data.preference import (  # noqa: F401
     build_pairs,
     load_records,
@@ -13,6 +19,11 @@ from .data.preference import (  # noqa: F401
     rloo_groups,
     save_records,
     sft_examples,
+)
+from .losses.gating import (  # noqa: F401
+    drift_regularization,
+    gating_loss,
+    load_balancing_loss,
 )
 from .losses.preference import (  # noqa: F401
     rloo_loss,
@@ -29,5 +40,7 @@ from .models import (  # noqa: F401  (importing .models registers "h3fusion" wit
     replace_moe_blocks,
     save_fused_model,
 )
+from .route_report import route_report  # noqa: F401
 from .trainers.fuse_po import FusePOTrainer  # noqa: F401
 from .trainers.fuse_sft import FuseSFTTrainer  # noqa: F401
+from .trainers.h3fusion_trainer import H3FusionTrainer  # noqa: F401
