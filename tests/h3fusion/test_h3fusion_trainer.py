@@ -12,6 +12,15 @@ from transformers import MixtralConfig, MixtralForCausalLM, TrainingArguments
 NAMES = ["helpful", "harmless", "honest"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: extra OpenMP threads only add spin-waiting on a busy CI machine
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_fused(layers=2, experts=3):
     cfg = MixtralConfig(
         vocab_size=40,

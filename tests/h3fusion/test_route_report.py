@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 import torch
 from h3fusion.data import InstructionExample, save_instructions
 from h3fusion.losses import mean_router_probs
@@ -14,6 +15,15 @@ from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerF
 
 NAMES = ["helpful", "harmless", "honest"]
 WORDS = [f"w{i}" for i in range(30)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: extra OpenMP threads only add spin-waiting on a busy CI machine
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def tokenizer():

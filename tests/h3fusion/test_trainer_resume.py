@@ -14,6 +14,15 @@ from transformers import MixtralConfig, MixtralForCausalLM, TrainerCallback, Tra
 from transformers.trainer_utils import get_last_checkpoint
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: extra OpenMP threads only add spin-waiting on a busy CI machine
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_fused():
     cfg = MixtralConfig(
         vocab_size=40,

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from h3fusion.data import InstructionCollator, InstructionDataset, InstructionExample
 from h3fusion.losses import gating_loss
 from h3fusion.trainers import H3FusionTrainer
 from transformers import MixtralConfig, MixtralForCausalLM, TrainingArguments
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: extra OpenMP threads only add spin-waiting on a busy CI machine
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def tiny_fused(names=("helpful", "harmless", "honest")):

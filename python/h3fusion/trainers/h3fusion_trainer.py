@@ -212,6 +212,15 @@ class H3FusionTrainer(Trainer):
         self._staging_root: str | None = None
         if self.args.should_save:
             clean_stale_staging(self.args.output_dir)
+        if self.reference_state and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            # the drift term reads whole expert weights outside forward; sharded parameters (FSDP, ZeRO-3) are not
+            # gathered there, so refuse rather than compute a wrong regularizer
+            stage = getattr(getattr(self.accelerator.state, "deepspeed_plugin", None), "zero_stage", 0)
+            if self.is_fsdp_enabled or stage == 3:
+                raise ValueError(
+                    "the drift regularizer (gammas > 0) is not supported with FSDP or DeepSpeed ZeRO-3 parameter "
+                    "sharding; use DDP / ZeRO-1/2, or set gammas=0"
+                )
 
     # ------------------------------------------------------------------------------------------------------------
     # loss
