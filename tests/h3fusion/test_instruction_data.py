@@ -132,3 +132,38 @@ def test_dataset_builds_features():
         max_length=64,
     )
     assert len(ds) == 2 and ds[0]["category_labels"] == 1 and ds[1]["category_labels"] == 0
+
+
+def test_paper_loaders_map_sources(monkeypatch):
+    # The hub is unreachable here: feed the loaders in-memory rows shaped like the real datasets.
+    import h3fusion.data.instructions as inst
+
+    alpaca = [
+        {"instruction": _rand_word(), "input": random.choice(["", "ctx"]), "output": _rand_word()} for _ in range(5)
+    ]
+    beaver = [{"prompt": _rand_word(), "response": _rand_word(), "is_safe": i % 2 == 0} for i in range(9)]
+    tqa = [{"question": f"q{i}", "correct_answers": [f"a{i}_{j}" for j in range(1 + i % 3)]} for i in range(11)]
+    calls = []
+
+    def fake(name, *args, split=None):
+        calls.append((name, args, split))
+        return {"tatsu-lab/alpaca": alpaca, "PKU-Alignment/BeaverTails": beaver, "truthfulqa/truthful_qa": tqa}[name]
+
+    monkeypatch.setattr(inst, "_load_dataset", fake)
+    helpful = inst.load_alpaca()
+    assert [(e.instruction, e.input, e.output) for e in helpful] == [
+        (r["instruction"], r["input"], r["output"]) for r in alpaca
+    ]
+    assert {e.category for e in helpful} == {"helpful"}
+    harmless = inst.load_beavertails()
+    assert [e.instruction for e in harmless] == [r["prompt"] for r in beaver if r["is_safe"]]
+    assert ("PKU-Alignment/BeaverTails", (), "30k_train") in calls
+    train, test = inst.load_truthfulqa("train", seed=7), inst.load_truthfulqa("test", seed=7)
+    assert ("truthfulqa/truthful_qa", ("generation",), "validation") in calls
+    q_train, q_test = {e.instruction for e in train}, {e.instruction for e in test}
+    assert not q_train & q_test and len(q_train) == 5 and len(q_test) == 6  # halves; questions never cross
+    # one example per correct answer
+    assert len(train) + len(test) == sum(len(r["correct_answers"]) for r in tqa)
+    assert inst.load_truthfulqa("train", seed=7) == train  # fixed seed -> same split
+    with pytest.raises(ValueError, match="part"):
+        inst.load_truthfulqa("validation")
