@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import pytest
@@ -155,3 +156,69 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
     again.train(resume_from_checkpoint=True)
     assert again.state.global_step == 6
     assert get_last_checkpoint(str(run)).endswith("checkpoint-6")
+
+
+def test_train_cli_lora_resume_auto(tmp_path):
+    """`h3fusion train` with LoRA experts: checkpoints, `--resume auto` continues to max-steps, and the merged
+    final model loads with plain from_pretrained and differs from the input only in routers and experts."""
+    import random
+
+    from h3fusion.cli import main
+    from h3fusion.data import InstructionExample, save_instructions
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, ":": 3, **{f"w{i}": 4 + i for i in range(30)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fused = tiny_fused()
+    fused.save_pretrained(tmp_path / "fused")
+    tok.save_pretrained(tmp_path / "fused")
+    names = ["helpful", "harmless", "honest"]
+    save_instructions(
+        [
+            InstructionExample(
+                " ".join(f"w{random.randrange(30)}" for _ in range(random.randint(1, 5))),
+                " ".join(f"w{random.randrange(30)}" for _ in range(random.randint(1, 4))),
+                names[i % 3],
+            )
+            for i in range(16)
+        ],
+        tmp_path / "d.jsonl",
+    )
+    common = [
+        "train",
+        str(tmp_path / "fused"),
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--out",
+        str(tmp_path / "run"),
+        "--template",
+        "{instruction} :",
+        "--lora-rank",
+        "2",
+        "--batch-size",
+        "4",
+        "--save-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--lr",
+        "1e-2",
+        "--gammas",
+        "0.01",
+        "--no-cuda",
+        "--resume",
+        "auto",
+    ]
+    assert main([*common, "--max-steps", "2"]) == 0
+    assert get_last_checkpoint(str(tmp_path / "run")).endswith("checkpoint-2")
+    assert main([*common, "--max-steps", "4"]) == 0  # resumes from checkpoint-2
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert [h["step"] for h in log if "loss" in h] == [1, 2, 3, 4]
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    before = fused.state_dict()
+    for k, v in final.state_dict().items():
+        trains = ".mlp.gate." in k or ".mlp.experts." in k
+        assert torch.equal(v, before[k]) != trains, k
