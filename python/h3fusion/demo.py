@@ -186,7 +186,6 @@ def run_demo(
         the results dict written to results.json.
     """
 
-
     t0 = time.time()
     previous_threads = torch.get_num_threads()
     if threads:
@@ -277,6 +276,17 @@ def _run(out_dir, seed, quick, progress, echo, t0):
     )
     soup = uniform_soup(list(aligned.values()))
     before = evaluate_categories(fused, test_feats)
+    test_examples = [e for c in names for e in data["test"][c]]
+    routing_before = route_report(
+        fused,
+        test_examples,
+        tok,
+        out_dir,
+        expert_names=names,
+        max_length=64,
+        template=DEMO_TEMPLATE,
+        prefix="route_report_untrained",
+    )
 
     # 5. H3Fusion training on the mixed categories
     mixed = [f for c in names for f in train_feats[c]]
@@ -318,7 +328,6 @@ def _run(out_dir, seed, quick, progress, echo, t0):
     rows["soup (uniform avg)"] = evaluate_categories(soup, test_feats)
     rows["fused (untrained)"] = before
     rows["fused (H3Fusion)"] = evaluate_categories(fused, test_feats)
-    test_examples = [e for c in names for e in data["test"][c]]
     routing = route_report(
         fused, test_examples, tok, out_dir, expert_names=names, max_length=64, template=DEMO_TEMPLATE
     )
@@ -338,7 +347,9 @@ def _run(out_dir, seed, quick, progress, echo, t0):
         table,
         "",
         f"Routing accuracy of the fused model (argmax of mean router probability): {acc} "
-        f"(overall {routing['overall_accuracy']:.1%}).",
+        f"(overall {routing['overall_accuracy']:.1%}); before H3Fusion training (prototype router init): "
+        + " | ".join(f"{c} {routing_before['accuracy'].get(c, float('nan')):.1%}" for c in names)
+        + f" (overall {routing_before['overall_accuracy']:.1%}).",
         "",
         "Fused (H3Fusion) minus best aligned model per category (negative = fused better): "
         + ", ".join(f"{c} {margin[c]:+.4f}" for c in names),
@@ -347,7 +358,8 @@ def _run(out_dir, seed, quick, progress, echo, t0):
         + (f"{logs[0]['gate_loss']:.3f} -> {logs[-1]['gate_loss']:.3f}, " if logs else "")
         + (f"drift {logs[-1]['drift_loss']:.4f}." if logs else ""),
         "",
-        "Heatmaps of per-layer expert usage by category: route_report.png (data in route_report.json).",
+        "Heatmaps of per-layer expert usage by category: route_report.png (data in route_report.json); before "
+        "training: route_report_untrained.png.",
     ]
     report = "\n".join(summary) + "\n"
     results = {
@@ -358,6 +370,7 @@ def _run(out_dir, seed, quick, progress, echo, t0):
         "losses": rows,
         "best_aligned": best_aligned,
         "fused_minus_best_aligned": margin,
+        "routing_accuracy_untrained": routing_before["accuracy"],
         "routing_accuracy": routing["accuracy"],
         "routing_overall_accuracy": routing["overall_accuracy"],
         "train_log": trainer.state.log_history,

@@ -32,7 +32,7 @@ def test_quick_demo_writes_report(tmp_path):
     seed = int(torch.randint(0, 1000, ()))
     lines = []
     res = run_demo(str(tmp_path), seed=seed, quick=True, progress=False, echo=lines.append)
-    for name in ("report.md", "results.json", "route_report.json", "route_report.png"):
+    for name in ("report.md", "results.json", "route_report.json", "route_report.png", "route_report_untrained.png"):
         assert (tmp_path / name).exists(), name
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["seed"] == seed and saved["categories"] == list(CATEGORIES)
