@@ -281,7 +281,7 @@ __global__ void __launch_bounds__(kThreads) row_gemm_kernel(const RowGemmArgs<T>
   for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
     const int m = idx / kBN, n = idx % kBN;
     const int64_t r = m0 + m, col = n0 + n;
-    if (r >= e_end || col >= p.n) continue;
+    if (r < 0 || r >= e_end || col >= p.n) continue;
     if constexpr (kDual) {
       const T g = from_f32<T>(sC[m * kLdc + n]);
       const T u = from_f32<T>(sC2[m * kLdc + n]);

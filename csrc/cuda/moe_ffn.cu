@@ -26,6 +26,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
 #include <tuple>
 
 #include "grouped_gemm.cuh"
@@ -34,6 +36,24 @@
 
 namespace h3fusion::cuda {
 namespace {
+
+// The grouped-GEMM implementation, chosen by the environment variable H3FUSION_GROUPED_GEMM (read once).
+// Today only "simple" exists (the bounds-checked WMMA/SIMT kernels of grouped_gemm_*.cu), and it is the default.
+// TODO(perf): a faster variant (mma.sync/wgmma with cp.async pipelining, or torch._grouped_mm for bf16 on sm90)
+// plugs in here as a new value, and may become the default only after a benchmark on a real GPU shows it wins;
+// the simple kernels stay as the fallback and as the test oracle for the fast path.
+enum class GroupedGemmImpl { kSimple };
+
+GroupedGemmImpl grouped_gemm_impl() {
+  static const GroupedGemmImpl impl = [] {
+    const char* env = std::getenv("H3FUSION_GROUPED_GEMM");
+    const std::string value = env == nullptr ? "simple" : env;
+    TORCH_CHECK(value.empty() || value == "simple", "H3FUSION_GROUPED_GEMM must be \"simple\" (the only CUDA grouped "
+                "GEMM in this build), got \"", value, "\"");
+    return GroupedGemmImpl::kSimple;
+  }();
+  return impl;
+}
 
 struct MoeDims {
   int64_t T, H, k, E, F;
@@ -94,6 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
   check_size(experts_in, "experts", 0, d.T, "x.shape[0]");
   check_size(experts_in, "experts", 1, d.k, "weights.shape[1]");
   const c10::cuda::CUDAGuard guard(x_in.device());
+  (void)grouped_gemm_impl();  // validates H3FUSION_GROUPED_GEMM; kSimple is the only implementation today
 
   const int64_t R = d.T * d.k;
   const auto idx_opts = experts_in.options().dtype(at::kInt);
@@ -145,6 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cuda
   check_size(gate_up_out_in, "gate_up_out", 0, R, "x.shape[0] * k");
   check_size(gate_up_out_in, "gate_up_out", 1, 2 * d.F, "gate_up_proj.shape[1]");
   const c10::cuda::CUDAGuard guard(x_in.device());
+  (void)grouped_gemm_impl();  // validates H3FUSION_GROUPED_GEMM; kSimple is the only implementation today
 
   if (d.T == 0) {  // no rows: every weight gradient is exactly zero, nothing to launch beyond the fills
     return {at::empty({0, d.H}, x_in.options()), at::empty({0, d.k}, weights_in.options()),

@@ -115,7 +115,7 @@ def test_matches_cpu_op(dtype):
     if dtype == torch.float32:
         tol = dict(atol=2e-5, rtol=2e-4)
     else:  # both sides round h, act and the expert outputs to bf16: agree to a few bf16 ulps
-        tol = dict(atol=3e-2, rtol=3e-2)
+        tol = dict(atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(y.cpu(), y_c, **tol)
     torch.testing.assert_close(plan[3].cpu(), plan_c[3], **tol)
     for name, g, g_c in zip(GRAD_NAMES, grads, grads_c, strict=True):
