@@ -159,6 +159,16 @@ def test_edge_cases(name, shape, skip, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("E,k", [(3, 2), (2, 4)])
+def test_repeated_experts_per_token(dtype, E, k):
+    # ids drawn with replacement (k > E forces repeats): every (token, slot) pair is its own row
+    x, w, _, gu, dp = make_inputs(40, 24, 40, E, 1, dtype)
+    e = torch.randint(0, E, (40, k), device="cuda", dtype=torch.int32)
+    w = torch.rand(40, k, device="cuda")
+    check_vs_reference((x, w, e, gu, dp), torch.randn_like(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_tokens(dtype):
     T, H, F, E, k = 0, 24, 16, 4, 2
     x, w, e, gu, dp = make_inputs(T, H, F, E, k, dtype)
