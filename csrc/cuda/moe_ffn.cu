@@ -1,0 +1,215 @@
+// CUDA bodies of moe_ffn_forward / moe_ffn_backward (schemas in csrc/ops.cpp, oracle in reference/moe.py).
+//
+// Design: the op is a chain of device-only steps on the current stream; no value computed on the device is
+// ever read on the host (expert group sizes stay in expert_offsets), so forward and backward never synchronise
+// and can be captured in a CUDA graph. Every reduction has a fixed order (no floating-point atomics), so results
+// are bitwise reproducible.
+//   forward:  (sorted_pairs, pair_rows, offsets) = route_plan(experts, E)              (moe_plan.cu)
+//             h[r] = W_gu[e] x[t(r)], act[r] = silu(h[r,:F]) * h[r,F:]   one grouped GEMM, x read via sorted_pairs
+//             o[r] = W_down[e] act[r]                                    grouped GEMM
+//             y[t] = sum_j w[t,j] o[pair_rows[t*k+j]]                   combine_rows (moe_plan.cu)
+//   backward: U[r] = W_down[e]^T grad_y[t(r)]            (fp32)   grouped GEMM, grad_y read via sorted_pairs
+//             grad_w[t,j] = U[r] . act[r], dH[r] = SwiGLU'(h[r]) (w U[r]), act recomputed from h (one row kernel)
+//             grad_down[e] = sum_{r in e} (w_r grad_y[t(r)]) act[r]^T                  grouped "K = rows" GEMM
+//             grad_gate_up[e] = sum_{r in e} dH[r] x[t(r)]^T                           grouped "K = rows" GEMM
+//             dX[r] = W_gu[e]^T dH[r]; grad_x[t] = sum_j dX[pair_rows[t*k+j]]           grouped GEMM + combine_rows
+// Tile shape of every GEMM: 64 x 64 per 128-thread block, reduction step 32 (grouped_gemm_core.cuh): WMMA for
+// bf16/fp16 with fp32 accumulation, a SIMT fp32 loop for fp32.
+// Known limits: fp64 is CPU-only (a clear error here). Expert ids outside [0, E) cannot be checked without a
+// host sync; route_plan owns that (the GEMMs bounds-check every index they read, so a bad plan cannot read or
+// write out of bounds). Intermediates: h [T*k, 2F] (returned), act [T*k, F], o or dX [T*k, H] in x.dtype and
+// U [T*k, F] fp32 in backward.
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+#include <tuple>
+
+#include "grouped_gemm.cuh"
+#include "h3fusion/checks.h"
+#include "launchers.cuh"
+
+namespace h3fusion::cuda {
+namespace {
+
+// The grouped-GEMM implementation, chosen by the environment variable H3FUSION_GROUPED_GEMM (read once).
+// Today only "simple" exists (the bounds-checked WMMA/SIMT kernels of grouped_gemm_*.cu), and it is the default.
+// TODO(perf): a faster variant (mma.sync/wgmma with cp.async pipelining, or torch._grouped_mm for bf16 on sm90)
+// plugs in here as a new value, and may become the default only after a benchmark on a real GPU shows it wins;
+// the simple kernels stay as the fallback and as the test oracle for the fast path.
+enum class GroupedGemmImpl { kSimple };
+
+GroupedGemmImpl grouped_gemm_impl() {
+  static const GroupedGemmImpl impl = [] {
+    const char* env = std::getenv("H3FUSION_GROUPED_GEMM");
+    const std::string value = env == nullptr ? "simple" : env;
+    TORCH_CHECK(value.empty() || value == "simple", "H3FUSION_GROUPED_GEMM must be \"simple\" (the only CUDA grouped "
+                "GEMM in this build), got \"", value, "\"");
+    return GroupedGemmImpl::kSimple;
+  }();
+  return impl;
+}
+
+struct MoeDims {
+  int64_t T, H, k, E, F;
+};
+
+void check_cuda_float(const at::Tensor& t, const char* name) {
+  check_float(t, name);
+  TORCH_CHECK(t.scalar_type() != at::kDouble, name,
+              " has dtype float64, which moe_ffn supports on the CPU only; on CUDA use float32, bfloat16 or float16");
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+}
+
+// The checks shared by forward and backward: x, weights, gate_up_proj, down_proj.
+MoeDims check_common(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& gate_up_proj,
+                     const at::Tensor& down_proj) {
+  check_dim(x, "x", 2);
+  check_cuda_float(x, "x");
+  check_dim(weights, "weights", 2);
+  check_float(weights, "weights");
+  TORCH_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == x.scalar_type(),
+              "weights must have dtype float32 or x's dtype (", x.scalar_type(), "), got ", weights.scalar_type());
+  check_same_device(weights, "weights", x, "x");
+  check_dim(gate_up_proj, "gate_up_proj", 3);
+  check_same_dtype(gate_up_proj, "gate_up_proj", x, "x");
+  check_same_device(gate_up_proj, "gate_up_proj", x, "x");
+  check_dim(down_proj, "down_proj", 3);
+  check_same_dtype(down_proj, "down_proj", x, "x");
+  check_same_device(down_proj, "down_proj", x, "x");
+
+  MoeDims d{};
+  d.T = x.size(0);
+  d.H = x.size(1);
+  d.k = weights.size(1);
+  d.E = gate_up_proj.size(0);
+  check_size(weights, "weights", 0, d.T, "x.shape[0]");
+  TORCH_CHECK(d.E >= 1, "gate_up_proj.shape[0] (the number of experts E) must be >= 1, got ", d.E);
+  // k > E is legal here (a token may list one expert twice; every pair is its own row), as on the CPU
+  TORCH_CHECK(d.k >= 1, "weights.shape[1] (k) must be >= 1, got shape ", weights.sizes());
+  TORCH_CHECK(gate_up_proj.size(1) % 2 == 0, "gate_up_proj.shape[1] must be 2F (even), got shape ",
+              gate_up_proj.sizes());
+  d.F = gate_up_proj.size(1) / 2;
+  check_size(gate_up_proj, "gate_up_proj", 2, d.H, "x.shape[1]");
+  check_size(down_proj, "down_proj", 0, d.E, "gate_up_proj.shape[0]");
+  check_size(down_proj, "down_proj", 1, d.H, "x.shape[1]");
+  check_size(down_proj, "down_proj", 2, d.F, "gate_up_proj.shape[1] / 2");
+  TORCH_CHECK(d.T * d.k < (int64_t(1) << 31), "x.shape[0] * k = ", d.T * d.k,
+              " (token, slot) pairs do not fit the int32 indices");
+  return d;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_forward_cuda(
+    const at::Tensor& x_in, const at::Tensor& weights_in, const at::Tensor& experts_in,
+    const at::Tensor& gate_up_in, const at::Tensor& down_in) {
+  const MoeDims d = check_common(x_in, weights_in, gate_up_in, down_in);
+  check_dim(experts_in, "experts", 2);
+  check_dtype(experts_in, "experts", at::kInt);
+  check_same_device(experts_in, "experts", x_in, "x");
+  check_size(experts_in, "experts", 0, d.T, "x.shape[0]");
+  check_size(experts_in, "experts", 1, d.k, "weights.shape[1]");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  (void)grouped_gemm_impl();  // validates H3FUSION_GROUPED_GEMM; kSimple is the only implementation today
+
+  const int64_t R = d.T * d.k;
+  const auto idx_opts = experts_in.options().dtype(at::kInt);
+  if (d.T == 0) {  // no rows: nothing to launch; the plan is empty and every expert has zero rows
+    return {at::empty({0, d.H}, x_in.options()), at::empty({0}, idx_opts), at::empty({0}, idx_opts),
+            at::zeros({d.E + 1}, idx_opts.dtype(at::kLong)), at::empty({0, 2 * d.F}, x_in.options())};
+  }
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor weights = weights_in.contiguous();
+  const at::Tensor gate_up = gate_up_in.contiguous();
+  const at::Tensor down = down_in.contiguous();
+
+  auto [sorted_pairs, pair_rows, offsets] = route_plan(experts_in.contiguous(), d.E);
+  const at::Tensor tile_starts = grouped_tile_starts(offsets);
+  at::Tensor h = at::empty({R, 2 * d.F}, x.options());
+  at::Tensor act = at::empty({R, d.F}, x.options());
+  grouped_gate_up_swiglu(x, sorted_pairs, d.k, gate_up, offsets, tile_starts, h, act);
+  at::Tensor o = at::empty({R, d.H}, x.options());
+  grouped_linear(act, down, offsets, tile_starts, o);
+  at::Tensor y = combine_rows(o, weights, pair_rows);
+  return {y, sorted_pairs, pair_rows, offsets, h};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cuda(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weights_in, const at::Tensor& gate_up_in,
+    const at::Tensor& down_in, const at::Tensor& sorted_pairs_in, const at::Tensor& pair_rows_in,
+    const at::Tensor& offsets_in, const at::Tensor& gate_up_out_in) {
+  const MoeDims d = check_common(x_in, weights_in, gate_up_in, down_in);
+  const int64_t R = d.T * d.k;
+  check_dim(grad_y_in, "grad_y", 2);
+  check_same_dtype(grad_y_in, "grad_y", x_in, "x");
+  check_same_device(grad_y_in, "grad_y", x_in, "x");
+  check_size(grad_y_in, "grad_y", 0, d.T, "x.shape[0]");
+  check_size(grad_y_in, "grad_y", 1, d.H, "x.shape[1]");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{sorted_pairs_in, "sorted_pairs"},
+                                std::pair<const at::Tensor&, const char*>{pair_rows_in, "pair_rows"}}) {
+    check_dim(t, name, 1);
+    check_dtype(t, name, at::kInt);
+    check_same_device(t, name, x_in, "x");
+    check_size(t, name, 0, R, "x.shape[0] * k");
+  }
+  check_dim(offsets_in, "expert_offsets", 1);
+  check_dtype(offsets_in, "expert_offsets", at::kLong);
+  check_same_device(offsets_in, "expert_offsets", x_in, "x");
+  check_size(offsets_in, "expert_offsets", 0, d.E + 1, "gate_up_proj.shape[0] + 1");
+  check_dim(gate_up_out_in, "gate_up_out", 2);
+  check_same_dtype(gate_up_out_in, "gate_up_out", x_in, "x");
+  check_same_device(gate_up_out_in, "gate_up_out", x_in, "x");
+  check_size(gate_up_out_in, "gate_up_out", 0, R, "x.shape[0] * k");
+  check_size(gate_up_out_in, "gate_up_out", 1, 2 * d.F, "gate_up_proj.shape[1]");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  (void)grouped_gemm_impl();  // validates H3FUSION_GROUPED_GEMM; kSimple is the only implementation today
+
+  if (d.T == 0) {  // no rows: every weight gradient is exactly zero, nothing to launch beyond the fills
+    return {at::empty({0, d.H}, x_in.options()), at::empty({0, d.k}, weights_in.options()),
+            at::zeros({d.E, 2 * d.F, d.H}, gate_up_in.options()), at::zeros({d.E, d.H, d.F}, down_in.options())};
+  }
+  const at::Tensor grad_y = grad_y_in.contiguous();
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor gate_up = gate_up_in.contiguous();
+  const at::Tensor down = down_in.contiguous();
+  const at::Tensor sorted_pairs = sorted_pairs_in.contiguous();
+  const at::Tensor pair_rows = pair_rows_in.contiguous();
+  const at::Tensor offsets = offsets_in.contiguous();
+  const at::Tensor h = gate_up_out_in.contiguous();
+  // routing weights in fp32, flat by pair: the scale of the down-projection gradient and of dA
+  const at::Tensor w_f32 = weights_in.to(at::kFloat).contiguous().view({R});
+
+  const at::Tensor tile_starts = grouped_tile_starts(offsets);
+  at::Tensor u_grad = at::empty({R, d.F}, x.options().dtype(at::kFloat));
+  grouped_linear_t(grad_y, sorted_pairs, d.k, down, offsets, tile_starts, u_grad);
+
+  at::Tensor dh = at::empty({R, 2 * d.F}, x.options());
+  at::Tensor act = at::empty({R, d.F}, x.options());
+  at::Tensor grad_w_f32 = at::empty({R}, x.options().dtype(at::kFloat));
+  swiglu_backward(u_grad, h, w_f32, sorted_pairs, dh, act, grad_w_f32);
+  u_grad = at::Tensor();  // free before the next large temporaries
+
+  at::Tensor grad_down = at::empty({d.E, d.H, d.F}, x.options());
+  grouped_wgrad(grad_y, sorted_pairs, d.k, w_f32, act, at::Tensor(), 1, offsets, grad_down);
+  at::Tensor grad_gate_up = at::empty({d.E, 2 * d.F, d.H}, x.options());
+  grouped_wgrad(dh, at::Tensor(), 1, at::Tensor(), x, sorted_pairs, d.k, offsets, grad_gate_up);
+
+  at::Tensor dx_rows = at::empty({R, d.H}, x.options());
+  grouped_linear_t(dh, at::Tensor(), 1, gate_up, offsets, tile_starts, dx_rows);
+  const at::Tensor unit = at::ones({d.T, d.k}, x.options().dtype(at::kFloat));
+  at::Tensor grad_x = combine_rows(dx_rows, unit, pair_rows);
+  at::Tensor grad_weights = grad_w_f32.view({d.T, d.k}).to(weights_in.scalar_type());
+  return {grad_x, grad_weights, grad_gate_up, grad_down};
+}
+
+}  // namespace
+}  // namespace h3fusion::cuda
+
+TORCH_LIBRARY_IMPL(h3fusion, CUDA, m) {
+  m.impl("moe_ffn_forward", &h3fusion::cuda::moe_ffn_forward_cuda);
+  m.impl("moe_ffn_backward", &h3fusion::cuda::moe_ffn_backward_cuda);
+}

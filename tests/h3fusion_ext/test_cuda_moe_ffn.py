@@ -1,0 +1,286 @@
+"""CUDA moe_ffn_forward / moe_ffn_backward (csrc/cuda/moe_ffn.cu + grouped_gemm_*.cu) against the reference oracle
+and the CPU op: values and gradients in fp32/bf16/fp16 (flash-attention tolerance rule), edge cases, determinism,
+no host synchronisation, CUDA-graph capture, and a hypothesis shape fuzz. Every test needs a GPU (marker `cuda`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close_to_reference
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import h3fusion_ext
+from h3fusion_ext import reference
+
+pytestmark = pytest.mark.cuda
+ops = torch.ops.h3fusion
+GRAD_NAMES = ("x", "weights", "gate_up_proj", "down_proj")
+LOWP = [torch.bfloat16, torch.float16]
+
+
+def make_inputs(T, H, F, E, k, dtype, w_dtype=torch.float32, skip_experts=(), gen=None):
+    """Random CUDA inputs: routing from real logits (k distinct experts per token), experts in `skip_experts` get
+    no tokens. Returns x[T,H], weights[T,k] (w_dtype), experts[T,k] int32, gate_up[E,2F,H], down[E,H,F]."""
+    logits = torch.randn(T, E, generator=gen)
+    if skip_experts:
+        logits[:, list(skip_experts)] = -1e4
+    weights, experts = reference.topk_route(logits, k)
+    x = torch.randn(T, H, generator=gen)
+    gate_up = torch.randn(E, 2 * F, H, generator=gen) / H**0.5
+    down = torch.randn(E, H, F, generator=gen) / F**0.5
+    dev = "cuda"
+    return (x.to(dev, dtype), weights.to(dev, w_dtype), experts.to(dev, torch.int32), gate_up.to(dev, dtype),
+            down.to(dev, dtype))
+
+
+def ours(inputs, grad_y):
+    """The CUDA ops called directly: (y, plan + h, grads in GRAD_NAMES order)."""
+    x, w, e, gu, dp = inputs
+    fwd = ops.moe_ffn_forward(x, w, e, gu, dp)
+    grads = ops.moe_ffn_backward(grad_y, x, w, gu, dp, *fwd[1:])
+    return fwd[0], fwd[1:], list(grads)
+
+
+def reference_with_grads(inputs, grad_y, dtype=None):
+    """The reference per-expert loop (optionally upcast to `dtype`) and its autograd gradients."""
+    x, w, e, gu, dp = (t.detach().clone() for t in inputs)
+    if dtype is not None:
+        x, w, gu, dp, grad_y = (t.to(dtype) for t in (x, w, gu, dp, grad_y))
+    leaves = [t.requires_grad_() for t in (x, w, gu, dp)]
+    y = reference.moe_ffn(x, w, e, gu, dp)
+    if not y.requires_grad:  # T = 0: the reference returns a constant
+        return y.detach(), [torch.zeros_like(t) for t in leaves]
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    return y.detach(), list(grads)
+
+
+def check_vs_reference(inputs, grad_y):
+    """Our values within 2x (gradients 3x) of PyTorch's own same-dtype error against an fp64 reference."""
+    dtype = inputs[0].dtype
+    y, plan, grads = ours(inputs, grad_y)
+    ref_y, ref_grads = reference_with_grads(inputs, grad_y)
+    hi_y, hi_grads = reference_with_grads(inputs, grad_y, torch.float64)
+    atol = 2e-5 if dtype == torch.float32 else 1e-5
+    assert y.dtype == dtype and y.shape == inputs[0].shape
+    assert_close_to_reference(y, ref_y, hi_y, factor=2.0, atol=atol, what="y")
+    for name, g, g_lp, g_hp, t in zip(GRAD_NAMES, grads, ref_grads, hi_grads, inputs[:2] + inputs[3:], strict=True):
+        assert g.dtype == t.dtype and g.shape == t.shape and g.device == t.device, name
+        assert_close_to_reference(g, g_lp, g_hp, factor=3.0, atol=atol, what=f"grad {name}")
+    # the plan is exactly the reference's, and h is the pre-activation of the sorted rows
+    for got, want in zip(plan[:3], reference.moe_route_plan(inputs[2], inputs[3].shape[0]), strict=True):
+        assert torch.equal(got, want)
+    return y, plan, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOWP])
+@pytest.mark.parametrize("T,H,F,E,k", [(64, 64, 64, 4, 2), (150, 72, 40, 6, 2), (37, 136, 200, 8, 3)])
+def test_forward_backward_match_reference(dtype, T, H, F, E, k):
+    inputs = make_inputs(T, H, F, E, k, dtype)
+    check_vs_reference(inputs, torch.randn_like(inputs[0]))
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_weights_in_activation_dtype(dtype):
+    inputs = make_inputs(80, 48, 56, 5, 2, dtype, w_dtype=dtype)
+    _, _, grads = check_vs_reference(inputs, torch.randn_like(inputs[0]))
+    assert grads[1].dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOWP])
+def test_gate_up_out_is_the_sorted_preactivation(dtype):
+    x, w, e, gu, dp = make_inputs(90, 40, 24, 4, 2, dtype)
+    _, sorted_pairs, _, offsets, h = ops.moe_ffn_forward(x, w, e, gu, dp)
+    k = e.shape[1]
+    tok = sorted_pairs.long() // k
+    expert_of_row = e.reshape(-1).long()[sorted_pairs.long()]
+    want_hi = torch.einsum("rh,rnh->rn", x[tok].double(), gu[expert_of_row].double())
+    want_lp = torch.einsum("rh,rnh->rn", x[tok].float(), gu[expert_of_row].float()).to(dtype)
+    assert h.shape == (90 * k, 2 * 24) and h.dtype == dtype
+    assert_close_to_reference(h, want_lp, want_hi, factor=2.0, atol=1e-5, what="gate_up_out")
+    counts = torch.bincount(e.reshape(-1).long(), minlength=4)
+    assert torch.equal(offsets[1:] - offsets[:-1], counts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_cpu_op(dtype):
+    inputs = make_inputs(70, 40, 24, 5, 2, dtype)
+    grad_y = torch.randn_like(inputs[0])
+    y, plan, grads = ours(inputs, grad_y)
+    cpu_inputs = [t.cpu() for t in inputs]
+    y_c, plan_c, grads_c = ours(cpu_inputs, grad_y.cpu())
+    for a, b in zip(plan[:3], plan_c[:3], strict=True):
+        assert torch.equal(a.cpu(), b)
+    if dtype == torch.float32:
+        tol = dict(atol=2e-5, rtol=2e-4)
+    else:  # both sides round h, act and the expert outputs to bf16: agree to a few bf16 ulps
+        tol = dict(atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(y.cpu(), y_c, **tol)
+    torch.testing.assert_close(plan[3].cpu(), plan_c[3], **tol)
+    for name, g, g_c in zip(GRAD_NAMES, grads, grads_c, strict=True):
+        torch.testing.assert_close(g.cpu(), g_c, **tol, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_public_autograd_api(dtype):
+    inputs = make_inputs(60, 32, 48, 4, 2, dtype)
+    grad_y = torch.randn_like(inputs[0])
+    x, w, e, gu, dp = (t.detach().clone() for t in inputs)
+    leaves = [t.requires_grad_() for t in (x, w, gu, dp)]
+    y = h3fusion_ext.moe_ffn(x, w, e, gu, dp)
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    ref_y, ref_grads = reference_with_grads(inputs, grad_y)
+    hi_y, hi_grads = reference_with_grads(inputs, grad_y, torch.float64)
+    assert_close_to_reference(y, ref_y, hi_y, factor=2.0, atol=2e-5, what="y")
+    for name, g, g_lp, g_hp in zip(GRAD_NAMES, grads, ref_grads, hi_grads, strict=True):
+        assert_close_to_reference(g, g_lp, g_hp, factor=3.0, atol=2e-5, what=f"grad {name}")
+
+
+@pytest.mark.parametrize(
+    "name,shape,skip",
+    [
+        ("empty experts", (50, 40, 24, 6, 2), (1, 4)),
+        ("k=E", (33, 24, 40, 3, 3), ()),
+        ("E=1", (45, 72, 40, 1, 1), ()),
+        ("H,F not multiples of 16", (29, 72, 40, 4, 2), ()),
+        ("tiny H,F", (17, 5, 3, 3, 2), ()),
+        ("T=1", (1, 24, 16, 4, 2), ()),
+        ("many tiles per expert", (400, 24, 16, 2, 1), ()),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_edge_cases(name, shape, skip, dtype):
+    inputs = make_inputs(*shape, dtype, skip_experts=skip)
+    _, plan, grads = check_vs_reference(inputs, torch.randn_like(inputs[0]))
+    for e in skip:  # experts without tokens: no rows, exactly zero weight gradients
+        assert plan[2][e] == plan[2][e + 1]
+        assert grads[2][e].abs().max() == 0 and grads[3][e].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("E,k", [(3, 2), (2, 4)])
+def test_repeated_experts_per_token(dtype, E, k):
+    # ids drawn with replacement (k > E forces repeats): every (token, slot) pair is its own row
+    x, w, _, gu, dp = make_inputs(40, 24, 40, E, 1, dtype)
+    e = torch.randint(0, E, (40, k), device="cuda", dtype=torch.int32)
+    w = torch.rand(40, k, device="cuda")
+    check_vs_reference((x, w, e, gu, dp), torch.randn_like(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_tokens(dtype):
+    T, H, F, E, k = 0, 24, 16, 4, 2
+    x, w, e, gu, dp = make_inputs(T, H, F, E, k, dtype)
+    y, sorted_pairs, pair_rows, offsets, h = ops.moe_ffn_forward(x, w, e, gu, dp)
+    assert y.shape == (0, H) and sorted_pairs.shape == (0,) and pair_rows.shape == (0,) and h.shape == (0, 2 * F)
+    assert torch.equal(offsets, torch.zeros(E + 1, dtype=torch.int64, device="cuda"))
+    gx, gw, ggu, gdp = ops.moe_ffn_backward(torch.empty(0, H, device="cuda", dtype=dtype), x, w, gu, dp,
+                                            sorted_pairs, pair_rows, offsets, h)
+    assert gx.shape == (0, H) and gw.shape == (0, k) and gw.dtype == w.dtype
+    assert ggu.shape == gu.shape and gdp.shape == dp.shape
+    assert ggu.abs().max() == 0 and gdp.abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bitwise_deterministic(dtype):
+    # several 64-row tiles per expert and several expert blocks per output tile, so any order dependence shows
+    inputs = make_inputs(300, 136, 200, 4, 2, dtype)
+    grad_y = torch.randn_like(inputs[0])
+    y1, p1, g1 = ours(inputs, grad_y)
+    y2, p2, g2 = ours(inputs, grad_y)
+    for a, b in zip([y1, *p1, *g1], [y2, *p2, *g2], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_no_host_sync():
+    inputs = make_inputs(64, 40, 24, 5, 2, torch.bfloat16)
+    grad_y = torch.randn_like(inputs[0])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, plan, grads = ours(inputs, grad_y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(y.float()).all()
+
+
+def test_public_api_no_host_sync():
+    x, w, e, gu, dp = make_inputs(64, 40, 24, 5, 2, torch.bfloat16)
+    leaves = [t.requires_grad_() for t in (x, w, gu, dp)]
+    grad_y = torch.randn_like(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = h3fusion_ext.moe_ffn(x, w, e, gu, dp)
+        grads = torch.autograd.grad(y, leaves, grad_y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(g.float()).all() for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_capture_and_replay(dtype):
+    T, H, F, E, k = 96, 40, 56, 6, 2
+    static = [t.clone() for t in make_inputs(T, H, F, E, k, dtype)]
+    static_gy = torch.randn(T, H, device="cuda", dtype=dtype)
+
+    def step():
+        y, plan, grads = ours(static, static_gy)
+        return [y, *plan, *grads]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+
+    # new values, including a new routing (different group sizes, one expert now empty): replay must follow them
+    fresh = make_inputs(T, H, F, E, k, dtype, skip_experts=(2,))
+    for dst, src in zip(static, fresh, strict=True):
+        dst.copy_(src)
+    static_gy.copy_(torch.randn_like(static_gy))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    for a, b in zip(captured, eager, strict=True):
+        assert torch.equal(a, b)
+    check_vs_reference([t.clone() for t in static], static_gy.clone())
+
+
+def test_bad_inputs_name_the_argument():
+    x, w, e, gu, dp = make_inputs(8, 16, 8, 4, 2, torch.float32)
+    with pytest.raises(RuntimeError, match="float64"):
+        ops.moe_ffn_forward(x.double(), w.double(), e, gu.double(), dp.double())
+    with pytest.raises(RuntimeError, match="down_proj"):
+        ops.moe_ffn_forward(x, w, e, gu, dp[:, :, :-1])
+    with pytest.raises(RuntimeError, match="gate_up_proj"):
+        ops.moe_ffn_forward(x, w, e, gu.bfloat16(), dp)
+    with pytest.raises(RuntimeError, match="experts"):
+        ops.moe_ffn_forward(x, w, e.long(), gu, dp)
+    y, *plan = ops.moe_ffn_forward(x, w, e, gu, dp)
+    with pytest.raises(RuntimeError, match="grad_y"):
+        ops.moe_ffn_backward(y[:, :-1], x, w, gu, dp, *plan)
+    with pytest.raises(RuntimeError, match="expert_offsets"):
+        ops.moe_ffn_backward(y, x, w, gu, dp, plan[0], plan[1], plan[2][:-1], plan[3])
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    T=st.integers(0, 70),
+    H=st.integers(1, 90),
+    F=st.integers(1, 80),
+    E=st.integers(1, 6),
+    k_frac=st.floats(0.0, 1.0),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fuzz_shapes(T, H, F, E, k_frac, dtype, seed):
+    k = 1 + int(k_frac * (E - 1))
+    gen = torch.Generator().manual_seed(seed)
+    inputs = make_inputs(T, H, F, E, k, dtype, gen=gen)
+    check_vs_reference(inputs, torch.randn(T, H, generator=gen).to("cuda", dtype))
