@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import torch
-
 from h3fusion.data.synthetic import build_corpora
 from h3fusion.demo import CATEGORIES, run_demo
 
