@@ -97,7 +97,6 @@ def run(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps,
         seed=args.seed,
         bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing,
         logging_steps=args.logging_steps,
         save_strategy="steps",
         save_steps=args.save_steps,
@@ -106,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         use_cpu=args.no_cuda,
         ddp_backend=args.ddp_backend,
         ddp_find_unused_parameters=False,
+        # only when asked: transformers 5.x renames the option (activation_checkpointing) and warns on the old name
+        **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),
     )
     trainer = H3FusionTrainer(
         model,
