@@ -31,7 +31,8 @@ def _load(name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="h3fusion", description="Fuse aligned LLMs into a mixture of experts (H3Fusion) and train with weighted preference fusion."
+        prog="h3fusion",
+        description="Fuse aligned LLMs into a mixture of experts (H3Fusion) and train with weighted preference fusion.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
