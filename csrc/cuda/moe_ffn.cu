@@ -145,7 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cuda
   const MoeDims d = check_common(x_in, weights_in, gate_up_in, down_in);
   const int64_t R = d.T * d.k;
   check_dim(grad_y_in, "grad_y", 2);
-  check_same_dtype(grad_y_in, "grad_y", x_in, "x");
+  // any float dtype, cast to x's below: the CPU op accepts the same (grad_y_in.to(x.dtype)), so both agree
+  check_float(grad_y_in, "grad_y");
   check_same_device(grad_y_in, "grad_y", x_in, "x");
   check_size(grad_y_in, "grad_y", 0, d.T, "x.shape[0]");
   check_size(grad_y_in, "grad_y", 1, d.H, "x.shape[1]");
@@ -172,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cuda
     return {at::empty({0, d.H}, x_in.options()), at::empty({0, d.k}, weights_in.options()),
             at::zeros({d.E, 2 * d.F, d.H}, gate_up_in.options()), at::zeros({d.E, d.H, d.F}, down_in.options())};
   }
-  const at::Tensor grad_y = grad_y_in.contiguous();
+  const at::Tensor grad_y = grad_y_in.to(x_in.scalar_type()).contiguous();
   const at::Tensor x = x_in.contiguous();
   const at::Tensor gate_up = gate_up_in.contiguous();
   const at::Tensor down = down_in.contiguous();
