@@ -1,14 +1,17 @@
 // linear_logprob on the CPU: logp_n = h_n . W[t_n] - logsumexp_v(h_n . W[v]) without the [N, V] logits.
 //
 // The chunk loops and GEMMs are shared with CUDA (h3fusion/logprob_driver.h). Here the GEMMs run in the
-// accumulation dtype (bf16/fp16 inputs are upcast one weight chunk at a time), the exponentials use ATen's
-// vectorised kernels on the current block in place, and the per-row steps (target pick, running-max rescale,
-// one-hot term) are at::parallel_for loops.
+// accumulation dtype (bf16/fp16 inputs are upcast one weight chunk at a time) and each logits block is consumed by
+// one at::parallel_for over its rows: a fused max / sum-of-exp / target-pick pass in the forward, and an in-place
+// softmax-gradient pass in the backward, with an exp written to vectorise (SIMD reductions in a fixed order).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -21,7 +24,53 @@ namespace {
 using at::Tensor;
 namespace lp = h3fusion::logprob;
 
-constexpr int64_t kRowGrain = 256;
+constexpr int64_t kRowGrain = 4;  // rows of a block per task (a row is a whole vocabulary chunk)
+
+// exp for x <= 0 (softmax arguments), written so that the compiler vectorises the loops below on any x86-64/arm64
+// baseline: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r (the classic
+// Cephes coefficients), and 2^n built in the exponent bits. Relative error about 1e-7; 0 below -87 (and for -inf).
+inline float exp_nonpos(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float t = xc * 1.44269504088896341f + 12582912.0f;  // round(x / ln2) in the low mantissa bits
+  const float n = t - 12582912.0f;
+  const float rr = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * rr + 1.3981999507e-3f;
+  p = p * rr + 8.3334519073e-3f;
+  p = p * rr + 4.1665795894e-2f;
+  p = p * rr + 1.6666665459e-1f;
+  p = p * rr + 5.0000001201e-1f;
+  p = p * rr * rr + rr + 1.0f;
+  int32_t ti;
+  std::memcpy(&ti, &t, sizeof(ti));
+  const int32_t bits = (ti - 0x4B400000 + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+inline double exp_nonpos(double x) { return std::exp(x); }  // fp64 (tests, gradcheck): exact libm
+
+template <typename T>
+T row_max(const T* x, int64_t c) {
+  T mx = h3fusion::lp_neg_inf<T>();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < c; ++j) mx = x[j] > mx ? x[j] : mx;
+  return mx;
+}
+
+template <typename T>
+T row_sum_exp(const T* x, int64_t c, T mx) {
+  T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < c; ++j) sum += exp_nonpos(x[j] - mx);
+  return sum;
+}
+
+template <typename T>
+void scale_exp_inplace(T* x, int64_t c, T lse, T coef) {
+#pragma omp simd
+  for (int64_t j = 0; j < c; ++j) x[j] = coef * exp_nonpos(x[j] - lse);
+}
 
 // A target outside [0, V) other than ignore_index is an error on the CPU (it is checked before any work).
 void check_target_range(const Tensor& targets, int64_t vocab, int64_t ignore_index) {
@@ -59,32 +108,24 @@ std::tuple<Tensor, Tensor> linear_logprob_forward_cpu(const Tensor& hidden, cons
     lp::forward_chunks(h, w, acc, acc, [&](Tensor& logits, int64_t r0, int64_t v0) {
       const int64_t r = logits.size(0), c = logits.size(1);
       const acc_t* lg = logits.data_ptr<acc_t>();
-      // The block's row maxima, merged with the running maxima; the running sums are rescaled to the new maxima.
-      Tensor block_max = std::get<0>(logits.max(1));
-      acc_t* bm = block_max.data_ptr<acc_t>();
+      // One pass over each row of the block (it stays in cache): max, then sum of exp(x - max), merged into the
+      // row's running pair; the target logit is picked when the target falls in this chunk.
       at::parallel_for(0, r, kRowGrain, [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
           const int64_t row = r0 + i;
+          const acc_t* x = lg + i * c;  // 64-bit offset into the block
+          acc_t bm = row_max(x, c);
+          acc_t bs = bm == h3fusion::lp_neg_inf<acc_t>() ? acc_t(0) : row_sum_exp(x, c, bm);
+          h3fusion::lse_merge(m[row], s[row], bm, bs);
           const int64_t tv = tp[row] - v0;
-          if (tv >= 0 && tv < c) tl[row] = lg[i * c + tv];  // 64-bit offset into the block
-          const acc_t new_max = bm[i] > m[row] ? bm[i] : m[row];
-          if (new_max != h3fusion::lp_neg_inf<acc_t>()) s[row] *= h3fusion::lp_exp(m[row] - new_max);
-          m[row] = new_max;
-          bm[i] = new_max;
+          if (tv >= 0 && tv < c) tl[row] = x[tv];
         }
-      });
-      // exp(logits - max) in place (vectorised ATen kernels), then the row sums join the running sums.
-      logits.sub_(block_max.unsqueeze(1)).exp_();
-      const Tensor block_sum = logits.sum(1);
-      const acc_t* bs = block_sum.data_ptr<acc_t>();
-      at::parallel_for(0, r, kRowGrain, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) s[r0 + i] += bs[i];
       });
     });
 
     acc_t* lp_out = logp.data_ptr<acc_t>();
     acc_t* lse_out = lse.data_ptr<acc_t>();
-    at::parallel_for(0, n, kRowGrain, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, n, 1024, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         lse_out[i] = h3fusion::lse_value(m[i], s[i]);
         lp_out[i] = tp[i] == ignore_index ? acc_t(0) : tl[i] - lse_out[i];
@@ -122,7 +163,7 @@ std::tuple<Tensor, Tensor> linear_logprob_backward_cpu(const Tensor& grad_logp, 
     const acc_t* glp = gl.data_ptr<acc_t>();
     const acc_t* gsp = gs.data_ptr<acc_t>();
     const int64_t* tp = t.data_ptr<int64_t>();
-    at::parallel_for(0, n, kRowGrain, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, n, 1024, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         gp[i] = tp[i] == ignore_index ? acc_t(0) : glp[i];
         cp[i] = gsp[i] - gp[i];
@@ -131,13 +172,15 @@ std::tuple<Tensor, Tensor> linear_logprob_backward_cpu(const Tensor& grad_logp, 
 
     grads = lp::backward_chunks(h, w, acc, acc, [&](Tensor& logits, int64_t r0, int64_t v0) -> Tensor {
       const int64_t r = logits.size(0), c = logits.size(1);
-      // p = exp(logits - lse) scaled by coef, in place (vectorised ATen kernels).
-      logits.sub_(ls.narrow(0, r0, r).unsqueeze(1)).exp_().mul_(coef.narrow(0, r0, r).unsqueeze(1));
       acc_t* d = logits.data_ptr<acc_t>();
+      const acc_t* lsp = ls.data_ptr<acc_t>();
+      // In place: d = coef * exp(x - lse) + g * onehot(target).
       at::parallel_for(0, r, kRowGrain, [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
-          const int64_t tv = tp[r0 + i] - v0;
-          if (tv >= 0 && tv < c) d[i * c + tv] += gp[r0 + i];
+          const int64_t row = r0 + i;
+          scale_exp_inplace(d + i * c, c, lsp[row], cp[row]);
+          const int64_t tv = tp[row] - v0;
+          if (tv >= 0 && tv < c) d[i * c + tv] += gp[row];
         }
       });
       return logits;

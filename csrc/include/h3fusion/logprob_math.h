@@ -36,10 +36,16 @@ H3F_HOST_DEVICE inline void lse_merge(T& m, T& s, T m2, T s2) {
   m = mx;
 }
 
-// Add one logit x to the running pair.
+// Add one logit x to the running pair: one exponential per element (the rescale happens only on a new maximum).
+// x = -inf into an empty pair is skipped; a NaN x always reaches s.
 template <typename T>
 H3F_HOST_DEVICE inline void lse_add(T& m, T& s, T x) {
-  lse_merge(m, s, x, T(1));
+  if (x > m) {
+    s = s * lp_exp(m - x) + T(1);
+    m = x;
+  } else if (m != lp_neg_inf<T>() || x != x) {
+    s += lp_exp(x - m);
+  }
 }
 
 // The finished logsumexp of a pair (-inf for an empty pair).
