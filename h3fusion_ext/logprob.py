@@ -78,6 +78,9 @@ def linear_logprob(
     a gradient reaching ``lse`` (e.g. from an entropy or z-loss term) flows to ``hidden`` and ``weight`` for all
     rows, ignored or not. Only the ``logp`` part of an ignored row is cut.
 
+    Under ``torch.autocast`` both ``hidden`` and ``weight`` are cast to the autocast dtype first (as ``F.linear``
+    would be), so fp32 master weights work with bf16 activations.
+
     Targets outside ``[0, V)`` other than ``ignore_index`` raise a ``RuntimeError`` naming ``targets`` on the CPU.
     On CUDA they cannot be checked without a host-device sync: such rows give a NaN ``logp`` (never an
     out-of-bounds read), and their backward treats them like rows without a target.
@@ -97,5 +100,10 @@ def linear_logprob(
         raise TypeError("hidden and weight must be tensors")
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Like F.linear under autocast: both operands in the autocast dtype (the op itself has no autocast kernel).
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
     logp, lse = ops.linear_logprob_forward(hidden, weight, targets, int(ignore_index))
     return (logp, lse) if return_lse else logp

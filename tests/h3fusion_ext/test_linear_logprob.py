@@ -234,5 +234,16 @@ def test_fuzz_shapes_fp64(n, h, v, chunk, block, seed):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def test_autocast_casts_both_operands():
+    hidden, weight, targets = _inputs(8, 16, 21, torch.float32)
+    w = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp = linear_logprob(hidden.bfloat16(), w, targets)
+    logp.sum().backward()
+    expected = reference.linear_logprob(hidden.bfloat16(), weight.bfloat16(), targets)
+    torch.testing.assert_close(logp, expected, rtol=2e-2, atol=2e-2)
+    assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+
+
 def test_public_name_is_the_op():
     assert h3fusion_ext.linear_logprob is linear_logprob
