@@ -26,10 +26,16 @@ namespace lp = h3fusion::logprob;
 
 constexpr int64_t kRowGrain = 4;  // rows of a block per task (a row is a whole vocabulary chunk)
 
+#if defined(__GNUC__) && !defined(__clang__)
+#define H3F_VECTORIZABLE_EXP __attribute__((optimize("no-trapping-math")))
+#else
+#define H3F_VECTORIZABLE_EXP
+#endif
+
 // exp for x <= 0 (softmax arguments), written so that the compiler vectorises the loops below on any x86-64/arm64
 // baseline: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r (the classic
 // Cephes coefficients), and 2^n built in the exponent bits. Relative error about 1e-7; 0 below -87 (and for -inf).
-inline float exp_nonpos(float x) {
+inline __attribute__((always_inline)) H3F_VECTORIZABLE_EXP float exp_nonpos(float x) {
   const float xc = x < -87.0f ? -87.0f : x;
   const float t = xc * 1.44269504088896341f + 12582912.0f;  // round(x / ln2) in the low mantissa bits
   const float n = t - 12582912.0f;
@@ -48,28 +54,56 @@ inline float exp_nonpos(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return x < -87.0f ? 0.0f : p * scale;
 }
-inline double exp_nonpos(double x) { return std::exp(x); }  // fp64 (tests, gradcheck): exact libm
 
-template <typename T>
-T row_max(const T* x, int64_t c) {
-  T mx = h3fusion::lp_neg_inf<T>();
+// The fp32 row passes must vectorise: GCC keeps the selects in exp_nonpos as branches (no SIMD) under the default
+// -ftrapping-math, so these few functions are compiled without it (they raise no FP exceptions anyone observes), and
+// on x86-64 Linux they get an AVX2+FMA clone picked at load time (8 lanes instead of SSE's 4; the baseline clone
+// stays for other CPUs). Each clone is deterministic. The fp64 path (tests, gradcheck) is plain libm.
+#if defined(__GNUC__) && !defined(__clang__)
+#define H3F_VECTORIZABLE __attribute__((optimize("no-trapping-math")))
+#if defined(__x86_64__) && defined(__linux__)
+#define H3F_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define H3F_CPU_CLONES
+#endif
+#else
+#define H3F_VECTORIZABLE
+#define H3F_CPU_CLONES
+#endif
+
+H3F_CPU_CLONES H3F_VECTORIZABLE float row_max(const float* x, int64_t c) {
+  float mx = h3fusion::lp_neg_inf<float>();
 #pragma omp simd reduction(max : mx)
   for (int64_t j = 0; j < c; ++j) mx = x[j] > mx ? x[j] : mx;
   return mx;
 }
 
-template <typename T>
-T row_sum_exp(const T* x, int64_t c, T mx) {
-  T sum = T(0);
+H3F_CPU_CLONES H3F_VECTORIZABLE float row_sum_exp(const float* x, int64_t c, float mx) {
+  float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < c; ++j) sum += exp_nonpos(x[j] - mx);
   return sum;
 }
 
-template <typename T>
-void scale_exp_inplace(T* x, int64_t c, T lse, T coef) {
+H3F_CPU_CLONES H3F_VECTORIZABLE void scale_exp_inplace(float* x, int64_t c, float lse, float coef) {
 #pragma omp simd
   for (int64_t j = 0; j < c; ++j) x[j] = coef * exp_nonpos(x[j] - lse);
+}
+
+double row_max(const double* x, int64_t c) {
+  double mx = h3fusion::lp_neg_inf<double>();
+  for (int64_t j = 0; j < c; ++j) mx = x[j] > mx ? x[j] : mx;
+  return mx;
+}
+
+double row_sum_exp(const double* x, int64_t c, double mx) {
+  double sum = 0.0;
+  for (int64_t j = 0; j < c; ++j) sum += std::exp(x[j] - mx);
+  return sum;
+}
+
+void scale_exp_inplace(double* x, int64_t c, double lse, double coef) {
+  for (int64_t j = 0; j < c; ++j) x[j] = coef * std::exp(x[j] - lse);
 }
 
 // A target outside [0, V) other than ignore_index is an error on the CPU (it is checked before any work).
