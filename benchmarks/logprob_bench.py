@@ -11,7 +11,8 @@ nothing else: gradients are cleared first):
   * CPU: the running total of every allocation and free that PyTorch's CPU allocator reports to the profiler
     (torch.profiler with profile_memory=True, raw [memory] events in time order); its maximum is the peak.
     Allocations inside BLAS (MKL/OpenBLAS packing buffers) are not seen, for either implementation.
-Timing: median wall-clock of repeated runs (CUDA: with synchronisation around each run), after a warm-up. On the
+Timing: median wall-clock of repeated runs (CUDA: with synchronisation around each run), after a warm-up, ours and
+the materialised path alternating within each repetition. On the
 CPU without --quick, also cpu_time_ms: the median CPU time of the calling thread with torch.set_num_threads(1), which
 other processes sharing the cores do not inflate (wall-clock on a shared 2-core machine varies by +-20%); our rows
 then carry cpu_time_vs_materialized too.
@@ -72,17 +73,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_ms(fn, args, mode: str, device: str, reps: int) -> float:
-    _step(fn, *args, mode)  # warm-up
+def _median_ms(fns: dict, args, mode: str, device: str, reps: int) -> dict:
+    """Median wall-clock ms per implementation; the implementations alternate within each repetition so that load
+    from other processes (a shared machine) hits both alike."""
+    for fn in fns.values():
+        _step(fn, *args, mode)  # warm-up
     _sync(device)
-    times = []
+    times: dict = {name: [] for name in fns}
     for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        _step(fn, *args, mode)
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            _step(fn, *args, mode)
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _thread_cpu_ms(fn, args, mode: str, reps: int) -> float:
@@ -154,30 +159,27 @@ def collect(device: str, quick: bool) -> list[dict]:
     args = (hidden, weight, targets)
     peak = _peak_mb_cuda if device.startswith("cuda") else _peak_mb_cpu
     rows = []
+    impls = {"materialized": _materialized, "ours": _ours}
     for mode in ("fwd", "fwd+bwd"):
-        results = {}
-        for impl, fn in (("materialized", _materialized), ("ours", _ours)):
-            ms = _median_ms(fn, args, mode, device, reps)
-            mb = peak(fn, args, mode)
-            results[impl] = (ms, mb)
+        medians = _median_ms(impls, args, mode, device, reps)
+        for impl, fn in impls.items():
             row = {
                 "bench": BENCH,
                 "case": case,
                 "impl": impl,
                 "mode": mode,
                 "device": device,
-                "median_ms": round(ms, 3),
-                "peak_mem_mb": round(mb, 1),
+                "median_ms": round(medians[impl], 3),
+                "peak_mem_mb": round(peak(fn, args, mode), 1),
             }
             if device == "cpu" and not quick:
                 row["cpu_time_ms"] = round(_thread_cpu_ms(fn, args, mode, reps), 3)
             rows.append(row)
-        ms_ref, mb_ref = results["materialized"]
-        ms, mb = results["ours"]
-        rows[-1]["time_vs_materialized"] = round(ms / ms_ref, 3)
-        rows[-1]["mem_vs_materialized"] = round(mb / mb_ref, 3) if mb_ref > 0 else None
-        if "cpu_time_ms" in rows[-1]:
-            rows[-1]["cpu_time_vs_materialized"] = round(rows[-1]["cpu_time_ms"] / rows[-2]["cpu_time_ms"], 3)
+        ref, ours = rows[-2], rows[-1]
+        ours["time_vs_materialized"] = round(ours["median_ms"] / ref["median_ms"], 3)
+        ours["mem_vs_materialized"] = round(ours["peak_mem_mb"] / ref["peak_mem_mb"], 3) if ref["peak_mem_mb"] else None
+        if "cpu_time_ms" in ours:
+            ours["cpu_time_vs_materialized"] = round(ours["cpu_time_ms"] / ref["cpu_time_ms"], 3)
     return rows
 
 
