@@ -32,8 +32,8 @@ constexpr int64_t kRowGrain = 4;  // rows of a block per task (a row is a whole 
 #define H3F_VECTORIZABLE_EXP
 #endif
 
-// exp for softmax arguments (x <= 0 up to rounding; valid for x < 88), written so that the compiler vectorises the loops below on any x86-64/arm64
-// baseline: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r (the classic
+// exp for softmax arguments (x <= 0 up to rounding; valid for x < 88), written so that the compiler vectorises the
+// loops below on any x86-64/arm64 baseline: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r (the classic
 // Cephes coefficients), and 2^n built in the exponent bits. Relative error about 1e-7; 0 below -87 (and for -inf).
 inline __attribute__((always_inline)) H3F_VECTORIZABLE_EXP float exp_nonpos(float x) {
   const float xc = x < -87.0f ? -87.0f : x;
