@@ -33,8 +33,8 @@ constexpr int64_t kRowGrain = 4;  // rows of a block per task (a row is a whole 
 #endif
 
 // exp for softmax arguments (x <= 0 up to rounding; valid for x < 88), written so that the compiler vectorises the
-// loops below on any x86-64/arm64 baseline: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r (the classic
-// Cephes coefficients), and 2^n built in the exponent bits. Relative error about 1e-7; 0 below -87 (and for -inf).
+// loops below: Cody-Waite range reduction x = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial for e^r (the
+// classic Cephes coefficients), and 2^n built in the exponent bits. Relative error about 1e-7; 0 below -87 and -inf.
 inline __attribute__((always_inline)) H3F_VECTORIZABLE_EXP float exp_nonpos(float x) {
   const float xc = x < -87.0f ? -87.0f : x;
   const float t = xc * 1.44269504088896341f + 12582912.0f;  // round(x / ln2) in the low mantissa bits
