@@ -1,0 +1,269 @@
+// CPU fused expert FFN: plan -> gather -> per-expert gate/up GEMM with SiLU-and-mul right after -> per-expert down
+// GEMM -> weighted combine; and its backward, which recomputes the activation from the saved pre-activation.
+//
+// Every GEMM writes straight into a row slice of one expert-sorted buffer (or an expert's slice of a weight
+// gradient), so nothing is allocated per expert. Threads: many small experts run one expert per thread (each GEMM
+// single-threaded inside the parallel region); few large experts run one after another with BLAS's own threads.
+#include "moe_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <h3fusion/checks.h>
+
+#include <ATen/ThreadLocalState.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+
+#include <cmath>
+#include <vector>
+
+namespace h3fusion::cpu {
+namespace {
+
+// Below this many rows per active expert, BLAS threading inside one GEMM pays less than one expert per thread.
+constexpr int64_t kRowsPerExpertForBlasThreads = 256;
+// Cost of touching one expert's weights, in rows of work, for balancing experts over threads.
+constexpr int64_t kExpertFixedCostRows = 8;
+
+struct Dims {
+  int64_t T, H, k, E, F;
+};
+
+Dims check_ffn_args(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& gate_up_proj,
+                    const at::Tensor& down_proj) {
+  check_dim(x, "x", 2);
+  check_float(x, "x");
+  const int64_t T = x.size(0), H = x.size(1);
+  check_dim(weights, "weights", 2);
+  check_size(weights, "weights", 0, T, "x.shape[0]");
+  TORCH_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == x.scalar_type(),
+              "weights must have dtype float32 or x's dtype (", x.scalar_type(), "), got ", weights.scalar_type());
+  const int64_t k = weights.size(1);
+  TORCH_CHECK(k >= 1, "weights.shape[1] (k) must be >= 1, got shape ", weights.sizes());
+  check_dim(gate_up_proj, "gate_up_proj", 3);
+  check_same_dtype(gate_up_proj, "gate_up_proj", x, "x");
+  const int64_t E = gate_up_proj.size(0);
+  TORCH_CHECK(E >= 1, "gate_up_proj.shape[0] (number of experts) must be >= 1, got shape ", gate_up_proj.sizes());
+  TORCH_CHECK(gate_up_proj.size(1) % 2 == 0, "gate_up_proj.shape[1] must be even (2 * intermediate size), got shape ",
+              gate_up_proj.sizes());
+  check_size(gate_up_proj, "gate_up_proj", 2, H, "x.shape[1]");
+  const int64_t F = gate_up_proj.size(1) / 2;
+  check_dim(down_proj, "down_proj", 3);
+  check_same_dtype(down_proj, "down_proj", x, "x");
+  check_size(down_proj, "down_proj", 0, E, "gate_up_proj.shape[0]");
+  check_size(down_proj, "down_proj", 1, H, "x.shape[1]");
+  check_size(down_proj, "down_proj", 2, F, "gate_up_proj.shape[1] / 2");
+  check_same_device(weights, "weights", x, "x");
+  check_same_device(gate_up_proj, "gate_up_proj", x, "x");
+  check_same_device(down_proj, "down_proj", x, "x");
+  return {T, H, k, E, F};
+}
+
+// Calls fn(e, row_begin, rows) for every expert. Parallel mode hands each thread a contiguous group of experts
+// with about the same number of rows; serial mode leaves the threads to BLAS and the elementwise loops.
+template <typename Fn>
+void for_each_expert(const int64_t* off, int64_t E, bool parallel, const Fn& fn) {
+  const int64_t nt = parallel ? std::min<int64_t>(at::get_num_threads(), E) : 1;
+  if (nt <= 1) {
+    for (int64_t e = 0; e < E; ++e) fn(e, off[e], off[e + 1] - off[e]);
+    return;
+  }
+  auto cost = [&](int64_t e) {
+    const int64_t n = off[e + 1] - off[e];
+    return n > 0 ? n + kExpertFixedCostRows : 1;
+  };
+  int64_t total = 0;
+  for (int64_t e = 0; e < E; ++e) total += cost(e);
+  std::vector<int64_t> bounds(nt + 1, E);
+  bounds[0] = 0;
+  int64_t acc = 0, g = 1;
+  for (int64_t e = 0; e < E && g < nt; ++e) {
+    acc += cost(e);
+    if (acc * nt >= total * g) bounds[g++] = e + 1;
+  }
+  // OpenMP workers do not inherit this thread's dispatch state (the below-autograd guard): carry it over.
+  const at::ThreadLocalState tls;
+  at::parallel_for(0, nt, 1, [&](int64_t gb, int64_t ge) {
+    const at::ThreadLocalStateGuard tls_guard(tls);
+    for (int64_t gi = gb; gi < ge; ++gi)
+      for (int64_t e = bounds[gi]; e < bounds[gi + 1]; ++e) fn(e, off[e], off[e + 1] - off[e]);
+  });
+}
+
+bool use_expert_threads(const int64_t* off, int64_t E) {
+  int64_t active = 0;
+  for (int64_t e = 0; e < E; ++e) active += off[e + 1] > off[e];
+  const int64_t rows = off[E];
+  return active > 1 && rows < kRowsPerExpertForBlasThreads * active;
+}
+
+// out = a @ b, written into a view (a row slice of a buffer, or one expert's slice of a gradient).
+void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+
+template <typename acc_t>
+inline acc_t sigmoid(acc_t g) {
+  return acc_t(1) / (acc_t(1) + std::exp(-g));
+}
+
+// act[r, f] = silu(h[r, f]) * h[r, F + f] for rows [r0, r0 + n) of the expert-sorted buffers.
+template <typename scalar_t>
+void silu_mul_rows(const scalar_t* h, scalar_t* act, int64_t r0, int64_t n, int64_t F) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(r0, r0 + n, std::max<int64_t>(1, 8192 / std::max<int64_t>(F, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const scalar_t* hr = h + r * 2 * F;
+      scalar_t* ar = act + r * F;
+      for (int64_t f = 0; f < F; ++f) {
+        const acc_t g = static_cast<acc_t>(hr[f]);
+        ar[f] = static_cast<scalar_t>(g * sigmoid(g) * static_cast<acc_t>(hr[F + f]));
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_forward(
+    const at::Tensor& x_in, const at::Tensor& weights_in, const at::Tensor& experts_in,
+    const at::Tensor& gate_up_in, const at::Tensor& down_in) {
+  const Dims d = check_ffn_args(x_in, weights_in, gate_up_in, down_in);
+  // The internal GEMMs are not part of any autograd graph (autograd for this op is registered in Python).
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_dim(experts_in, "experts", 2);
+  check_dtype(experts_in, "experts", at::kInt);
+  check_size(experts_in, "experts", 0, d.T, "x.shape[0]");
+  check_size(experts_in, "experts", 1, d.k, "weights.shape[1]");
+  check_same_device(experts_in, "experts", x_in, "x");
+  at::Tensor sorted_pairs, pair_rows, offsets;
+  std::tie(sorted_pairs, pair_rows, offsets) = route_plan(experts_in, d.E);
+
+  const at::Tensor x = x_in.contiguous(), w_gu = gate_up_in.contiguous(), w_down = down_in.contiguous();
+  const int64_t R = d.T * d.k, F = d.F;
+  const at::Tensor xs = gather_rows(x, sorted_pairs, d.k);
+  at::Tensor gate_up_out = at::empty({R, 2 * F}, x.options());
+  at::Tensor act = at::empty({R, F}, x.options());
+  at::Tensor down_out = at::empty({R, d.H}, x.options());
+  const int64_t* off = offsets.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "h3fusion_moe_ffn_fwd_cpu", [&] {
+    scalar_t* h = gate_up_out.mutable_data_ptr<scalar_t>();
+    scalar_t* a = act.mutable_data_ptr<scalar_t>();
+    for_each_expert(off, d.E, use_expert_threads(off, d.E), [&](int64_t e, int64_t r0, int64_t n) {
+      if (n == 0) return;
+      mm_into(gate_up_out.narrow(0, r0, n), xs.narrow(0, r0, n), w_gu[e].t());
+      silu_mul_rows(h, a, r0, n, F);
+      mm_into(down_out.narrow(0, r0, n), act.narrow(0, r0, n), w_down[e].t());
+    });
+  });
+  at::Tensor y = combine_rows(down_out, weights_in, pair_rows, d.k);
+  return {y, sorted_pairs, pair_rows, offsets, gate_up_out};
+}
+
+// For rows [r0, r0 + n) of one expert, with h = [g | u] the saved pre-activation, U = grad_y rows @ W_down[e]:
+//   a = silu(g) u;  grad_w[r] = U[r] . a[r];  dA = w_r U;  du = dA silu(g);  dg = dA u silu'(g),
+//   silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g).
+// Also writes A (the activation, for grad_down) and scales the grad_y rows by w_r in place (for grad_down).
+template <typename scalar_t, typename acc_t>
+void ffn_backward_rows(const scalar_t* h, const scalar_t* U, const acc_t* w_rows, scalar_t* A, scalar_t* dH,
+                       scalar_t* gy, acc_t* grad_w_rows, int64_t r0, int64_t n, int64_t F, int64_t H) {
+  at::parallel_for(r0, r0 + n, std::max<int64_t>(1, 4096 / std::max<int64_t>(F, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const scalar_t* hr = h + r * 2 * F;
+      const scalar_t* ur = U + r * F;
+      scalar_t* ar = A + r * F;
+      scalar_t* dr = dH + r * 2 * F;
+      const acc_t w = w_rows[r];
+      acc_t gw = 0;
+      for (int64_t f = 0; f < F; ++f) {
+        const acc_t g = static_cast<acc_t>(hr[f]), u = static_cast<acc_t>(hr[F + f]);
+        const acc_t s = sigmoid(g), silu = g * s, a = silu * u, Uf = static_cast<acc_t>(ur[f]);
+        ar[f] = static_cast<scalar_t>(a);
+        gw += Uf * a;
+        const acc_t dA = w * Uf;
+        dr[f] = static_cast<scalar_t>(dA * u * s * (acc_t(1) + g * (acc_t(1) - s)));
+        dr[F + f] = static_cast<scalar_t>(dA * silu);
+      }
+      grad_w_rows[r] = gw;
+      scalar_t* gr = gy + r * H;
+      for (int64_t i = 0; i < H; ++i) gr[i] = static_cast<scalar_t>(w * static_cast<acc_t>(gr[i]));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weights_in, const at::Tensor& gate_up_in,
+    const at::Tensor& down_in, const at::Tensor& sorted_pairs_in, const at::Tensor& pair_rows_in,
+    const at::Tensor& offsets_in, const at::Tensor& gate_up_out_in) {
+  const Dims d = check_ffn_args(x_in, weights_in, gate_up_in, down_in);
+  // The internal GEMMs are not part of any autograd graph (autograd for this op is registered in Python).
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t R = d.T * d.k, F = d.F, H = d.H, E = d.E;
+  check_dim(grad_y_in, "grad_y", 2);
+  check_size(grad_y_in, "grad_y", 0, d.T, "x.shape[0]");
+  check_size(grad_y_in, "grad_y", 1, H, "x.shape[1]");
+  check_dim(sorted_pairs_in, "sorted_pairs", 1);
+  check_dtype(sorted_pairs_in, "sorted_pairs", at::kInt);
+  check_size(sorted_pairs_in, "sorted_pairs", 0, R, "x.shape[0] * k");
+  check_dim(pair_rows_in, "pair_rows", 1);
+  check_dtype(pair_rows_in, "pair_rows", at::kInt);
+  check_size(pair_rows_in, "pair_rows", 0, R, "x.shape[0] * k");
+  check_dim(offsets_in, "expert_offsets", 1);
+  check_dtype(offsets_in, "expert_offsets", at::kLong);
+  check_size(offsets_in, "expert_offsets", 0, E + 1, "number of experts + 1");
+  check_dim(gate_up_out_in, "gate_up_out", 2);
+  check_same_dtype(gate_up_out_in, "gate_up_out", x_in, "x");
+  check_size(gate_up_out_in, "gate_up_out", 0, R, "x.shape[0] * k");
+  check_size(gate_up_out_in, "gate_up_out", 1, 2 * F, "gate_up_proj.shape[1]");
+
+  const at::Tensor x = x_in.contiguous(), w_gu = gate_up_in.contiguous(), w_down = down_in.contiguous();
+  const at::Tensor sorted_pairs = sorted_pairs_in.contiguous(), offsets = offsets_in.contiguous();
+  const at::Tensor h = gate_up_out_in.contiguous();
+  const int64_t* off = offsets.const_data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[E] == R, "expert_offsets must start at 0 and end at x.shape[0] * k (", R, ")");
+  for (int64_t e = 0; e < E; ++e)
+    TORCH_CHECK(off[e + 1] >= off[e], "expert_offsets must be non-decreasing, got a drop after expert ", e);
+
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor gy = gather_rows(grad_y_in.to(x.scalar_type()), sorted_pairs, d.k);  // scaled by w_r below
+  const at::Tensor xs = gather_rows(x, sorted_pairs, d.k);
+  const at::Tensor w_rows =
+      weights_in.to(acc_dtype).reshape({R}).index_select(0, sorted_pairs.to(at::kLong)).contiguous();
+  at::Tensor U = at::empty({R, F}, x.options());
+  at::Tensor A = at::empty({R, F}, x.options());
+  at::Tensor dH = at::empty({R, 2 * F}, x.options());
+  at::Tensor gx_rows = at::empty({R, H}, x.options());
+  at::Tensor grad_w_rows = at::empty({R}, x.options().dtype(acc_dtype));
+  at::Tensor grad_gu = at::empty({E, 2 * F, H}, x.options());
+  at::Tensor grad_down = at::empty({E, H, F}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "h3fusion_moe_ffn_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    const acc_t* wr = w_rows.const_data_ptr<acc_t>();
+    for_each_expert(off, E, use_expert_threads(off, E), [&](int64_t e, int64_t r0, int64_t n) {
+      if (n == 0) {  // no rows: the expert's weights get zero gradient
+        grad_gu[e].zero_();
+        grad_down[e].zero_();
+        return;
+      }
+      mm_into(U.narrow(0, r0, n), gy.narrow(0, r0, n), w_down[e]);
+      ffn_backward_rows<scalar_t, acc_t>(hp, U.const_data_ptr<scalar_t>(), wr, A.mutable_data_ptr<scalar_t>(),
+                                         dH.mutable_data_ptr<scalar_t>(), gy.mutable_data_ptr<scalar_t>(),
+                                         grad_w_rows.mutable_data_ptr<acc_t>(), r0, n, F, H);
+      mm_into(grad_down[e], gy.narrow(0, r0, n).t(), A.narrow(0, r0, n));
+      mm_into(grad_gu[e], dH.narrow(0, r0, n).t(), xs.narrow(0, r0, n));
+      mm_into(gx_rows.narrow(0, r0, n), dH.narrow(0, r0, n), w_gu[e]);
+    });
+  });
+  at::Tensor grad_x = combine_rows(gx_rows, at::Tensor(), pair_rows_in, d.k);
+  // Row r belongs to pair sorted_pairs[r]; pair p reads its row pair_rows[p].
+  at::Tensor grad_weights =
+      grad_w_rows.index_select(0, pair_rows_in.to(at::kLong)).reshape({d.T, d.k}).to(weights_in.scalar_type());
+  return {grad_x, grad_weights, grad_gu, grad_down};
+}
+
+}  // namespace
+}  // namespace h3fusion::cpu
+
+TORCH_LIBRARY_IMPL(h3fusion, CPU, m) {
+  m.impl("moe_ffn_forward", &h3fusion::cpu::moe_ffn_forward);
+  m.impl("moe_ffn_backward", &h3fusion::cpu::moe_ffn_backward);
+}
