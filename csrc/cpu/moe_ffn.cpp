@@ -17,6 +17,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace h3fusion::cpu {
@@ -102,22 +103,88 @@ bool use_expert_threads(const int64_t* off, int64_t E) {
 // out = a @ b, written into a view (a row slice of a buffer, or one expert's slice of a gradient).
 void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
 
+// ---- skinny GEMM for experts with a handful of rows (decode) -------------------------------------------------
+// out[r, j] = sum_i a[r, i] * w[j, i]: each weight row is streamed from memory once and dotted with every input row
+// while it sits in L1. BLAS packs the whole weight matrix first, which for 1-8 rows costs several times the stream.
+// Partial sums run in kLanes independent lanes (vectorisable; the same summation order every run). The function
+// is compiled for three ISA levels and the loader picks the best the CPU has.
+constexpr int64_t kSkinnyMaxRows = 8;
+
+template <int NB>
+__attribute__((always_inline)) inline void skinny_rows(const float* __restrict__ a, int64_t lda,
+                                                       const float* __restrict__ wj, int64_t K, float* out,
+                                                       int64_t ldo) {
+  constexpr int kLanes = 16;
+  float acc[NB][kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= K; i += kLanes)
+    for (int r = 0; r < NB; ++r)
+      for (int l = 0; l < kLanes; ++l) acc[r][l] += wj[i + l] * a[r * lda + i + l];
+  for (int r = 0; r < NB; ++r) {
+    float sum = 0.f;
+    for (int l = 0; l < kLanes; ++l) sum += acc[r][l];
+    for (int64_t t = i; t < K; ++t) sum += wj[t] * a[r * lda + t];
+    out[r * ldo] = sum;
+  }
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void skinny_gemm_nt(
+    const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K, float* out, int64_t ldo) {
+  for (int64_t j = 0; j < M; ++j) {
+    const float* wj = w + j * K;
+    int64_t r = 0;
+    for (; r + 4 <= n; r += 4) skinny_rows<4>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo);
+    switch (n - r) {
+      case 3: skinny_rows<3>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo); break;
+      case 2: skinny_rows<2>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo); break;
+      case 1: skinny_rows<1>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo); break;
+      default: break;
+    }
+  }
+}
+
+// out[n, M] = a[n, K] @ w[M, K]^T for contiguous row blocks: the skinny kernel for few fp32 rows, BLAS otherwise.
+void linear_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w) {
+  const int64_t n = a.size(0);
+  if (a.scalar_type() == at::kFloat && n <= kSkinnyMaxRows && a.is_contiguous() && w.is_contiguous() &&
+      out.is_contiguous()) {
+    skinny_gemm_nt(a.const_data_ptr<float>(), a.size(1), n, w.const_data_ptr<float>(), w.size(0), w.size(1),
+                   out.mutable_data_ptr<float>(), out.size(1));
+    return;
+  }
+  mm_into(out, a, w.t());
+}
+
 template <typename acc_t>
 inline acc_t sigmoid(acc_t g) {
   return acc_t(1) / (acc_t(1) + std::exp(-g));
 }
 
-// act[r, f] = silu(h[r, f]) * h[r, F + f] for rows [r0, r0 + n) of the expert-sorted buffers.
+// fp32/fp64 take the sigmoid from ATen's runtime-dispatched vectorised kernel (this file is compiled for the
+// baseline ISA, where a scalar exp() per element would cost as much as a small GEMM); bf16/fp16 compute it inline in
+// fp32 so the activation is rounded once.
+template <typename scalar_t>
+constexpr bool kAtenSigmoid = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+
+// sig[r, f] = sigmoid(h[r, f]) for rows [r0, r0 + n): the gate half of the pre-activation.
+void sigmoid_of_gate(const at::Tensor& h, const at::Tensor& sig, int64_t r0, int64_t n, int64_t F) {
+  at::Tensor out = sig.narrow(0, r0, n);
+  at::sigmoid_out(out, h.narrow(0, r0, n).narrow(1, 0, F));
+}
+
+// act[r, f] = silu(h[r, f]) * h[r, F + f] for rows [r0, r0 + n) of the expert-sorted buffers; for kAtenSigmoid
+// types `act` already holds sigmoid(h[r, f]).
 template <typename scalar_t>
 void silu_mul_rows(const scalar_t* h, scalar_t* act, int64_t r0, int64_t n, int64_t F) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(r0, r0 + n, std::max<int64_t>(1, 8192 / std::max<int64_t>(F, 1)), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      const scalar_t* hr = h + r * 2 * F;
-      scalar_t* ar = act + r * F;
+      const scalar_t* __restrict__ hr = h + r * 2 * F;
+      scalar_t* __restrict__ ar = act + r * F;
       for (int64_t f = 0; f < F; ++f) {
         const acc_t g = static_cast<acc_t>(hr[f]);
-        ar[f] = static_cast<scalar_t>(g * sigmoid(g) * static_cast<acc_t>(hr[F + f]));
+        const acc_t sg = kAtenSigmoid<scalar_t> ? static_cast<acc_t>(ar[f]) : sigmoid(g);
+        ar[f] = static_cast<scalar_t>(g * sg * static_cast<acc_t>(hr[F + f]));
       }
     }
   });
@@ -149,9 +216,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
     scalar_t* a = act.mutable_data_ptr<scalar_t>();
     for_each_expert(off, d.E, use_expert_threads(off, d.E), [&](int64_t e, int64_t r0, int64_t n) {
       if (n == 0) return;
-      mm_into(gate_up_out.narrow(0, r0, n), xs.narrow(0, r0, n), w_gu[e].t());
+      linear_into(gate_up_out.narrow(0, r0, n), xs.narrow(0, r0, n), w_gu[e]);
+      if constexpr (kAtenSigmoid<scalar_t>) sigmoid_of_gate(gate_up_out, act, r0, n, F);
       silu_mul_rows(h, a, r0, n, F);
-      mm_into(down_out.narrow(0, r0, n), act.narrow(0, r0, n), w_down[e].t());
+      linear_into(down_out.narrow(0, r0, n), act.narrow(0, r0, n), w_down[e]);
     });
   });
   at::Tensor y = combine_rows(down_out, weights_in, pair_rows, d.k);
@@ -161,29 +229,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
 // For rows [r0, r0 + n) of one expert, with h = [g | u] the saved pre-activation, U = grad_y rows @ W_down[e]:
 //   a = silu(g) u;  grad_w[r] = U[r] . a[r];  dA = w_r U;  du = dA silu(g);  dg = dA u silu'(g),
 //   silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g).
-// Also writes A (the activation, for grad_down) and scales the grad_y rows by w_r in place (for grad_down).
+// Also writes A (the activation, for grad_down) and scales the grad_y rows by w_r in place (for grad_down). For
+// kAtenSigmoid types A holds sigmoid(g) on entry. The loops are split so that the elementwise one vectorises and the
+// dot product keeps a fixed summation order.
 template <typename scalar_t, typename acc_t>
 void ffn_backward_rows(const scalar_t* h, const scalar_t* U, const acc_t* w_rows, scalar_t* A, scalar_t* dH,
                        scalar_t* gy, acc_t* grad_w_rows, int64_t r0, int64_t n, int64_t F, int64_t H) {
   at::parallel_for(r0, r0 + n, std::max<int64_t>(1, 4096 / std::max<int64_t>(F, 1)), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      const scalar_t* hr = h + r * 2 * F;
-      const scalar_t* ur = U + r * F;
-      scalar_t* ar = A + r * F;
-      scalar_t* dr = dH + r * 2 * F;
+      const scalar_t* __restrict__ hr = h + r * 2 * F;
+      const scalar_t* __restrict__ ur = U + r * F;
+      scalar_t* __restrict__ ar = A + r * F;
+      scalar_t* __restrict__ dr = dH + r * 2 * F;
       const acc_t w = w_rows[r];
-      acc_t gw = 0;
       for (int64_t f = 0; f < F; ++f) {
         const acc_t g = static_cast<acc_t>(hr[f]), u = static_cast<acc_t>(hr[F + f]);
-        const acc_t s = sigmoid(g), silu = g * s, a = silu * u, Uf = static_cast<acc_t>(ur[f]);
-        ar[f] = static_cast<scalar_t>(a);
-        gw += Uf * a;
-        const acc_t dA = w * Uf;
+        const acc_t s = kAtenSigmoid<scalar_t> ? static_cast<acc_t>(ar[f]) : sigmoid(g);
+        const acc_t silu = g * s, dA = w * static_cast<acc_t>(ur[f]);
+        ar[f] = static_cast<scalar_t>(silu * u);
         dr[f] = static_cast<scalar_t>(dA * u * s * (acc_t(1) + g * (acc_t(1) - s)));
         dr[F + f] = static_cast<scalar_t>(dA * silu);
       }
+      constexpr int kLanes = 8;  // independent partial sums: vectorisable, and the same order every run
+      acc_t part[kLanes] = {};
+      int64_t f = 0;
+      for (; f + kLanes <= F; f += kLanes)
+        for (int l = 0; l < kLanes; ++l)
+          part[l] += static_cast<acc_t>(ur[f + l]) * static_cast<acc_t>(ar[f + l]);
+      acc_t gw = 0;
+      for (int l = 0; l < kLanes; ++l) gw += part[l];
+      for (; f < F; ++f) gw += static_cast<acc_t>(ur[f]) * static_cast<acc_t>(ar[f]);
       grad_w_rows[r] = gw;
-      scalar_t* gr = gy + r * H;
+      scalar_t* __restrict__ gr = gy + r * H;
       for (int64_t i = 0; i < H; ++i) gr[i] = static_cast<scalar_t>(w * static_cast<acc_t>(gr[i]));
     }
   });
@@ -245,6 +322,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward(
         return;
       }
       mm_into(U.narrow(0, r0, n), gy.narrow(0, r0, n), w_down[e]);
+      if constexpr (kAtenSigmoid<scalar_t>) sigmoid_of_gate(h, A, r0, n, F);
       ffn_backward_rows<scalar_t, acc_t>(hp, U.const_data_ptr<scalar_t>(), wr, A.mutable_data_ptr<scalar_t>(),
                                          dH.mutable_data_ptr<scalar_t>(), gy.mutable_data_ptr<scalar_t>(),
                                          grad_w_rows.mutable_data_ptr<acc_t>(), r0, n, F, H);

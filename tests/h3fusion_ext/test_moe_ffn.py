@@ -49,7 +49,9 @@ def check_against_reference(inputs, atol, rtol):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("T,H,F,E,k", [(40, 16, 24, 4, 2), (64, 32, 16, 16, 4), (300, 8, 8, 2, 1)])
+@pytest.mark.parametrize(
+    "T,H,F,E,k", [(40, 16, 24, 4, 2), (64, 32, 16, 16, 4), (300, 8, 8, 2, 1), (4, 16, 24, 16, 4), (3, 37, 19, 8, 2)]
+)
 def test_fp32_matches_reference(device, T, H, F, E, k):
     check_against_reference(make_inputs(T, H, F, E, k, torch.float32, device), atol=2e-5, rtol=2e-4)
 
