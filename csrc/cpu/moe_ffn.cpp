@@ -16,7 +16,10 @@
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 
+#include <sys/mman.h>
+
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -93,11 +96,33 @@ void for_each_expert(const int64_t* off, int64_t E, bool parallel, const Fn& fn)
   });
 }
 
+int64_t max_rows(const int64_t* off, int64_t E) {
+  int64_t m = 0;
+  for (int64_t e = 0; e < E; ++e) m = std::max(m, off[e + 1] - off[e]);
+  return m;
+}
+
 bool use_expert_threads(const int64_t* off, int64_t E) {
   int64_t active = 0;
   for (int64_t e = 0; e < E; ++e) active += off[e + 1] > off[e];
   const int64_t rows = off[E];
   return active > 1 && rows < kRowsPerExpertForBlasThreads * active;
+}
+
+// A fresh CPU buffer for a large output or scratch tensor. Buffers this big come straight from mmap, so every call
+// would otherwise take one page fault per 4 KiB on first touch (tens of ms for the [T*k, 2F] pre-activation); asking
+// for transparent huge pages (in "madvise" mode on most distributions) cuts that 512-fold. Advisory only: the kernel
+// may ignore it, and the contents are written before they are read either way.
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+  if (t.device().is_cpu() && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return t;
 }
 
 // out = a @ b, written into a view (a row slice of a buffer, or one expert's slice of a gradient).
@@ -166,18 +191,15 @@ inline acc_t sigmoid(acc_t g) {
 template <typename scalar_t>
 constexpr bool kAtenSigmoid = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
-// sig[r, f] = sigmoid(h[r, f]) for rows [r0, r0 + n): the gate half of the pre-activation.
-void sigmoid_of_gate(const at::Tensor& h, const at::Tensor& sig, int64_t r0, int64_t n, int64_t F) {
-  at::Tensor out = sig.narrow(0, r0, n);
-  at::sigmoid_out(out, h.narrow(0, r0, n).narrow(1, 0, F));
-}
+// sig[r, f] = sigmoid(h[r, f]) over the gate half of a block of pre-activation rows h[n, 2F].
+void sigmoid_of_gate(const at::Tensor& h, at::Tensor sig) { at::sigmoid_out(sig, h.narrow(1, 0, h.size(1) / 2)); }
 
-// act[r, f] = silu(h[r, f]) * h[r, F + f] for rows [r0, r0 + n) of the expert-sorted buffers; for kAtenSigmoid
-// types `act` already holds sigmoid(h[r, f]).
+// act[r, f] = silu(h[r, f]) * h[r, F + f] for a block of n rows; for kAtenSigmoid types `act` already holds
+// sigmoid(h[r, f]).
 template <typename scalar_t>
-void silu_mul_rows(const scalar_t* h, scalar_t* act, int64_t r0, int64_t n, int64_t F) {
+void silu_mul_rows(const scalar_t* h, scalar_t* act, int64_t n, int64_t F) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(r0, r0 + n, std::max<int64_t>(1, 8192 / std::max<int64_t>(F, 1)), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, n, std::max<int64_t>(1, 8192 / std::max<int64_t>(F, 1)), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const scalar_t* __restrict__ hr = h + r * 2 * F;
       scalar_t* __restrict__ ar = act + r * F;
@@ -207,26 +229,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
   const at::Tensor x = x_in.contiguous(), w_gu = gate_up_in.contiguous(), w_down = down_in.contiguous();
   const int64_t R = d.T * d.k, F = d.F;
   const at::Tensor xs = gather_rows(x, sorted_pairs, d.k);
-  at::Tensor gate_up_out = at::empty({R, 2 * F}, x.options());
-  at::Tensor act = at::empty({R, F}, x.options());
-  at::Tensor down_out = at::empty({R, d.H}, x.options());
+  at::Tensor gate_up_out = empty_large({R, 2 * F}, x.options());
+  at::Tensor down_out = empty_large({R, d.H}, x.options());
   const int64_t* off = offsets.const_data_ptr<int64_t>();
+  const bool expert_threads = use_expert_threads(off, d.E);
+  // The activation is per-expert scratch: one expert-sized block reused in serial mode (large fresh buffers cost
+  // page faults on every call), the full row range when experts run on different threads.
+  at::Tensor act = empty_large({expert_threads ? R : max_rows(off, d.E), F}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "h3fusion_moe_ffn_fwd_cpu", [&] {
-    scalar_t* h = gate_up_out.mutable_data_ptr<scalar_t>();
-    scalar_t* a = act.mutable_data_ptr<scalar_t>();
-    for_each_expert(off, d.E, use_expert_threads(off, d.E), [&](int64_t e, int64_t r0, int64_t n) {
+    for_each_expert(off, d.E, expert_threads, [&](int64_t e, int64_t r0, int64_t n) {
       if (n == 0) return;
-      linear_into(gate_up_out.narrow(0, r0, n), xs.narrow(0, r0, n), w_gu[e]);
-      if constexpr (kAtenSigmoid<scalar_t>) sigmoid_of_gate(gate_up_out, act, r0, n, F);
-      silu_mul_rows(h, a, r0, n, F);
-      linear_into(down_out.narrow(0, r0, n), act.narrow(0, r0, n), w_down[e]);
+      at::Tensor h_e = gate_up_out.narrow(0, r0, n), act_e = act.narrow(0, expert_threads ? r0 : 0, n);
+      linear_into(h_e, xs.narrow(0, r0, n), w_gu[e]);
+      if constexpr (kAtenSigmoid<scalar_t>) sigmoid_of_gate(h_e, act_e);
+      silu_mul_rows(h_e.const_data_ptr<scalar_t>(), act_e.mutable_data_ptr<scalar_t>(), n, F);
+      linear_into(down_out.narrow(0, r0, n), act_e, w_down[e]);
     });
   });
   at::Tensor y = combine_rows(down_out, weights_in, pair_rows, d.k);
   return {y, sorted_pairs, pair_rows, offsets, gate_up_out};
 }
 
-// For rows [r0, r0 + n) of one expert, with h = [g | u] the saved pre-activation, U = grad_y rows @ W_down[e]:
+// For the n rows of one expert (pointers at the expert's first row), with h = [g | u] the saved pre-activation, U = grad_y rows @ W_down[e]:
 //   a = silu(g) u;  grad_w[r] = U[r] . a[r];  dA = w_r U;  du = dA silu(g);  dg = dA u silu'(g),
 //   silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g).
 // Also writes A (the activation, for grad_down) and scales the grad_y rows by w_r in place (for grad_down). For
@@ -234,8 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
 // dot product keeps a fixed summation order.
 template <typename scalar_t, typename acc_t>
 void ffn_backward_rows(const scalar_t* h, const scalar_t* U, const acc_t* w_rows, scalar_t* A, scalar_t* dH,
-                       scalar_t* gy, acc_t* grad_w_rows, int64_t r0, int64_t n, int64_t F, int64_t H) {
-  at::parallel_for(r0, r0 + n, std::max<int64_t>(1, 4096 / std::max<int64_t>(F, 1)), [&](int64_t b, int64_t e) {
+                       scalar_t* gy, acc_t* grad_w_rows, int64_t n, int64_t F, int64_t H) {
+  at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(F, 1)), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const scalar_t* __restrict__ hr = h + r * 2 * F;
       const scalar_t* __restrict__ ur = U + r * F;
@@ -304,31 +328,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward(
   const at::Tensor xs = gather_rows(x, sorted_pairs, d.k);
   const at::Tensor w_rows =
       weights_in.to(acc_dtype).reshape({R}).index_select(0, sorted_pairs.to(at::kLong)).contiguous();
-  at::Tensor U = at::empty({R, F}, x.options());
-  at::Tensor A = at::empty({R, F}, x.options());
-  at::Tensor dH = at::empty({R, 2 * F}, x.options());
-  at::Tensor gx_rows = at::empty({R, H}, x.options());
+  const bool expert_threads = use_expert_threads(off, E);
+  const int64_t ws_rows = expert_threads ? R : max_rows(off, E);  // per-expert scratch, as in the forward
+  at::Tensor U = empty_large({ws_rows, F}, x.options());
+  at::Tensor A = empty_large({ws_rows, F}, x.options());
+  at::Tensor dH = empty_large({ws_rows, 2 * F}, x.options());
+  at::Tensor gx_rows = empty_large({R, H}, x.options());
   at::Tensor grad_w_rows = at::empty({R}, x.options().dtype(acc_dtype));
-  at::Tensor grad_gu = at::empty({E, 2 * F, H}, x.options());
-  at::Tensor grad_down = at::empty({E, H, F}, x.options());
+  at::Tensor grad_gu = empty_large({E, 2 * F, H}, x.options());
+  at::Tensor grad_down = empty_large({E, H, F}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "h3fusion_moe_ffn_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     const acc_t* wr = w_rows.const_data_ptr<acc_t>();
-    for_each_expert(off, E, use_expert_threads(off, E), [&](int64_t e, int64_t r0, int64_t n) {
+    for_each_expert(off, E, expert_threads, [&](int64_t e, int64_t r0, int64_t n) {
       if (n == 0) {  // no rows: the expert's weights get zero gradient
         grad_gu[e].zero_();
         grad_down[e].zero_();
         return;
       }
-      mm_into(U.narrow(0, r0, n), gy.narrow(0, r0, n), w_down[e]);
-      if constexpr (kAtenSigmoid<scalar_t>) sigmoid_of_gate(h, A, r0, n, F);
-      ffn_backward_rows<scalar_t, acc_t>(hp, U.const_data_ptr<scalar_t>(), wr, A.mutable_data_ptr<scalar_t>(),
-                                         dH.mutable_data_ptr<scalar_t>(), gy.mutable_data_ptr<scalar_t>(),
-                                         grad_w_rows.mutable_data_ptr<acc_t>(), r0, n, F, H);
-      mm_into(grad_down[e], gy.narrow(0, r0, n).t(), A.narrow(0, r0, n));
-      mm_into(grad_gu[e], dH.narrow(0, r0, n).t(), xs.narrow(0, r0, n));
-      mm_into(gx_rows.narrow(0, r0, n), dH.narrow(0, r0, n), w_gu[e]);
+      const int64_t w0 = expert_threads ? r0 : 0;
+      at::Tensor U_e = U.narrow(0, w0, n), A_e = A.narrow(0, w0, n), dH_e = dH.narrow(0, w0, n);
+      mm_into(U_e, gy.narrow(0, r0, n), w_down[e]);
+      if constexpr (kAtenSigmoid<scalar_t>) sigmoid_of_gate(h.narrow(0, r0, n), A_e);
+      ffn_backward_rows<scalar_t, acc_t>(hp + r0 * 2 * F, U_e.const_data_ptr<scalar_t>(), wr + r0,
+                                         A_e.mutable_data_ptr<scalar_t>(), dH_e.mutable_data_ptr<scalar_t>(),
+                                         gy.mutable_data_ptr<scalar_t>() + r0 * H,
+                                         grad_w_rows.mutable_data_ptr<acc_t>() + r0, n, F, H);
+      mm_into(grad_down[e], gy.narrow(0, r0, n).t(), A_e);
+      mm_into(grad_gu[e], dH_e.t(), xs.narrow(0, r0, n));
+      mm_into(gx_rows.narrow(0, r0, n), dH_e, w_gu[e]);
     });
   });
   at::Tensor grad_x = combine_rows(gx_rows, at::Tensor(), pair_rows_in, d.k);
