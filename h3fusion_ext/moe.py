@@ -195,7 +195,8 @@ def _moe_combine_backward(ctx, grad_y):
     grad_rows = grad_weights = None
     if ctx.needs_input_grad[0]:
         per_pair = (grad_y.to(acc).unsqueeze(1) * weights.to(acc).unsqueeze(-1)).reshape(T * k, -1).to(rows.dtype)
-        grad_rows = torch.empty_like(rows).index_copy_(0, idx, per_pair)  # a permutation: deterministic
+        # Row r holds pair sorted_pairs[r], the inverse of pair_rows: a gather, deterministic on every device.
+        grad_rows = per_pair.index_select(0, _inverse_permutation(pair_rows).long())
     if ctx.needs_input_grad[1]:
         per_pair = rows.index_select(0, idx).reshape(T, k, -1).to(acc)
         grad_weights = (per_pair * grad_y.to(acc).unsqueeze(1)).sum(-1).to(weights.dtype)

@@ -135,6 +135,12 @@ void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_
 // is compiled for three ISA levels and the loader picks the best the CPU has.
 constexpr int64_t kSkinnyMaxRows = 8;
 
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define H3F_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define H3F_ISA_CLONES
+#endif
+
 template <int NB>
 __attribute__((always_inline)) inline void skinny_rows(const float* __restrict__ a, int64_t lda,
                                                        const float* __restrict__ wj, int64_t K, float* out,
@@ -153,7 +159,7 @@ __attribute__((always_inline)) inline void skinny_rows(const float* __restrict__
   }
 }
 
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void skinny_gemm_nt(
+H3F_ISA_CLONES void skinny_gemm_nt(
     const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K, float* out, int64_t ldo) {
   for (int64_t j = 0; j < M; ++j) {
     const float* wj = w + j * K;
