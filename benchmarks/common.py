@@ -45,6 +45,47 @@ def time_fn(
     return {"median_ms": statistics.median(times), "q20_ms": qs[0], "q80_ms": qs[3], "repeats": len(times)}
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: str, *, warmup: int = 2, repeats: int = 10, budget_s: float = 5.0
+) -> dict[str, dict[str, float] | Exception]:
+    """`time_fn` for several implementations at once, alternating them call by call.
+
+    On a shared machine the load drifts over seconds; alternating makes every implementation see the same drift,
+    so their ratio (the speedup) stays meaningful even when absolute times do not. An implementation that raises is
+    dropped and its exception returned in its place.
+    """
+    live: dict[str, Callable[[], object]] = {}
+    result: dict[str, dict[str, float] | Exception] = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            synchronize(device)
+            live[name] = fn
+        except Exception as exc:  # noqa: BLE001 - reported per implementation
+            result[name] = exc
+    times: dict[str, list[float]] = {name: [] for name in live}
+    start_all = time.perf_counter()
+    rep = 0
+    while live and rep < repeats and (rep < 3 or time.perf_counter() - start_all < budget_s):
+        for name, fn in list(live.items()):
+            synchronize(device)
+            t0 = time.perf_counter()
+            try:
+                fn()
+                synchronize(device)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory at one size: drop this implementation
+                result[name] = exc
+                del live[name], times[name]
+                continue
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        rep += 1
+    for name, ts in times.items():
+        qs = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
+        result[name] = {"median_ms": statistics.median(ts), "q20_ms": qs[0], "q80_ms": qs[3], "repeats": len(ts)}
+    return result
+
+
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
     """Peak memory held during one call of `fn()` beyond what was allocated before it, in MiB (see module doc)."""
     if device.startswith("cuda"):

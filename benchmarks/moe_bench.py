@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import h3fusion_ext
 from h3fusion_ext import reference
 
-from .common import moe_flops, peak_memory_mb, time_fn
+from .common import moe_flops, peak_memory_mb, time_interleaved
 
 # CPU: the project's performance targets (fp32), each named by its shape.
 CPU_CASES = [(2048, 512, 1408, 8, 2), (256, 512, 256, 64, 8), (16, 512, 256, 64, 8)]
@@ -111,8 +111,14 @@ def collect(device: str, quick: bool) -> list[dict]:
             p = make_params(T, H, F_, E, k, dtype, device)
             for key in ("x", "router", "gate_up", "down"):
                 p[key].requires_grad_(mode != "fwd")
+            # Keeps the whole GPU run (3 models x 4 token counts x 2 modes x 3 impls) under ~3 minutes.
+            budget = 1.0 if on_gpu else (4.0 if quick else 10.0)
+            steps = {impl: _step(layer, p, mode) for impl, layer in impls.items()}
+            timings = time_interleaved(
+                steps, device, warmup=1 if quick else 2, repeats=5 if quick else 11, budget_s=budget
+            )
             case_rows = []
-            for impl, layer in impls.items():
+            for impl, step in steps.items():
                 row = {
                     "bench": "moe",
                     "case": case,
@@ -125,13 +131,10 @@ def collect(device: str, quick: bool) -> list[dict]:
                     "E": E,
                     "k": k,
                 }
+                timing = timings[impl]
                 try:
-                    step = _step(layer, p, mode)
-                    # Keeps the whole GPU run (3 models x 4 token counts x 2 modes x 3 impls) under ~3 minutes.
-                    budget = 1.0 if on_gpu else (4.0 if quick else 10.0)
-                    timing = time_fn(
-                        step, device, warmup=1 if quick else 2, repeats=5 if quick else 11, budget_s=budget
-                    )
+                    if isinstance(timing, Exception):
+                        raise timing
                     row.update(timing)
                     row["tflops"] = moe_flops(T, H, F_, E, k, mode != "fwd") / (timing["median_ms"] * 1e-3) / 1e12
                     row["peak_mem_mb"] = peak_memory_mb(step, device)

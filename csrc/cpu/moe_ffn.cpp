@@ -19,6 +19,7 @@
 #include <sys/mman.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -120,7 +121,8 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
   const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t end = begin + t.nbytes();
   const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
-  if (t.device().is_cpu() && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  static const bool enabled = std::getenv("H3FUSION_NO_HUGEPAGES") == nullptr;  // escape hatch, read once
+  if (enabled && t.device().is_cpu() && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
   return t;
 }
