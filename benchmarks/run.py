@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument("--only", default=",".join(BENCH_MODULES), help="comma-separated benches (default: all)")
     parser.add_argument("--out", default="bench_results.json", help="JSON output path (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
 
 def _add_ceiling_pct(rows: list[dict], ceiling: dict[str, float]) -> None:
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"error: unknown bench {unknown}; choose from {sorted(BENCH_MODULES)}", file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ceiling = measure_ceiling(args.device)
     report = {
         "device": device_name(args.device),

@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument("--only", default=None, help="comma-separated benches: moe,logprob,hf_moe (default: all)")
     parser.add_argument("--out", default="bench_results.json", help="JSON output path (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,4 +41,5 @@ def run(args: argparse.Namespace) -> int:
     argv = ["--out", args.out] + (["--quick"] if args.quick else [])
     argv += ["--device", args.device] if args.device else []
     argv += ["--only", args.only] if args.only else []
+    argv += ["--threads", str(args.threads)] if args.threads else []
     return bench_run.main(argv)
