@@ -153,9 +153,12 @@ __attribute__((always_inline)) inline void skinny_rows(const float* __restrict__
   for (; i + kLanes <= K; i += kLanes)
     for (int r = 0; r < NB; ++r)
       for (int l = 0; l < kLanes; ++l) acc[r][l] += wj[i + l] * a[r * lda + i + l];
+  // A fixed pairwise tree over the lanes (vectorisable halving steps), then the scalar tail.
+  for (int half = kLanes / 2; half >= 1; half /= 2)
+    for (int r = 0; r < NB; ++r)
+      for (int l = 0; l < half; ++l) acc[r][l] += acc[r][l + half];
   for (int r = 0; r < NB; ++r) {
-    float sum = 0.f;
-    for (int l = 0; l < kLanes; ++l) sum += acc[r][l];
+    float sum = acc[r][0];
     for (int64_t t = i; t < K; ++t) sum += wj[t] * a[r * lda + t];
     out[r * ldo] = sum;
   }
