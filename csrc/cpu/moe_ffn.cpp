@@ -16,7 +16,9 @@
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 
+#if defined(__linux__)
 #include <sys/mman.h>
+#endif
 
 #include <cmath>
 #include <cstdlib>
@@ -122,7 +124,8 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
   const uintptr_t end = begin + t.nbytes();
   const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
   static const bool enabled = std::getenv("H3FUSION_NO_HUGEPAGES") == nullptr;  // escape hatch, read once
-  if (enabled && t.device().is_cpu() && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  if (enabled && t.device().is_cpu() && last > first)
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
   return t;
 }
@@ -266,7 +269,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
   return {y, sorted_pairs, pair_rows, offsets, gate_up_out};
 }
 
-// For the n rows of one expert (pointers at the expert's first row), with h = [g | u] the saved pre-activation, U = grad_y rows @ W_down[e]:
+// For the n rows of one expert (pointers at the expert's first row), with h = [g | u] the saved pre-activation and
+// U = grad_y rows @ W_down[e]:
 //   a = silu(g) u;  grad_w[r] = U[r] . a[r];  dA = w_r U;  du = dA silu(g);  dg = dA u silu'(g),
 //   silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g).
 // Also writes A (the activation, for grad_down) and scales the grad_y rows by w_r in place (for grad_down). For
