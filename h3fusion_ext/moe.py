@@ -1,5 +1,206 @@
-"""MoE op wrappers. INTERIM: delegates to the reference until the kernels land (owner: moe-cpu helper)."""
+"""MoE ops: route plan, gather, combine and the fused expert FFN, with fake (meta) kernels and autograd.
 
-from .reference.moe import moe_combine, moe_ffn, moe_gather, moe_route_plan
+The kernels are `torch.ops.h3fusion.*` (csrc/cpu/moe_*.cpp, csrc/cuda/). Conventions: a "pair" p = t*k + j is
+slot j of token t; a "row" r is a position in the expert-sorted order given by `moe_route_plan`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._library import ops
 
 __all__ = ["moe_combine", "moe_ffn", "moe_gather", "moe_route_plan"]
+
+
+def moe_route_plan(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the (token, slot) pairs by expert, stably (pairs of one expert stay in ascending order).
+
+    Args:
+        experts: [T, k] int32 expert ids in [0, num_experts).
+        num_experts: E >= 1.
+
+    Returns:
+        sorted_pairs: [T*k] int32, row r -> pair p.
+        pair_rows: [T*k] int32, the inverse permutation: pair p -> row r.
+        expert_offsets: [E+1] int64, the rows of expert e are [offsets[e], offsets[e+1]).
+
+    Raises:
+        RuntimeError: `experts` not 2-D int32, or an id outside [0, num_experts).
+    """
+    return ops.moe_route_plan(experts, int(num_experts))
+
+
+def moe_gather(x: torch.Tensor, sorted_pairs: torch.Tensor, k: int) -> torch.Tensor:
+    """Copy token rows into expert-sorted order: x_sorted[r] = x[sorted_pairs[r] // k].
+
+    Differentiable with respect to `x` (the backward sums each token's k rows, in slot order).
+
+    Args:
+        x: [T, H] float.
+        sorted_pairs: [T*k] int32 from `moe_route_plan`.
+        k: experts per token.
+
+    Returns:
+        x_sorted: [T*k, H], x.dtype.
+    """
+    return ops.moe_gather(x, sorted_pairs, int(k))
+
+
+def moe_combine(rows: torch.Tensor, weights: torch.Tensor, pair_rows: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of each token's k expert-sorted rows: y[t] = sum_j w[t,j] rows[pair_rows[t*k+j]].
+
+    Summed in slot order with fp32 accumulation (fp64 for fp64), no atomics. Differentiable with respect to `rows`
+    and `weights`.
+
+    Args:
+        rows: [T*k, H] float, expert-sorted.
+        weights: [T, k] float32 or rows.dtype.
+        pair_rows: [T*k] int32 from `moe_route_plan`.
+
+    Returns:
+        y: [T, H], rows.dtype.
+    """
+    return ops.moe_combine(rows, weights, pair_rows)
+
+
+def moe_ffn(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    experts: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:
+    """The routed expert FFN: y_t = sum_j w_tj W_down[e_tj] (silu(W_gate[e_tj] x_t) * W_up[e_tj] x_t).
+
+    Weight layout of transformers' `MixtralExperts`. Differentiable with respect to x, weights, gate_up_proj and
+    down_proj; deterministic (bitwise the same run to run).
+
+    Args:
+        x: [T, H] float32/bfloat16/float16/float64.
+        weights: [T, k] routing weights, float32 or x.dtype.
+        experts: [T, k] int32 expert ids in [0, E).
+        gate_up_proj: [E, 2F, H], x.dtype; rows 0..F-1 are the gate projection, F..2F-1 the up projection.
+        down_proj: [E, H, F], x.dtype.
+
+    Returns:
+        y: [T, H], x.dtype.
+
+    Raises:
+        RuntimeError: a wrong rank/shape/dtype/device (the message names the argument), or an expert id outside [0, E).
+    """
+    return ops.moe_ffn_forward(x, weights, experts, gate_up_proj, down_proj)[0]
+
+
+# ---- fake (meta) kernels: every shape here is static ----------------------------------------------------------
+
+
+@torch.library.register_fake("h3fusion::moe_route_plan")
+def _moe_route_plan_fake(experts, num_experts):
+    P = experts.numel()
+    return (
+        experts.new_empty((P,), dtype=torch.int32),
+        experts.new_empty((P,), dtype=torch.int32),
+        experts.new_empty((num_experts + 1,), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("h3fusion::moe_gather")
+def _moe_gather_fake(x, sorted_pairs, k):
+    return x.new_empty((sorted_pairs.shape[0], x.shape[1]))
+
+
+@torch.library.register_fake("h3fusion::moe_combine")
+def _moe_combine_fake(rows, weights, pair_rows):
+    return rows.new_empty((weights.shape[0], rows.shape[1]))
+
+
+@torch.library.register_fake("h3fusion::moe_ffn_forward")
+def _moe_ffn_forward_fake(x, weights, experts, gate_up_proj, down_proj):
+    P = experts.shape[0] * experts.shape[1]
+    return (
+        torch.empty_like(x),
+        experts.new_empty((P,), dtype=torch.int32),
+        experts.new_empty((P,), dtype=torch.int32),
+        experts.new_empty((gate_up_proj.shape[0] + 1,), dtype=torch.int64),
+        x.new_empty((P, gate_up_proj.shape[1])),
+    )
+
+
+@torch.library.register_fake("h3fusion::moe_ffn_backward")
+def _moe_ffn_backward_fake(grad_y, x, weights, gate_up_proj, down_proj, sorted_pairs, pair_rows, offsets, gate_up_out):
+    return torch.empty_like(x), torch.empty_like(weights), torch.empty_like(gate_up_proj), torch.empty_like(down_proj)
+
+
+# ---- autograd -------------------------------------------------------------------------------------------------
+
+
+def _moe_ffn_setup(ctx, inputs, output):
+    x, weights, _experts, gate_up_proj, down_proj = inputs
+    _y, sorted_pairs, pair_rows, offsets, gate_up_out = output
+    ctx.mark_non_differentiable(sorted_pairs, pair_rows, offsets, gate_up_out)  # plan + saved activation only
+    ctx.save_for_backward(x, weights, gate_up_proj, down_proj, sorted_pairs, pair_rows, offsets, gate_up_out)
+
+
+def _moe_ffn_backward(ctx, grad_y, *_unused):
+    if grad_y is None:
+        return None, None, None, None, None
+    grad_x, grad_w, grad_gu, grad_down = ops.moe_ffn_backward(grad_y, *ctx.saved_tensors)
+    need = ctx.needs_input_grad
+    return (
+        grad_x if need[0] else None,
+        grad_w if need[1] else None,
+        None,
+        grad_gu if need[3] else None,
+        grad_down if need[4] else None,
+    )
+
+
+torch.library.register_autograd("h3fusion::moe_ffn_forward", _moe_ffn_backward, setup_context=_moe_ffn_setup)
+
+
+def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm.long()] = torch.arange(perm.numel(), dtype=perm.dtype, device=perm.device)
+    return inv
+
+
+def _moe_gather_setup(ctx, inputs, output):
+    x, sorted_pairs, k = inputs
+    ctx.save_for_backward(sorted_pairs)
+    ctx.k = k
+    ctx.num_tokens = x.shape[0]
+
+
+def _moe_gather_backward(ctx, grad_rows):
+    # The adjoint of a gather is a unit-weight combine: each token sums its own k rows (no atomics).
+    (sorted_pairs,) = ctx.saved_tensors
+    ones = grad_rows.new_ones((ctx.num_tokens, ctx.k))
+    return ops.moe_combine(grad_rows.contiguous(), ones, _inverse_permutation(sorted_pairs)), None, None
+
+
+torch.library.register_autograd("h3fusion::moe_gather", _moe_gather_backward, setup_context=_moe_gather_setup)
+
+
+def _moe_combine_setup(ctx, inputs, output):
+    rows, weights, pair_rows = inputs
+    ctx.save_for_backward(rows, weights, pair_rows)
+
+
+def _moe_combine_backward(ctx, grad_y):
+    rows, weights, pair_rows = ctx.saved_tensors
+    T, k = weights.shape
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    idx = pair_rows.long()
+    grad_rows = grad_weights = None
+    if ctx.needs_input_grad[0]:
+        per_pair = (grad_y.to(acc).unsqueeze(1) * weights.to(acc).unsqueeze(-1)).reshape(T * k, -1).to(rows.dtype)
+        # Row r holds pair sorted_pairs[r], the inverse of pair_rows: a gather, deterministic on every device.
+        grad_rows = per_pair.index_select(0, _inverse_permutation(pair_rows).long())
+    if ctx.needs_input_grad[1]:
+        per_pair = rows.index_select(0, idx).reshape(T, k, -1).to(acc)
+        grad_weights = (per_pair * grad_y.to(acc).unsqueeze(1)).sum(-1).to(weights.dtype)
+    return grad_rows, grad_weights, None
+
+
+torch.library.register_autograd("h3fusion::moe_combine", _moe_combine_backward, setup_context=_moe_combine_setup)

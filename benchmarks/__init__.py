@@ -1,0 +1,1 @@
+"""Benchmarks: pytest-benchmark microbenchmarks (`pytest benchmarks/`) and the table/JSON runner (`benchmarks.run`)."""

@@ -1,0 +1,113 @@
+"""Benchmark runner: `python -m benchmarks.run [--device cpu|cuda] [--quick] [--only moe,logprob] [--out f.json]`.
+
+Each bench module exposes `collect(device: str, quick: bool) -> list[dict]`; the runner prints one table per bench
+and writes every row to JSON with the device, torch version and date. On CUDA it first measures the device ceiling
+(a large bf16 matmul, a device-to-device copy) and adds `pct_of_ceiling` to rows that report TFLOP/s or GB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import sys
+
+import torch
+
+from .common import device_name, format_table, measure_ceiling
+
+BENCH_MODULES = {
+    "moe": "benchmarks.moe_bench",
+    "logprob": "benchmarks.logprob_bench",
+    "hf_moe": "benchmarks.hf_moe_bench",
+}
+COLUMNS = [
+    "case",
+    "impl",
+    "mode",
+    "median_ms",
+    "tflops",
+    "gbps",
+    "pct_of_ceiling",
+    "peak_mem_mb",
+    "speedup_vs_reference",
+    "error",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device, help="default: %(default)s")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    parser.add_argument("--only", default=",".join(BENCH_MODULES), help="comma-separated benches (default: all)")
+    parser.add_argument("--out", default="bench_results.json", help="JSON output path (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def _add_ceiling_pct(rows: list[dict], ceiling: dict[str, float]) -> None:
+    for r in rows:
+        if r.get("tflops") and ceiling.get("matmul_bf16_tflops"):
+            r["pct_of_ceiling"] = 100.0 * r["tflops"] / ceiling["matmul_bf16_tflops"]
+        elif r.get("gbps") and ceiling.get("copy_gbps"):
+            r["pct_of_ceiling"] = 100.0 * r["gbps"] / ceiling["copy_gbps"]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCH_MODULES]
+    if unknown:
+        print(f"error: unknown bench {unknown}; choose from {sorted(BENCH_MODULES)}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ceiling = measure_ceiling(args.device)
+    report = {
+        "device": device_name(args.device),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "threads": torch.get_num_threads(),
+        "ceiling": ceiling,
+        "results": {},
+    }
+    print(f"device: {report['device']}   torch {report['torch']}   {report['date']}")
+    if ceiling:
+        print("ceiling: " + ", ".join(f"{k} = {v:.1f}" for k, v in ceiling.items()))
+    for name in names:
+        try:
+            module = importlib.import_module(BENCH_MODULES[name])
+        except ModuleNotFoundError as exc:
+            if exc.name != BENCH_MODULES[name]:
+                raise
+            print(f"\n[{name}] skipped: {BENCH_MODULES[name]} is not present")
+            continue
+        rows = module.collect(args.device, args.quick)
+        _add_ceiling_pct(rows, ceiling)
+        report["results"][name] = rows
+        columns = [c for c in COLUMNS if any(c in r for r in rows)]
+        print(f"\n[{name}]\n" + format_table(rows, columns))
+    tmp = f"{args.out}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, args.out)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The benchmark runner and `h3fusion bench`: tables, JSON report, skipping absent modules, the CPU memory measure.
+
+No timing is asserted (speed is shown by the benchmarks themselves); a fake bench module keeps this fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import run as bench_run  # noqa: E402
+from benchmarks.common import format_table, peak_memory_mb, time_fn  # noqa: E402
+
+
+@pytest.fixture
+def fake_benches(monkeypatch):
+    module = types.ModuleType("fake_bench_for_tests")
+    module.collect = lambda device, quick: [
+        {
+            "bench": "fake",
+            "case": "c1",
+            "impl": "ours",
+            "mode": "fwd",
+            "median_ms": 1.5,
+            "tflops": 0.25,
+            "speedup_vs_reference": 2.0,
+        },
+        {"bench": "fake", "case": "c1", "impl": "reference", "mode": "fwd", "median_ms": 3.0, "tflops": 0.125},
+    ]
+    monkeypatch.setitem(sys.modules, "fake_bench_for_tests", module)
+    monkeypatch.setattr(bench_run, "BENCH_MODULES", {"fake": "fake_bench_for_tests", "absent": "benchmarks.absent_x"})
+
+
+def test_runner_writes_report_and_skips_absent_modules(fake_benches, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert bench_run.main(["--device", "cpu", "--only", "fake,absent", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"device", "torch", "date", "results"} <= set(report)
+    assert report["torch"] == torch.__version__
+    assert [r["impl"] for r in report["results"]["fake"]] == ["ours", "reference"]
+    assert "absent" not in report["results"]
+    printed = capsys.readouterr().out
+    assert "[fake]" in printed and "speedup_vs_reference" in printed and "skipped" in printed
+
+
+def test_runner_rejects_unknown_bench(fake_benches, tmp_path):
+    assert bench_run.main(["--device", "cpu", "--only", "nope", "--out", str(tmp_path / "r.json")]) == 2
+
+
+def test_h3fusion_bench_subcommand(fake_benches, tmp_path):
+    from h3fusion.cli import main
+
+    out = tmp_path / "cli.json"
+    assert main(["bench", "--device", "cpu", "--only", "fake", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"]["fake"][0]["median_ms"] == 1.5
+
+
+def test_cpu_peak_memory_sees_a_temporary():
+    n = 4 * 2**20  # 16 MiB of float32, freed before the call returns
+    peak = peak_memory_mb(lambda: float(torch.ones(n).sum()), "cpu")
+    assert 15.9 <= peak < 64
+
+
+def test_time_fn_and_table():
+    stats = time_fn(lambda: torch.randn(64, 64) @ torch.randn(64, 64), "cpu", warmup=1, repeats=4)
+    assert stats["repeats"] == 4 and stats["q20_ms"] <= stats["median_ms"] <= stats["q80_ms"]
+    table = format_table([{"a": 1.23456, "b": None}, {"a": 12345.0, "b": "x"}], ["a", "b"])
+    assert table.splitlines()[2].split() == ["1.23", "-"] and table.splitlines()[3].split() == ["12345", "x"]
