@@ -83,8 +83,12 @@ if _use_cuda:
             if inc.is_dir():
                 include_dirs.append(str(inc))
     nvcc_flags = ["-O0", "-G"] if debug else ["-O3", "-lineinfo"]
-    nvcc_flags += ["--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
-                   "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+    nvcc_flags += [
+        "--expt-relaxed-constexpr",
+        "-U__CUDA_NO_HALF_OPERATORS__",
+        "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    ]
     ext = CUDAExtension(
         "h3fusion_ext._C",
         sources,
@@ -103,9 +107,12 @@ else:
         extra_link_args=extra_link_args,
     )
 
-print(f"[h3fusion setup] CUDA kernels: {'ON' if _use_cuda else 'OFF'} "
-      f"(CUDA_HOME={_cuda_home}, torch CUDA={torch.version.cuda}, "
-      f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})", file=sys.stderr)
+print(
+    f"[h3fusion setup] CUDA kernels: {'ON' if _use_cuda else 'OFF'} "
+    f"(CUDA_HOME={_cuda_home}, torch CUDA={torch.version.cuda}, "
+    f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})",
+    file=sys.stderr,
+)
 
 setup(
     ext_modules=[ext],

@@ -32,8 +32,14 @@ def run(T: int, H: int, F: int, E: int, k: int, N: int, V: int, dtype: torch.dty
     targets[::5] = -100
     h3fusion_ext.linear_logprob(hidden, weight, targets).sum().backward()
     torch.cuda.synchronize()
-    for name, t in [("x", x), ("gate_up", gate_up), ("down", down), ("logits", logits), ("hidden", hidden),
-                    ("weight", weight)]:
+    for name, t in [
+        ("x", x),
+        ("gate_up", gate_up),
+        ("down", down),
+        ("logits", logits),
+        ("hidden", hidden),
+        ("weight", weight),
+    ]:
         assert t.grad is not None and torch.isfinite(t.grad.float()).all(), f"bad gradient for {name}"
 
 

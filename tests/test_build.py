@@ -8,8 +8,15 @@ import torch
 import h3fusion_ext
 
 EXPECTED_OPS = [
-    "topk_route", "topk_route_backward", "moe_route_plan", "moe_gather", "moe_combine",
-    "moe_ffn_forward", "moe_ffn_backward", "linear_logprob_forward", "linear_logprob_backward",
+    "topk_route",
+    "topk_route_backward",
+    "moe_route_plan",
+    "moe_gather",
+    "moe_combine",
+    "moe_ffn_forward",
+    "moe_ffn_backward",
+    "linear_logprob_forward",
+    "linear_logprob_backward",
     "has_cuda_kernels",
 ]
 

@@ -31,8 +31,13 @@ def make_inputs(T, H, F, E, k, dtype, w_dtype=torch.float32, skip_experts=(), ge
     gate_up = torch.randn(E, 2 * F, H, generator=gen) / H**0.5
     down = torch.randn(E, H, F, generator=gen) / F**0.5
     dev = "cuda"
-    return (x.to(dev, dtype), weights.to(dev, w_dtype), experts.to(dev, torch.int32), gate_up.to(dev, dtype),
-            down.to(dev, dtype))
+    return (
+        x.to(dev, dtype),
+        weights.to(dev, w_dtype),
+        experts.to(dev, torch.int32),
+        gate_up.to(dev, dtype),
+        down.to(dev, dtype),
+    )
 
 
 def ours(inputs, grad_y):
@@ -175,8 +180,9 @@ def test_no_tokens(dtype):
     y, sorted_pairs, pair_rows, offsets, h = ops.moe_ffn_forward(x, w, e, gu, dp)
     assert y.shape == (0, H) and sorted_pairs.shape == (0,) and pair_rows.shape == (0,) and h.shape == (0, 2 * F)
     assert torch.equal(offsets, torch.zeros(E + 1, dtype=torch.int64, device="cuda"))
-    gx, gw, ggu, gdp = ops.moe_ffn_backward(torch.empty(0, H, device="cuda", dtype=dtype), x, w, gu, dp,
-                                            sorted_pairs, pair_rows, offsets, h)
+    gx, gw, ggu, gdp = ops.moe_ffn_backward(
+        torch.empty(0, H, device="cuda", dtype=dtype), x, w, gu, dp, sorted_pairs, pair_rows, offsets, h
+    )
     assert gx.shape == (0, H) and gw.shape == (0, k) and gw.dtype == w.dtype
     assert ggu.shape == gu.shape and gdp.shape == dp.shape
     assert ggu.abs().max() == 0 and gdp.abs().max() == 0

@@ -1,16 +1,5 @@
 """h3fusion.data."""
 
-from .preference import (  # noqa: F401
-    PreferenceRecord,
-    Response,
-    build_pairs,
-    load_records,
-    model_fingerprint,
-    precompute_reference_logps,
-    rloo_groups,
-    save_records,
-    sft_examples,
-)
 from .instructions import (  # noqa: F401
     ALPACA_PROMPT,
     IGNORE_INDEX,
@@ -27,4 +16,15 @@ from .instructions import (  # noqa: F401
     load_truthfulqa,
     save_instructions,
     tokenize_instruction,
+)
+from .preference import (  # noqa: F401
+    PreferenceRecord,
+    Response,
+    build_pairs,
+    load_records,
+    model_fingerprint,
+    precompute_reference_logps,
+    rloo_groups,
+    save_records,
+    sft_examples,
 )

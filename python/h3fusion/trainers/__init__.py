@@ -1,4 +1,5 @@
 """h3fusion.trainers."""
+
 from .fuse_po import FUSE_PO_LOSSES, FusePOTrainer  # noqa: F401
 from .fuse_sft import FuseSFTTrainer  # noqa: F401
 from .h3fusion_trainer import (  # noqa: F401
