@@ -33,6 +33,9 @@ COLUMNS = [
     "pct_of_ceiling",
     "peak_mem_mb",
     "speedup_vs_reference",
+    "speedup_vs_eager",
+    "time_vs_materialized",
+    "mem_vs_materialized",
     "error",
 ]
 
