@@ -42,7 +42,7 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 
 # 1. build from source, for this GPU's architecture only (the full arch list is CI's job)
 ARCH=$($PY -c "import torch; m,n=torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))")
-export TORCH_CUDA_ARCH_LIST=$ARCH H3FUSION_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export TORCH_CUDA_ARCH_LIST=$ARCH H3FUSION_CUDA=1 H3FUSION_EXPECT_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
 build() {
   $PY -m pip install --no-build-isolation --no-deps -e . && $PY -c "import h3fusion_ext" && return 0
   echo "pip install -e failed; falling back to an in-place build"

@@ -100,12 +100,17 @@ def run(args: argparse.Namespace) -> int:
         report["results"][name] = rows
         columns = [c for c in COLUMNS if any(c in r for r in rows)]
         print(f"\n[{name}]\n" + format_table(rows, columns))
-    tmp = f"{args.out}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, args.out)
+        _write_json(report, args.out)  # after every bench, so a run cut short by a time limit keeps what it measured
+    _write_json(report, args.out)
     print(f"\nwrote {args.out}")
     return 0
+
+
+def _write_json(report: dict, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
