@@ -87,15 +87,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"device: {report['device']}   torch {report['torch']}   {report['date']}")
     if ceiling:
         print("ceiling: " + ", ".join(f"{k} = {v:.1f}" for k, v in ceiling.items()))
+    failed: list[str] = []
     for name in names:
         try:
             module = importlib.import_module(BENCH_MODULES[name])
-        except ModuleNotFoundError as exc:
-            if exc.name != BENCH_MODULES[name]:
-                raise
-            print(f"\n[{name}] skipped: {BENCH_MODULES[name]} is not present")
+            rows = module.collect(args.device, args.quick)
+        except Exception as exc:  # one broken bench (e.g. a missing optional dependency) must not lose the others
+            if isinstance(exc, ModuleNotFoundError) and exc.name == BENCH_MODULES[name]:
+                print(f"\n[{name}] skipped: {BENCH_MODULES[name]} is not present")
+                continue
+            print(f"\n[{name}] failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            report["results"][name] = [{"bench": name, "error": f"{type(exc).__name__}: {exc}"}]
+            failed.append(name)
             continue
-        rows = module.collect(args.device, args.quick)
         _add_ceiling_pct(rows, ceiling)
         report["results"][name] = rows
         columns = [c for c in COLUMNS if any(c in r for r in rows)]
@@ -103,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         _write_json(report, args.out)  # after every bench, so a run cut short by a time limit keeps what it measured
     _write_json(report, args.out)
     print(f"\nwrote {args.out}")
-    return 0
+    return 1 if failed else 0
 
 
 def _write_json(report: dict, path: str) -> None:
