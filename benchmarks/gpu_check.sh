@@ -53,7 +53,7 @@ export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c "import h3fusion_ext; print('CUDA kernels compiled in:', h3fusion_ext.has_cuda_kernels())"
 
 # 2. the extension tests (CUDA ones included; CPU ones are quick), with a junit report for the summary
-run_step ext_tests 200 $PY -m pytest -q tests/h3fusion_ext tests/test_build.py -p no:cacheprovider \
+run_step ext_tests 200 $PY -m pytest -q tests/h3fusion_ext tests/test_build.py tests/h3fusion/test_moe_block.py -p no:cacheprovider \
   --junitxml="$OUT/junit.xml"
 
 # 3. compute-sanitizer on a small forward+backward of every op
