@@ -7,52 +7,25 @@ import torch
 from conftest import assert_close_to_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from logprob_cases import IGNORE, logprob_inputs, run_logprob, set_chunking
 
 import h3fusion_ext
 from h3fusion_ext import linear_logprob, reference
-
-IGNORE = -100
 
 # (vocab chunk, block elements): the default plan, several chunks with 2-row blocks, one-row blocks with a chunk
 # that does not divide V; set through the kernel's environment knobs so tiny shapes exercise every loop.
 CHUNKINGS = [None, (3, 7), (4, 1)]
 
 
-def _set_chunking(monkeypatch, chunking):
-    if chunking is None:
-        monkeypatch.delenv("H3FUSION_LOGPROB_VOCAB_CHUNK", raising=False)
-        monkeypatch.delenv("H3FUSION_LOGPROB_BLOCK_ELEMS", raising=False)
-    else:
-        monkeypatch.setenv("H3FUSION_LOGPROB_VOCAB_CHUNK", str(chunking[0]))
-        monkeypatch.setenv("H3FUSION_LOGPROB_BLOCK_ELEMS", str(chunking[1]))
-
-
-def _inputs(n, h, v, dtype, ignore_frac=0.25, device="cpu"):
-    hidden = torch.randn(n, h, dtype=dtype, device=device)
-    weight = torch.randn(v, h, dtype=dtype, device=device) / h**0.25
-    targets = torch.randint(0, v, (n,), device=device)
-    targets[torch.rand(n, device=device) < ignore_frac] = IGNORE
-    return hidden, weight, targets
-
-
-def _run(fn, hidden, weight, targets, grad_logp, grad_lse, **kw):
-    """Forward + backward of fn with the given upstream gradients; returns (logp, lse, grad_hidden, grad_weight)."""
-    h = hidden.detach().clone().requires_grad_()
-    w = weight.detach().clone().requires_grad_()
-    logp, lse = fn(h, w, targets, return_lse=True, **kw)
-    (logp * grad_logp.to(logp.dtype)).sum().add((lse * grad_lse.to(lse.dtype)).sum()).backward()
-    return logp.detach(), lse.detach(), h.grad, w.grad
-
-
 @pytest.mark.parametrize("chunking", CHUNKINGS)
 @pytest.mark.parametrize("shape", [(7, 5, 11), (1, 3, 2), (16, 8, 32), (5, 4, 1)])
 def test_fp64_matches_reference(monkeypatch, chunking, shape):
-    _set_chunking(monkeypatch, chunking)
+    set_chunking(monkeypatch, chunking)
     n, h, v = shape
-    hidden, weight, targets = _inputs(n, h, v, torch.float64)
+    hidden, weight, targets = logprob_inputs(n, h, v, torch.float64)
     gl, gs = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
-    ours = _run(linear_logprob, hidden, weight, targets, gl, gs)
-    ref = _run(reference.linear_logprob, hidden, weight, targets, gl, gs)
+    ours = run_logprob(linear_logprob, hidden, weight, targets, gl, gs)
+    ref = run_logprob(reference.linear_logprob, hidden, weight, targets, gl, gs)
     for name, a, b in zip(("logp", "lse", "grad_hidden", "grad_weight"), ours, ref, strict=True):
         assert a.dtype == b.dtype == torch.float64, name
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
@@ -61,8 +34,8 @@ def test_fp64_matches_reference(monkeypatch, chunking, shape):
 
 @pytest.mark.parametrize("chunking", CHUNKINGS)
 def test_gradcheck(monkeypatch, chunking):
-    _set_chunking(monkeypatch, chunking)
-    hidden, weight, targets = _inputs(5, 3, 7, torch.float64)
+    set_chunking(monkeypatch, chunking)
+    hidden, weight, targets = logprob_inputs(5, 3, 7, torch.float64)
     targets[0] = IGNORE
     hidden.requires_grad_()
     weight.requires_grad_()
@@ -77,13 +50,13 @@ def test_gradcheck(monkeypatch, chunking):
 @pytest.mark.parametrize("chunking", CHUNKINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_tolerance_rule(monkeypatch, chunking, dtype):
-    _set_chunking(monkeypatch, chunking)
+    set_chunking(monkeypatch, chunking)
     n, h, v = 24, 16, 37
-    hidden, weight, targets = _inputs(n, h, v, dtype)
+    hidden, weight, targets = logprob_inputs(n, h, v, dtype)
     gl, gs = torch.randn(n), torch.randn(n)
-    ours = _run(linear_logprob, hidden, weight, targets, gl, gs)
-    lowp = _run(reference.linear_logprob, hidden, weight, targets, gl, gs)
-    ref = _run(reference.linear_logprob, hidden.double(), weight.double(), targets, gl.double(), gs.double())
+    ours = run_logprob(linear_logprob, hidden, weight, targets, gl, gs)
+    lowp = run_logprob(reference.linear_logprob, hidden, weight, targets, gl, gs)
+    ref = run_logprob(reference.linear_logprob, hidden.double(), weight.double(), targets, gl.double(), gs.double())
     assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.float32
     assert ours[2].dtype == dtype and ours[3].dtype == dtype
     for i, name in enumerate(("logp", "lse", "grad_hidden", "grad_weight")):
@@ -91,7 +64,7 @@ def test_low_precision_tolerance_rule(monkeypatch, chunking, dtype):
 
 
 def test_return_lse_values_and_default_output():
-    hidden, weight, targets = _inputs(9, 6, 13, torch.float64)
+    hidden, weight, targets = logprob_inputs(9, 6, 13, torch.float64)
     logp, lse = linear_logprob(hidden, weight, targets, return_lse=True)
     torch.testing.assert_close(lse, torch.logsumexp(hidden @ weight.T, dim=-1))
     torch.testing.assert_close(linear_logprob(hidden, weight, targets), logp, rtol=0, atol=0)
@@ -99,7 +72,7 @@ def test_return_lse_values_and_default_output():
 
 def test_lse_gradient_alone_reaches_ignored_rows():
     # Documented choice: lse is defined and differentiable on ignored rows too.
-    hidden, weight, targets = _inputs(6, 4, 9, torch.float64)
+    hidden, weight, targets = logprob_inputs(6, 4, 9, torch.float64)
     targets[:] = IGNORE
     h = hidden.clone().requires_grad_()
     _, lse = linear_logprob(h, weight, targets, return_lse=True)
@@ -110,8 +83,8 @@ def test_lse_gradient_alone_reaches_ignored_rows():
 
 @pytest.mark.parametrize("chunking", CHUNKINGS)
 def test_all_targets_ignored(monkeypatch, chunking):
-    _set_chunking(monkeypatch, chunking)
-    hidden, weight, targets = _inputs(8, 5, 10, torch.float32)
+    set_chunking(monkeypatch, chunking)
+    hidden, weight, targets = logprob_inputs(8, 5, 10, torch.float32)
     targets[:] = IGNORE
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     logp = linear_logprob(h, w, targets)
@@ -122,8 +95,8 @@ def test_all_targets_ignored(monkeypatch, chunking):
 
 @pytest.mark.parametrize("chunking", CHUNKINGS)
 def test_empty_batch(monkeypatch, chunking):
-    _set_chunking(monkeypatch, chunking)
-    hidden, weight, targets = _inputs(0, 5, 10, torch.float32)
+    set_chunking(monkeypatch, chunking)
+    hidden, weight, targets = logprob_inputs(0, 5, 10, torch.float32)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     logp, lse = linear_logprob(h, w, targets, return_lse=True)
     assert logp.shape == (0,) and lse.shape == (0,) and logp.dtype == torch.float32
@@ -133,7 +106,7 @@ def test_empty_batch(monkeypatch, chunking):
 
 
 def test_int32_targets_custom_ignore_index_and_noncontiguous_inputs():
-    hidden, weight, targets = _inputs(10, 6, 12, torch.float64, ignore_frac=0.0)
+    hidden, weight, targets = logprob_inputs(10, 6, 12, torch.float64, ignore_frac=0.0)
     targets[3] = 5
     hidden_t = hidden.T.contiguous().T  # same values, column-major strides
     weight_t = weight.T.contiguous().T
@@ -145,19 +118,19 @@ def test_int32_targets_custom_ignore_index_and_noncontiguous_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bitwise_deterministic(dtype, monkeypatch):
-    _set_chunking(monkeypatch, (5, 12))
+    set_chunking(monkeypatch, (5, 12))
     n, h, v = 20, 12, 23
-    hidden, weight, targets = _inputs(n, h, v, dtype)
+    hidden, weight, targets = logprob_inputs(n, h, v, dtype)
     gl, gs = torch.randn(n), torch.randn(n)
-    first = _run(linear_logprob, hidden, weight, targets, gl, gs)
-    second = _run(linear_logprob, hidden, weight, targets, gl, gs)
+    first = run_logprob(linear_logprob, hidden, weight, targets, gl, gs)
+    second = run_logprob(linear_logprob, hidden, weight, targets, gl, gs)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("bad", [12, -1, -101])
 def test_target_out_of_range_names_targets(bad):
-    hidden, weight, targets = _inputs(4, 3, 12, torch.float32)
+    hidden, weight, targets = logprob_inputs(4, 3, 12, torch.float32)
     targets[2] = bad
     with pytest.raises(RuntimeError, match=r"targets\[2\]"):
         linear_logprob(hidden, weight, targets)
@@ -178,13 +151,13 @@ def test_target_out_of_range_names_targets(bad):
     ],
 )
 def test_bad_inputs_name_the_argument(make, name):
-    hidden, weight, targets = _inputs(4, 3, 6, torch.float32)
+    hidden, weight, targets = logprob_inputs(4, 3, 6, torch.float32)
     with pytest.raises(RuntimeError, match=name):
         linear_logprob(*make(hidden, weight, targets))
 
 
 def test_backward_op_checks_its_vectors():
-    hidden, weight, targets = _inputs(4, 3, 6, torch.float32)
+    hidden, weight, targets = logprob_inputs(4, 3, 6, torch.float32)
     _, lse = torch.ops.h3fusion.linear_logprob_forward(hidden, weight, targets, IGNORE)
     with pytest.raises(RuntimeError, match="grad_logp"):
         torch.ops.h3fusion.linear_logprob_backward(torch.ones(3), torch.ones(4), hidden, weight, targets, lse, IGNORE)
@@ -195,7 +168,7 @@ def test_backward_op_checks_its_vectors():
 
 
 def test_opcheck():
-    hidden, weight, targets = _inputs(6, 4, 9, torch.float32)
+    hidden, weight, targets = logprob_inputs(6, 4, 9, torch.float32)
     fwd_args = (hidden.requires_grad_(), weight.requires_grad_(), targets, IGNORE)
     torch.library.opcheck(torch.ops.h3fusion.linear_logprob_forward.default, fwd_args)
     logp, lse = torch.ops.h3fusion.linear_logprob_forward(*fwd_args)
@@ -204,7 +177,7 @@ def test_opcheck():
 
 
 def test_compile_traces_the_op():
-    hidden, weight, targets = _inputs(6, 4, 9, torch.float32)
+    hidden, weight, targets = logprob_inputs(6, 4, 9, torch.float32)
     fn = torch.compile(lambda h, w, t: linear_logprob(h, w, t) * 2, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(fn(hidden, weight, targets), 2 * reference.linear_logprob(hidden, weight, targets))
 
@@ -227,15 +200,15 @@ def test_fuzz_shapes_fp64(n, h, v, chunk, block, seed):
     gl = torch.randn(n, dtype=torch.float64, generator=gen)
     gs = torch.randn(n, dtype=torch.float64, generator=gen)
     with pytest.MonkeyPatch.context() as mp:
-        _set_chunking(mp, (chunk, block))
-        ours = _run(linear_logprob, hidden, weight, targets, gl, gs)
-    ref = _run(reference.linear_logprob, hidden, weight, targets, gl, gs)
+        set_chunking(mp, (chunk, block))
+        ours = run_logprob(linear_logprob, hidden, weight, targets, gl, gs)
+    ref = run_logprob(reference.linear_logprob, hidden, weight, targets, gl, gs)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_autocast_casts_both_operands():
-    hidden, weight, targets = _inputs(8, 16, 21, torch.float32)
+    hidden, weight, targets = logprob_inputs(8, 16, 21, torch.float32)
     w = weight.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logp = linear_logprob(hidden.bfloat16(), w, targets)

@@ -2,40 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import assert_close_to_reference
+from logprob_cases import IGNORE, logprob_inputs, run_logprob, set_chunking
 
 from h3fusion_ext import linear_logprob, reference
 
-IGNORE = -100
 # (vocab chunk, block elements): default, 2-row blocks with 1000-id chunks, 64-row blocks with 64-id chunks.
 CHUNKINGS = [None, (1000, 2000), (64, 4096)]
 
 
-def _set_chunking(monkeypatch, chunking):
-    if chunking is None:
-        monkeypatch.delenv("H3FUSION_LOGPROB_VOCAB_CHUNK", raising=False)
-        monkeypatch.delenv("H3FUSION_LOGPROB_BLOCK_ELEMS", raising=False)
-    else:
-        monkeypatch.setenv("H3FUSION_LOGPROB_VOCAB_CHUNK", str(chunking[0]))
-        monkeypatch.setenv("H3FUSION_LOGPROB_BLOCK_ELEMS", str(chunking[1]))
-
-
-def _inputs(n, h, v, dtype, device="cuda", ignore_frac=0.25):
-    hidden = torch.randn(n, h, dtype=dtype, device=device)
-    weight = torch.randn(v, h, dtype=dtype, device=device) / h**0.25
-    targets = torch.randint(0, v, (n,), device=device)
-    targets[torch.rand(n, device=device) < ignore_frac] = IGNORE
-    return hidden, weight, targets
-
-
-def _run(fn, hidden, weight, targets, grad_logp, grad_lse):
-    h = hidden.detach().clone().requires_grad_()
-    w = weight.detach().clone().requires_grad_()
-    logp, lse = fn(h, w, targets, return_lse=True)
-    (logp * grad_logp.to(logp.dtype)).sum().add((lse * grad_lse.to(lse.dtype)).sum()).backward()
-    return logp.detach(), lse.detach(), h.grad, w.grad
+cuda_inputs = functools.partial(logprob_inputs, device="cuda")
 
 
 @pytest.mark.cuda
@@ -43,13 +23,13 @@ def _run(fn, hidden, weight, targets, grad_logp, grad_lse):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(37, 64, 300), (1, 16, 5000), (130, 32, 4097)])
 def test_tolerance_rule_vs_fp64_reference(monkeypatch, chunking, dtype, shape):
-    _set_chunking(monkeypatch, chunking)
+    set_chunking(monkeypatch, chunking)
     n, h, v = shape
-    hidden, weight, targets = _inputs(n, h, v, dtype)
+    hidden, weight, targets = cuda_inputs(n, h, v, dtype)
     gl, gs = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
-    ours = _run(linear_logprob, hidden, weight, targets, gl, gs)
-    lowp = _run(reference.linear_logprob, hidden, weight, targets, gl, gs)
-    ref = _run(reference.linear_logprob, hidden.double(), weight.double(), targets, gl.double(), gs.double())
+    ours = run_logprob(linear_logprob, hidden, weight, targets, gl, gs)
+    lowp = run_logprob(reference.linear_logprob, hidden, weight, targets, gl, gs)
+    ref = run_logprob(reference.linear_logprob, hidden.double(), weight.double(), targets, gl.double(), gs.double())
     assert ours[0].dtype == torch.float32 and ours[2].dtype == dtype and ours[3].dtype == dtype
     for i, name in enumerate(("logp", "lse", "grad_hidden", "grad_weight")):
         assert_close_to_reference(ours[i], lowp[i], ref[i], factor=2 if i < 2 else 3, atol=1e-5, what=f"{name}")
@@ -58,20 +38,20 @@ def test_tolerance_rule_vs_fp64_reference(monkeypatch, chunking, dtype, shape):
 @pytest.mark.cuda
 @pytest.mark.parametrize("chunking", [None, (3, 7), (16, 40)])
 def test_fp64_matches_cpu_op(monkeypatch, chunking):
-    _set_chunking(monkeypatch, chunking)
+    set_chunking(monkeypatch, chunking)
     n, h, v = 29, 12, 67
-    hidden, weight, targets = _inputs(n, h, v, torch.float64)
+    hidden, weight, targets = cuda_inputs(n, h, v, torch.float64)
     gl, gs = torch.randn(n, dtype=torch.float64, device="cuda"), torch.randn(n, dtype=torch.float64, device="cuda")
-    gpu = _run(linear_logprob, hidden, weight, targets, gl, gs)
-    cpu = _run(linear_logprob, hidden.cpu(), weight.cpu(), targets.cpu(), gl.cpu(), gs.cpu())
+    gpu = run_logprob(linear_logprob, hidden, weight, targets, gl, gs)
+    cpu = run_logprob(linear_logprob, hidden.cpu(), weight.cpu(), targets.cpu(), gl.cpu(), gs.cpu())
     for a, b in zip(gpu, cpu, strict=True):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.cuda
 def test_gradcheck_cuda_fp64(monkeypatch):
-    _set_chunking(monkeypatch, (3, 7))
-    hidden, weight, targets = _inputs(5, 3, 8, torch.float64)
+    set_chunking(monkeypatch, (3, 7))
+    hidden, weight, targets = cuda_inputs(5, 3, 8, torch.float64)
     hidden.requires_grad_()
     weight.requires_grad_()
     assert torch.autograd.gradcheck(lambda h, w: linear_logprob(h, w, targets, return_lse=True), (hidden, weight))
@@ -81,24 +61,24 @@ def test_gradcheck_cuda_fp64(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bitwise_deterministic(dtype):
     n, h, v = 200, 64, 9000
-    hidden, weight, targets = _inputs(n, h, v, dtype)
+    hidden, weight, targets = cuda_inputs(n, h, v, dtype)
     gl, gs = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
-    first = _run(linear_logprob, hidden, weight, targets, gl, gs)
-    second = _run(linear_logprob, hidden, weight, targets, gl, gs)
+    first = run_logprob(linear_logprob, hidden, weight, targets, gl, gs)
+    second = run_logprob(linear_logprob, hidden, weight, targets, gl, gs)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
 @pytest.mark.cuda
 def test_edge_cases_empty_and_all_ignored():
-    hidden, weight, targets = _inputs(0, 8, 50, torch.bfloat16)
+    hidden, weight, targets = cuda_inputs(0, 8, 50, torch.bfloat16)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     logp, lse = linear_logprob(h, w, targets, return_lse=True)
     assert logp.shape == (0,) and lse.shape == (0,)
     (logp.sum() + lse.sum()).backward()
     assert h.grad.shape == (0, 8) and torch.equal(w.grad, torch.zeros_like(w))
 
-    hidden, weight, targets = _inputs(9, 8, 50, torch.float32)
+    hidden, weight, targets = cuda_inputs(9, 8, 50, torch.float32)
     targets[:] = IGNORE
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     logp = linear_logprob(h, w, targets)
@@ -110,7 +90,7 @@ def test_edge_cases_empty_and_all_ignored():
 @pytest.mark.cuda
 def test_out_of_range_target_gives_nan_not_a_crash():
     # Documented: CUDA cannot raise without a host sync; the bad row's logp is NaN and the others are unaffected.
-    hidden, weight, targets = _inputs(6, 8, 20, torch.float32, ignore_frac=0.0)
+    hidden, weight, targets = cuda_inputs(6, 8, 20, torch.float32, ignore_frac=0.0)
     targets[1] = 20
     targets[4] = -7
     logp = linear_logprob(hidden, weight, targets)
@@ -123,7 +103,7 @@ def test_out_of_range_target_gives_nan_not_a_crash():
 
 @pytest.mark.cuda
 def test_device_mismatch_names_the_argument():
-    hidden, weight, targets = _inputs(4, 8, 20, torch.float32)
+    hidden, weight, targets = cuda_inputs(4, 8, 20, torch.float32)
     with pytest.raises(RuntimeError, match="targets"):
         linear_logprob(hidden, weight, targets.cpu())
     with pytest.raises(RuntimeError, match="weight"):
@@ -132,7 +112,7 @@ def test_device_mismatch_names_the_argument():
 
 @pytest.mark.cuda
 def test_no_host_sync():
-    hidden, weight, targets = _inputs(64, 32, 5000, torch.bfloat16)
+    hidden, weight, targets = cuda_inputs(64, 32, 5000, torch.bfloat16)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     gl = torch.randn(64, device="cuda")
     torch.cuda.synchronize()
@@ -148,7 +128,7 @@ def test_no_host_sync():
 @pytest.mark.cuda
 def test_cuda_graph_capture_and_replay():
     n, h, v = 48, 32, 4500
-    hidden, weight, targets = _inputs(n, h, v, torch.bfloat16)
+    hidden, weight, targets = cuda_inputs(n, h, v, torch.bfloat16)
     grad_logp, grad_lse = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
     fwd = torch.ops.h3fusion.linear_logprob_forward
     bwd = torch.ops.h3fusion.linear_logprob_backward
@@ -179,7 +159,7 @@ def test_cuda_graph_capture_and_replay():
 
 @pytest.mark.cuda
 def test_opcheck_cuda():
-    hidden, weight, targets = _inputs(6, 8, 30, torch.float32)
+    hidden, weight, targets = cuda_inputs(6, 8, 30, torch.float32)
     fwd_args = (hidden.requires_grad_(), weight.requires_grad_(), targets, IGNORE)
     torch.library.opcheck(torch.ops.h3fusion.linear_logprob_forward.default, fwd_args)
     _, lse = torch.ops.h3fusion.linear_logprob_forward(*fwd_args)
