@@ -10,9 +10,9 @@ import copy
 import torch
 
 
-def build_tiny_llama(vocab_size: int = 128, hidden: int = 32, layers: int = 2, intermediate: int = 64, **overrides):
-    """A randomly initialised fp32 LlamaForCausalLM (4 heads, 2 KV heads) small enough for CPU tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(vocab_size: int = 128, hidden: int = 32, layers: int = 2, intermediate: int = 64, **overrides):
+    """The LlamaConfig of the tiny test models: 4 heads, 2 KV heads, untied embeddings, pad/bos/eos = 0/1/2."""
+    from transformers import LlamaConfig
 
     kwargs = dict(
         vocab_size=vocab_size,
@@ -28,7 +28,14 @@ def build_tiny_llama(vocab_size: int = 128, hidden: int = 32, layers: int = 2, i
         eos_token_id=2,
     )
     kwargs.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**kwargs)).float().eval()
+    return LlamaConfig(**kwargs)
+
+
+def build_tiny_llama(vocab_size: int = 128, hidden: int = 32, layers: int = 2, intermediate: int = 64, **overrides):
+    """A randomly initialised fp32 LlamaForCausalLM (4 heads, 2 KV heads) small enough for CPU tests."""
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM(tiny_llama_config(vocab_size, hidden, layers, intermediate, **overrides)).float().eval()
 
 
 def perturbed_copy(model, scale: float = 0.05, mlp_only: bool = True):

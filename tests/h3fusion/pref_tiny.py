@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import torch
+from fusion_tiny import tiny_llama_config
 
 _WORDS = "the a cat dog sat ran on mat red blue big small is was good bad yes no why how answer question".split()
 
@@ -31,22 +32,9 @@ def tiny_tokenizer():
 
 def tiny_llama(vocab_size: int, hidden: int = 32, layers: int = 2):
     """A randomly initialised LlamaForCausalLM small enough for a few CPU training steps."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(cfg).float()
+    return LlamaForCausalLM(tiny_llama_config(vocab_size, hidden, layers, intermediate=2 * hidden)).float()
 
 
 def random_text(rng: random.Random, lo: int = 2, hi: int = 6) -> str:
@@ -65,3 +53,4 @@ def random_records(n_prompts: int, sources=("alpha", "beta", "target"), per_sour
         ]
         records.append({"prompt": f"question {i}: " + random_text(rng), "responses": responses})
     return records
+
