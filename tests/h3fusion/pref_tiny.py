@@ -54,3 +54,24 @@ def random_records(n_prompts: int, sources=("alpha", "beta", "target"), per_sour
         records.append({"prompt": f"question {i}: " + random_text(rng), "responses": responses})
     return records
 
+
+def pref_training_args(tmp_path, max_steps: int, logging_steps: int = 1, **overrides):
+    """TrainingArguments for the preference trainers' CPU runs: batch 4, lr 5e-3 constant, no saving, a fresh seed."""
+    from transformers import TrainingArguments
+
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to="none",
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        max_steps=max_steps,
+        learning_rate=5e-3,
+        lr_scheduler_type="constant",
+        logging_steps=logging_steps,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=int(torch.randint(0, 2**31, ()).item()),
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)

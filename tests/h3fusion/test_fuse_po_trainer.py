@@ -10,8 +10,7 @@ import torch
 from h3fusion.data.preference import build_pairs, precompute_reference_logps, rloo_groups
 from h3fusion.trainers.fuse_po import FusePOTrainer
 from h3fusion.trainers.sequence_logprobs import IGNORE_INDEX
-from pref_tiny import random_records, tiny_llama, tiny_tokenizer
-from transformers import TrainingArguments
+from pref_tiny import pref_training_args, random_records, tiny_llama, tiny_tokenizer
 
 LOSS_KWARGS = {
     "dpo": {"beta": 0.5},
@@ -22,21 +21,8 @@ LOSS_KWARGS = {
 }
 
 
-def _args(tmp_path, steps=8, lr=5e-3):
-    return TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        report_to="none",
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
-        max_steps=steps,
-        learning_rate=lr,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=int(torch.randint(0, 2**31, ()).item()),
-    )
+def _args(tmp_path):
+    return pref_training_args(tmp_path, max_steps=8)
 
 
 def _data(loss):

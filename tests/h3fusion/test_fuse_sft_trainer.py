@@ -9,26 +9,11 @@ import torch
 from h3fusion.data.preference import sft_examples
 from h3fusion.trainers.fuse_sft import FuseSFTTrainer
 from h3fusion.trainers.sequence_logprobs import IGNORE_INDEX
-from pref_tiny import random_records, tiny_llama, tiny_tokenizer
-from transformers import TrainingArguments
+from pref_tiny import pref_training_args, random_records, tiny_llama, tiny_tokenizer
 
 
-def _args(tmp_path, steps=6):
-    return TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        report_to="none",
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
-        gradient_accumulation_steps=2,
-        max_steps=steps,
-        learning_rate=5e-3,
-        lr_scheduler_type="constant",
-        logging_steps=2,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=int(torch.randint(0, 2**31, ()).item()),
-    )
+def _args(tmp_path):
+    return pref_training_args(tmp_path, max_steps=6, logging_steps=2, gradient_accumulation_steps=2)
 
 
 @pytest.mark.parametrize("reduction", ["token_mean", "sum"])
