@@ -27,6 +27,17 @@ def _fresh_seed(request):
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny models: extra OpenMP threads only add spin-waiting on a busy CI machine).
+
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def assert_close_to_reference(ours, ref_lowp, ref_fp, factor: float = 2.0, atol: float = 1e-6, what: str = ""):
     """flash-attention's rule: our error vs a high-precision reference must be at most `factor` times the error of
     PyTorch's own computation in the same low precision (`ref_lowp`), plus a small atol.

@@ -7,45 +7,10 @@ import torch
 from h3fusion.data import InstructionCollator
 from h3fusion.losses import gating_loss, mean_router_probs
 from h3fusion.trainers import H3FusionTrainer, prepare_h3fusion_model
-from transformers import MixtralConfig, MixtralForCausalLM, TrainingArguments
+from training_tiny import separable_features, tiny_fused
+from transformers import TrainingArguments
 
-NAMES = ["helpful", "harmless", "honest"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: extra OpenMP threads only add spin-waiting on a busy CI machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def tiny_fused(layers=2, experts=3):
-    cfg = MixtralConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=experts,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
-    cfg.h3fusion_expert_names = NAMES[:experts]
-    return MixtralForCausalLM(cfg)
-
-
-def separable_features(n, gen=None):
-    """Category c uses tokens 10c+1 .. 10c+10 only: routing is learnable from any token."""
-    feats = []
-    for i in range(n):
-        c = i % 3
-        length = int(torch.randint(4, 10, (), generator=gen))
-        ids = (torch.randint(0, 10, (length,), generator=gen) + 10 * c + 1).tolist()
-        feats.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:], "category_labels": c})
-    return feats
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: extra OpenMP threads only spin-wait
 
 
 def args_for(tmp_path, **kw):
@@ -81,7 +46,7 @@ def test_only_router_and_experts_change(tmp_path):
     trainer = H3FusionTrainer(
         model,
         args_for(tmp_path, num_train_epochs=1),
-        train_dataset=separable_features(24),
+        train_dataset=separable_features(24, max_len=9),
         data_collator=InstructionCollator(0),
         lambda_gate=1.0,
         gammas=[1e-3, 1e-2, 1e-1],
@@ -103,7 +68,7 @@ def test_gating_loss_falls_and_routing_accuracy_rises(tmp_path):
     model = tiny_fused()
     torch.nn.init.zeros_(model.model.layers[0].mlp.gate.weight)  # start from uniform routing in layer 0
     torch.nn.init.zeros_(model.model.layers[1].mlp.gate.weight)
-    train, held_out = separable_features(60), separable_features(30)
+    train, held_out = separable_features(60, max_len=9), separable_features(30, max_len=9)
     acc0, gate0 = routing_accuracy(model, held_out)
     trainer = H3FusionTrainer(
         model,
@@ -125,7 +90,7 @@ def test_gating_loss_falls_and_routing_accuracy_rises(tmp_path):
 
 def test_total_loss_is_the_weighted_sum(tmp_path):
     model = tiny_fused()
-    feats = separable_features(6)
+    feats = separable_features(6, max_len=9)
     batch = InstructionCollator(0)(feats)
     trainer = H3FusionTrainer(model, args_for(tmp_path), lambda_gate=0.3, gammas=0.0, lambda_balance=0.2)
     model.train()
@@ -159,7 +124,7 @@ def test_lora_experts_train_router_and_adapters_only(tmp_path):
     trainer = H3FusionTrainer(
         model,
         args_for(tmp_path, num_train_epochs=2),
-        train_dataset=separable_features(32),
+        train_dataset=separable_features(32, max_len=9),
         data_collator=InstructionCollator(0),
         lambda_gate=1.0,
         gammas=[0.01, 0.01, 0.01],

@@ -10,44 +10,21 @@ import torch
 from h3fusion.data import InstructionExample, save_instructions
 from h3fusion.losses import mean_router_probs
 from h3fusion.route_report import route_report
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+from training_tiny import EXPERT_NAMES, tiny_mixtral_config, word_level_tokenizer
+from transformers import MixtralForCausalLM
 
-NAMES = ["helpful", "harmless", "honest"]
 WORDS = [f"w{i}" for i in range(30)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: extra OpenMP threads only add spin-waiting on a busy CI machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: extra OpenMP threads only spin-wait
 
 
 def tokenizer():
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, ":": 3}
-    for w in WORDS:
-        vocab[w] = len(vocab)
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return word_level_tokenizer([":", *WORDS])
 
 
 def model():
-    cfg = MixtralConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=3,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-        h3fusion={"experts": NAMES},
-    )
+    cfg = tiny_mixtral_config(layers=3, h3fusion={"experts": EXPERT_NAMES})
     m = MixtralForCausalLM(cfg).eval()
     with torch.no_grad():
         for layer in m.model.layers:
@@ -58,7 +35,7 @@ def model():
 def examples(n):
     out = []
     for _ in range(n):
-        cat = random.choice(NAMES)
+        cat = random.choice(EXPERT_NAMES)
         out.append(
             InstructionExample(
                 " ".join(random.choices(WORDS, k=random.randint(1, 6))),
@@ -72,13 +49,13 @@ def examples(n):
 def test_accuracy_and_usage_match_per_example_recomputation(tmp_path):
     m, tok, exs = model(), tokenizer(), examples(20)
     stats = route_report(m, exs, tok, tmp_path, template="{instruction} :", batch_size=7)
-    correct = {c: [] for c in NAMES}
+    correct = {c: [] for c in EXPERT_NAMES}
     for ex in exs:
         ids = tok(f"{ex.instruction} :")["input_ids"] + tok(ex.output)["input_ids"] + [tok.eos_token_id]
         with torch.no_grad():
             out = m(input_ids=torch.tensor([ids]), output_router_logits=True)
         pred = int(mean_router_probs(out.router_logits, torch.ones(1, len(ids))).argmax())
-        correct[ex.category].append(pred == NAMES.index(ex.category))
+        correct[ex.category].append(pred == EXPERT_NAMES.index(ex.category))
     for cat, hits in correct.items():
         if hits:
             assert abs(stats["accuracy"][cat] - sum(hits) / len(hits)) < 1e-9, cat

@@ -11,42 +11,11 @@ import torch
 from h3fusion.data import InstructionCollator
 from h3fusion.trainers import H3FusionTrainer
 from h3fusion.trainers.h3fusion_trainer import REFERENCE_FILE
-from transformers import MixtralConfig, MixtralForCausalLM, TrainerCallback, TrainingArguments
+from training_tiny import EXPERT_NAMES, separable_features, tiny_fused, word_level_tokenizer
+from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: extra OpenMP threads only add spin-waiting on a busy CI machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def tiny_fused():
-    cfg = MixtralConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=3,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
-    cfg.h3fusion_expert_names = ["helpful", "harmless", "honest"]
-    return MixtralForCausalLM(cfg)
-
-
-def feats(n):
-    out = []
-    for i in range(n):
-        c = i % 3
-        ids = (torch.randint(0, 10, (int(torch.randint(4, 9, ())),)) + 10 * c + 1).tolist()
-        out.append({"input_ids": ids, "labels": [-100, -100] + ids[2:], "category_labels": c})
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: extra OpenMP threads only spin-wait
 
 
 class StopAt(TrainerCallback):
@@ -98,7 +67,7 @@ def trained_state(trainer):
 @pytest.mark.parametrize("lora_rank", [None, 2])
 def test_resume_equals_uninterrupted(tmp_path, lora_rank):
     seed = int(torch.randint(0, 2**31 - 1, ()))
-    data = feats(16)
+    data = separable_features(16)
     init = tiny_fused()
     full = make_trainer(copy.deepcopy(init), tmp_path / "full", data, seed, lora_rank=lora_rank)
     full.train()
@@ -128,7 +97,7 @@ def test_resume_equals_uninterrupted(tmp_path, lora_rank):
 
 def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
     seed = int(torch.randint(0, 2**31 - 1, ()))
-    data = feats(16)
+    data = separable_features(16)
     trainer = make_trainer(tiny_fused(), tmp_path / "run", data, seed)
     calls = {"n": 0}
     original = trainer._save_optimizer_and_scheduler
@@ -165,23 +134,18 @@ def test_train_cli_lora_resume_auto(tmp_path):
 
     from h3fusion.cli import main
     from h3fusion.data import InstructionExample, save_instructions
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, ":": 3, **{f"w{i}": 4 + i for i in range(30)}}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok = word_level_tokenizer([":", *(f"w{i}" for i in range(30))])
     fused = tiny_fused()
     fused.save_pretrained(tmp_path / "fused")
     tok.save_pretrained(tmp_path / "fused")
-    names = ["helpful", "harmless", "honest"]
     save_instructions(
         [
             InstructionExample(
                 " ".join(f"w{random.randrange(30)}" for _ in range(random.randint(1, 5))),
                 " ".join(f"w{random.randrange(30)}" for _ in range(random.randint(1, 4))),
-                names[i % 3],
+                EXPERT_NAMES[i % 3],
             )
             for i in range(16)
         ],

@@ -11,39 +11,21 @@ import sys
 import pytest
 import torch
 from h3fusion.data import InstructionExample, save_instructions
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+from training_tiny import EXPERT_NAMES, tiny_mixtral_config, word_level_tokenizer
+from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-NAMES = ["helpful", "harmless", "honest"]
 
 
 def _setup(tmp_path):
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, ":": 3}
     words = [f"w{i}" for i in range(30)]
-    for w in words:
-        vocab[w] = len(vocab)
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    cfg = MixtralConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=3,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-        h3fusion={"experts": NAMES},
-    )
-    MixtralForCausalLM(cfg).save_pretrained(tmp_path / "fused")
+    tok = word_level_tokenizer([":", *words])
+    MixtralForCausalLM(tiny_mixtral_config(h3fusion={"experts": EXPERT_NAMES})).save_pretrained(tmp_path / "fused")
     tok.save_pretrained(tmp_path / "fused")
     # equal lengths: every rank's token-mean LM loss then averages to the single process's
     exs = []
     for i in range(24):
-        cat = NAMES[i % 3]
+        cat = EXPERT_NAMES[i % 3]
         offset = 10 * (i % 3)
         exs.append(
             InstructionExample(
@@ -124,4 +106,4 @@ def test_two_process_gloo_matches_single_process(tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), (key, a, b)
     assert single[-1]["drift_loss"] > 0  # the experts moved, in both runs alike
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final")
-    assert final.config.h3fusion["experts"] == NAMES
+    assert final.config.h3fusion["experts"] == EXPERT_NAMES

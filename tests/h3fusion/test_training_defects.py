@@ -7,41 +7,10 @@ import torch
 from h3fusion.data import InstructionCollator, InstructionDataset, InstructionExample
 from h3fusion.losses import gating_loss
 from h3fusion.trainers import H3FusionTrainer
-from transformers import MixtralConfig, MixtralForCausalLM, TrainingArguments
+from training_tiny import separable_features, tiny_fused, word_level_tokenizer
+from transformers import TrainingArguments
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: extra OpenMP threads only add spin-waiting on a busy CI machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def tiny_fused(names=("helpful", "harmless", "honest")):
-    cfg = MixtralConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=len(names),
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
-    cfg.h3fusion_expert_names = list(names)
-    return MixtralForCausalLM(cfg)
-
-
-def feats(n):
-    out = []
-    for i in range(n):
-        c = i % 3
-        ids = (torch.randint(0, 10, (int(torch.randint(4, 9, ())),)) + 10 * c + 1).tolist()
-        out.append({"input_ids": ids, "labels": [-100, -100] + ids[2:], "category_labels": c})
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: extra OpenMP threads only spin-wait
 
 
 def train(model, tmp_path, **kw):
@@ -57,7 +26,13 @@ def train(model, tmp_path, **kw):
         logging_steps=1,
     )
     trainer = H3FusionTrainer(
-        model, args, train_dataset=feats(18), data_collator=InstructionCollator(0), lambda_gate=1.0, gammas=1e-3, **kw
+        model,
+        args,
+        train_dataset=separable_features(18),
+        data_collator=InstructionCollator(0),
+        lambda_gate=1.0,
+        gammas=1e-3,
+        **kw,
     )
     trainer.train()
     return trainer
@@ -99,16 +74,6 @@ def test_e_no_double_softmax_gradient_is_analytic():
     assert abs(wrong.item() - ours.item()) > 1e-3
 
 
-def _tok():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, "a": 3, "b": 4, "c": 5}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
 def test_f_category_labels_follow_expert_names(tmp_path):
     # The original code built labels from a cumulative list of dataset sizes, so one category got the wrong id.
     # Here the fused model's expert order differs from the data's order and a category is absent from the data.
@@ -119,7 +84,9 @@ def test_f_category_labels_follow_expert_names(tmp_path):
         InstructionExample("c", "a", "helpful"),
     ] * 2
     trainer = H3FusionTrainer(model, TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
-    ds = InstructionDataset(data, _tok(), trainer.expert_names, template="{instruction} :")
+    ds = InstructionDataset(
+        data, word_level_tokenizer(["a", "b", "c"]), trainer.expert_names, template="{instruction} :"
+    )
     assert [f["category_labels"] for f in ds] == [1, 2, 1] * 2
     assert trainer.expert_names == ["honest", "helpful", "harmless"]
 
