@@ -14,20 +14,13 @@ from h3fusion.losses import (
     load_balancing_loss,
     mean_router_probs,
 )
-from transformers import MixtralConfig, MixtralForCausalLM
+from training_tiny import tiny_mixtral_config
+from transformers import MixtralForCausalLM
 
 
 def _tiny_mixtral(num_layers=2, experts=3):
-    cfg = MixtralConfig(
-        vocab_size=32,
-        hidden_size=8,
-        intermediate_size=12,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=experts,
-        num_experts_per_tok=2,
-        max_position_embeddings=32,
+    cfg = tiny_mixtral_config(
+        vocab_size=32, hidden=8, intermediate=12, layers=num_layers, experts=experts, max_positions=32
     )
     return MixtralForCausalLM(cfg)
 

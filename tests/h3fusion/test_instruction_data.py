@@ -19,19 +19,15 @@ from h3fusion.data import (
     save_instructions,
     tokenize_instruction,
 )
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from training_tiny import word_level_tokenizer
 
 WORDS = "below is an instruction that describes a task write response appropriately completes the request".split()
 
 
 def word_tokenizer(extra=()):
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for w in list(WORDS) + ["###", ":", ".", ",", "instruction", "response", "input", "Below", "Write"] + list(extra):
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return word_level_tokenizer(
+        [*WORDS, "###", ":", ".", ",", "instruction", "response", "input", "Below", "Write", *extra]
+    )
 
 
 def _rand_word():

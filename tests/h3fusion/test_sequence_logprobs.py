@@ -13,6 +13,7 @@ from h3fusion.trainers.sequence_logprobs import (
     sequence_logprobs,
 )
 from pref_tiny import random_text, tiny_llama, tiny_tokenizer
+from training_tiny import tiny_mixtral_config
 
 import h3fusion_ext
 
@@ -136,19 +137,16 @@ def test_model_without_logits_to_keep():
 
 def test_moe_model_matches_full_logits():
     """The fused models are Mixtral-style MoEs: the same identity must hold there (router logits are ignored)."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import MixtralForCausalLM
 
     tok = tiny_tokenizer()
-    cfg = MixtralConfig(
+    cfg = tiny_mixtral_config(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
+        hidden=32,
+        intermediate=48,
+        max_positions=128,
         num_attention_heads=4,
         num_key_value_heads=2,
-        num_local_experts=3,
-        num_experts_per_tok=2,
-        max_position_embeddings=128,
         output_router_logits=True,
     )
     model = MixtralForCausalLM(cfg)
