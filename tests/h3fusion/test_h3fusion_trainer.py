@@ -30,6 +30,18 @@ def args_for(tmp_path, **kw):
     return TrainingArguments(**base)
 
 
+def gate_trainer(model, tmp_path, n_train, epochs, **kw):
+    """An H3FusionTrainer with lambda_gate=1 on `n_train` fresh separable features (drawn after the args' seed)."""
+    return H3FusionTrainer(
+        model,
+        args_for(tmp_path, num_train_epochs=epochs),
+        train_dataset=separable_features(n_train, max_len=9),
+        data_collator=InstructionCollator(0),
+        lambda_gate=1.0,
+        **kw,
+    )
+
+
 def routing_accuracy(model, feats):
     batch = InstructionCollator(0)(feats)
     model.eval()
@@ -43,15 +55,7 @@ def routing_accuracy(model, feats):
 def test_only_router_and_experts_change(tmp_path):
     model = tiny_fused()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = H3FusionTrainer(
-        model,
-        args_for(tmp_path, num_train_epochs=1),
-        train_dataset=separable_features(24, max_len=9),
-        data_collator=InstructionCollator(0),
-        lambda_gate=1.0,
-        gammas=[1e-3, 1e-2, 1e-1],
-        lambda_balance=0.01,
-    )
+    trainer = gate_trainer(model, tmp_path, n_train=24, epochs=1, gammas=[1e-3, 1e-2, 1e-1], lambda_balance=0.01)
     trainer.train()
     frozen = [n for n in before if not (".mlp.gate." in n or ".mlp.experts." in n)]
     assert any("self_attn" in n for n in frozen) and any("norm" in n for n in frozen)
@@ -121,15 +125,7 @@ def test_lora_experts_train_router_and_adapters_only(tmp_path):
     pytest.importorskip("peft")
     model = tiny_fused()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = H3FusionTrainer(
-        model,
-        args_for(tmp_path, num_train_epochs=2),
-        train_dataset=separable_features(32, max_len=9),
-        data_collator=InstructionCollator(0),
-        lambda_gate=1.0,
-        gammas=[0.01, 0.01, 0.01],
-        lora_rank=2,
-    )
+    trainer = gate_trainer(model, tmp_path, n_train=32, epochs=2, gammas=[0.01, 0.01, 0.01], lora_rank=2)
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or ("modules_to_save" in n and ".mlp.gate." in n) for n in trainable)
     assert any("lora_" in n for n in trainable) and any("modules_to_save" in n for n in trainable)
