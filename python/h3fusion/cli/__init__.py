@@ -54,7 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy torch.distributed's process group if a subcommand (a Trainer under torchrun) created one.
+
+    With gloo, a rank that exits with the group alive can abort at interpreter shutdown ("terminate called without
+    an active exception") after all its work is done, turning a good run into a failed exit status.
+    """
+    dist = sys.modules.get("torch.distributed")  # never import torch just for this
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -141,10 +141,4 @@ def run(args: argparse.Namespace) -> int:
         os.replace(os.path.join(args.out, "train_log.json.tmp"), os.path.join(args.out, "train_log.json"))
         print(f"final model: {os.path.join(args.out, 'final')}")
     trainer.accelerator.wait_for_everyone()
-    # Leave the process group explicitly: with gloo, a rank that exits with the group alive can abort at interpreter
-    # shutdown ("terminate called without an active exception") after all the work is done.
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
     return 0
