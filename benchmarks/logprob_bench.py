@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from .common import synchronize
+
 BENCH = "linear_logprob"
 IGNORE = -100
 
@@ -68,24 +70,19 @@ def _step(fn, hidden, weight, targets, mode: str) -> None:
     fn(hidden, weight, targets).sum().backward()
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _median_ms(fns: dict, args, mode: str, device: str, reps: int) -> dict:
     """Median wall-clock ms per implementation; the implementations alternate within each repetition so that load
     from other processes (a shared machine) hits both alike."""
     for fn in fns.values():
         _step(fn, *args, mode)  # warm-up
-    _sync(device)
+    synchronize(device)
     times: dict = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             _step(fn, *args, mode)
-            _sync(device)
+            synchronize(device)
             times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
