@@ -1,0 +1,1 @@
+"""Small shared helpers with one home each (file safety: `files`)."""
