@@ -15,7 +15,6 @@ from .data.instructions import (  # noqa: F401
 from .data.preference import (  # noqa: F401
     build_pairs,
     load_records,
-    precompute_reference_logps,
     rloo_groups,
     save_records,
     sft_examples,
@@ -44,3 +43,4 @@ from .route_report import route_report  # noqa: F401
 from .trainers.fuse_po import FusePOTrainer  # noqa: F401
 from .trainers.fuse_sft import FuseSFTTrainer  # noqa: F401
 from .trainers.h3fusion_trainer import H3FusionTrainer  # noqa: F401
+from .trainers.reference_logps import precompute_reference_logps  # noqa: F401
