@@ -189,11 +189,11 @@ def normalize_weights(items: Sequence[dict]) -> list[dict]:
     return out
 
 
-def _warn_dropped(what: str, dropped: int, total: int, temperature: float) -> None:
+def _warn_dropped(where: str, what: str, dropped: int, total: int, temperature: float) -> None:
     if dropped:
         warnings.warn(
-            f"{what}: dropped {dropped} of {total} with weight 0 (softmax(r / tau) underflows at temperature "
-            f"{temperature:g}; a larger temperature keeps them)",
+            f"{where}: dropped {dropped} of {total} {what} whose weight softmax(r / tau) is 0 in float32 at "
+            f"temperature {temperature:g} (they would add nothing to the loss; a larger temperature keeps them)",
             stacklevel=3,
         )
 
@@ -232,7 +232,7 @@ def sft_examples(
             if w > 0:  # the best response's weight is >= 1/k: every prompt keeps at least one
                 item = {"prompt": rec.prompt, "response": r.text, "weight": w, "source": r.source, "reward": r.reward}
                 out.append(item)
-    _warn_dropped("sft_examples: responses", considered - len(out), considered, temperature)
+    _warn_dropped("sft_examples", "responses", considered - len(out), considered, temperature)
     return normalize_weights(out)
 
 
@@ -359,7 +359,7 @@ def build_pairs(
                 p["target_chosen"], p["target_chosen_reward"] = target_best.text, target_best.reward
             out.append(p)
     if mode == "per_source":
-        _warn_dropped("build_pairs: pairs", considered - len(out), considered, temperature)
+        _warn_dropped("build_pairs", "pairs", considered - len(out), considered, temperature)
     return normalize_weights(out)
 
 

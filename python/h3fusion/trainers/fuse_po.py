@@ -137,9 +137,9 @@ class FusePOTrainer(PreferenceTrainerMixin, transformers.Trainer):
         if self.loss_type == "rloo":
             required, hint = ["prompt", "responses", "rewards"], "group items come from h3fusion.data.rloo_groups"
         else:
-            required, hint = ["prompt", "chosen", "rejected"], "pair items come from h3fusion.data.build_pairs"
+            required = ["prompt", *pair_fields(with_target=self.loss_type == "wrpo")]
+            hint = "pair items come from h3fusion.data.build_pairs"
             if self.loss_type == "wrpo":
-                required.append("target_chosen")
                 hint = "WRPO pairs come from build_pairs(mode='wrpo', target_source=...)"
         columns = getattr(dataset, "column_names", None)
         rows = [(0, dict.fromkeys(columns))] if columns is not None else enumerate(dataset)
