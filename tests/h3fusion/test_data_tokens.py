@@ -65,11 +65,11 @@ def test_pad_token_fallback():
 
 def test_one_ignore_index():
     """The labels' ignore index is the ops' default ignore index."""
+    import importlib
     import inspect
 
-    from h3fusion.data import instructions
-    from h3fusion.trainers import sequence_logprobs
-
+    instructions = importlib.import_module("h3fusion.data.instructions")
+    sequence_logprobs = importlib.import_module("h3fusion.trainers.sequence_logprobs")
     assert instructions.IGNORE_INDEX is IGNORE_INDEX and sequence_logprobs.IGNORE_INDEX is IGNORE_INDEX
     default = inspect.signature(h3fusion_ext.linear_logprob).parameters["ignore_index"].default
     assert default == IGNORE_INDEX == -100

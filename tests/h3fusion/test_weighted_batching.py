@@ -33,6 +33,8 @@ def _items(kind: str) -> list[dict]:
         mode = "wrpo" if kind == "wrpo" else "per_source"
         pairs = build_pairs(random_records(n, per_source=2), mode=mode, target_source="target", temperature=0.5)
         if len(pairs) >= _N:
+            if kind == "wrpo":  # WRPO triplets have unit weights; give them unequal ones (the losses accept any)
+                pairs = [{**p, "weight": 0.2 + float(torch.rand(()))} for p in pairs]
             return normalize_weights(pairs[:_N])
         n *= 2
 
@@ -129,7 +131,7 @@ def test_trainers_check_their_datasets(tmp_path):
     with pytest.raises(ValueError, match="train_dataset is empty"):
         FusePOTrainer(model, None, args, [], None, tok, loss="simpo")
     data = sft_examples(random_records(2), temperature=0.5)
-    half = data[: len(data) // 2]  # a subset of a normalised list: its mean is not 1
+    half = sorted(data, key=lambda it: it["weight"])[-3:]  # a subset of a normalised list: its mean is not 1
     with pytest.warns(UserWarning, match=r"train_dataset: the mean weight is .*normalize_weights"):
         FuseSFTTrainer(model, args, half, None, tok)
     with warnings.catch_warnings():
