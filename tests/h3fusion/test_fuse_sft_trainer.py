@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 from h3fusion.data.preference import sft_examples
-from h3fusion.trainers.fuse_sft import FuseSFTTrainer
 from h3fusion.data.tokens import IGNORE_INDEX
+from h3fusion.trainers.fuse_sft import FuseSFTTrainer
 from pref_tiny import pref_training_args, random_records, tiny_llama, tiny_tokenizer
 
 
