@@ -204,3 +204,15 @@ def test_load_records_non_utf8_and_empty_files(tmp_path):
     with pytest.raises(ValueError, match=r"empty.jsonl: no records"):
         load_records(empty)
     assert load_records(empty, allow_empty=True) == []
+
+
+def test_extreme_temperatures_stay_finite():
+    rec = _rec("p", ("a", "A", 2.0), ("b", "B", -2.0), ("c", "C", 2.0))
+    with pytest.warns(UserWarning, match="dropped 1 of 3"):
+        cold = sft_examples([rec], temperature=1e-308)  # r / tau overflows float64; the gaps do not
+    assert [it["weight"] for it in cold] == [1.0, 1.0]  # the two best share it; mean 1
+    hot = sft_examples([rec], temperature=1e300)
+    assert [it["weight"] for it in hot] == pytest.approx([1.0, 1.0, 1.0], rel=1e-12)
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            sft_examples([rec], temperature=bad)

@@ -141,17 +141,18 @@ def save_records(records: Iterable[PreferenceRecord | dict], path: str | os.Path
 
 
 def _log_softmax(values: Sequence[float], temperature: float) -> list[float]:
-    """log softmax(v / tau) in float64, exact in log space (no exp of large numbers, no underflow before the end)."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    z = [v / temperature for v in values]
-    top = max(z)
-    lse = top + math.log(sum(math.exp(v - top) for v in z))
+    """log softmax(v / tau) in float64 log space: never an exp of a large number, and no division that overflows
+    (the gaps to the maximum are divided, so they are <= 0; -inf where a weight is exactly 0)."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    top = max(values)
+    z = [(v - top) / temperature for v in values]  # <= 0, one of them 0
+    lse = math.log(math.fsum(math.exp(v) for v in z))  # in [0, log K]
     return [v - lse for v in z]
 
 
 def _weight_or_zero(log_w: float) -> float:
-    """exp(log_w), or exactly 0.0 when it would be 0 in float32 (the loss's dtype)."""
+    """exp(log_w), or exactly 0.0 when it would be 0 in float32 (the dtype the loss sees it in)."""
     w = math.exp(log_w)
     return 0.0 if w <= _FP32_ZERO else w
 
@@ -295,8 +296,7 @@ def build_pairs(
         raise ValueError(f"gap_min ({gap_min}) must be <= gap_max ({gap_max})")
     if mode == "wrpo" and target_source is None:
         raise ValueError("mode='wrpo' needs target_source (the name of the target model's source)")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _log_softmax([0.0], temperature)  # validates tau
     records = _records(records)
     if target_source is not None and records:
         present = sorted({r.source for rec in records for r in rec.responses})
