@@ -139,3 +139,18 @@ def test_trainers_check_their_datasets(tmp_path):
         FuseSFTTrainer(model, args, normalize_weights(half), None, tok)
     with pytest.raises(ValueError, match="weights must be finite"):
         FuseSFTTrainer(model, args, [{**data[0], "weight": -1.0}], None, tok)
+
+
+def test_check_dataset_reads_hugging_face_columns():
+    import datasets  # a dependency of the package
+    from h3fusion.trainers.preference_common import check_dataset
+
+    pairs = build_pairs(random_records(3), mode="per_source", temperature=0.5)
+    check_dataset(datasets.Dataset.from_list(pairs), "train_dataset")  # normalised: silent
+    groups = rloo_groups(random_records(2), temperature=0.5)
+    check_dataset(datasets.Dataset.from_list(groups), "train_dataset")
+    skewed = datasets.Dataset.from_list([{**p, "weight": 3.0 * p["weight"]} for p in pairs])
+    with pytest.warns(UserWarning, match="mean weight is 3"):
+        check_dataset(skewed, "train_dataset")
+    with pytest.raises(ValueError, match="eval_dataset is empty"):
+        check_dataset(datasets.Dataset.from_list([]), "eval_dataset")
