@@ -73,8 +73,8 @@ def check_dataset(dataset: Any, name: str) -> None:
     Raises:
         ValueError: the dataset has no items, or a weight is negative or not finite.
     """
-    if dataset is None:
-        return
+    if dataset is None or not hasattr(dataset, "__len__"):
+        return  # an iterable (streamed) dataset cannot be checked up front
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty: no items to train or evaluate on (check the data file and the filters)")
     weights = _weights_of(dataset)
