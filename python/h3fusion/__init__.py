@@ -24,7 +24,7 @@ _EXPORTS: dict[str, str] = {
     "load_instructions": "h3fusion.data.instructions",
     "build_pairs": "h3fusion.data.preference",
     "load_records": "h3fusion.data.preference",
-    "precompute_reference_logps": "h3fusion.data.preference",
+    "normalize_weights": "h3fusion.data.preference",
     "rloo_groups": "h3fusion.data.preference",
     "save_records": "h3fusion.data.preference",
     "sft_examples": "h3fusion.data.preference",
@@ -49,6 +49,7 @@ _EXPORTS: dict[str, str] = {
     "FusePOTrainer": "h3fusion.trainers.fuse_po",
     "FuseSFTTrainer": "h3fusion.trainers.fuse_sft",
     "H3FusionTrainer": "h3fusion.trainers.h3fusion_trainer",
+    "precompute_reference_logps": "h3fusion.trainers.reference_logps",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -72,7 +73,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .data.preference import (
         build_pairs,
         load_records,
-        precompute_reference_logps,
+        normalize_weights,
         rloo_groups,
         save_records,
         sft_examples,
@@ -86,6 +87,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .trainers.fuse_po import FusePOTrainer
     from .trainers.fuse_sft import FuseSFTTrainer
     from .trainers.h3fusion_trainer import H3FusionTrainer
+    from .trainers.reference_logps import precompute_reference_logps
 
 # "h3fusion" joins transformers' ExpertsInterface as soon as transformers loads it (cheap: no import here).
 register_lazily()
