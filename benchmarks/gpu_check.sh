@@ -69,7 +69,8 @@ run_step() {
     echo "== $name: SKIPPED (no time left)"
     printf '%s\tskipped\t-\t0\t0\n' "$name" >> "$STEPS"; write_summary; return 0
   fi
-  echo "== $name (limit ${lim}s, $(( $(date +%s) - T0 ))s elapsed): $*"
+  local cmd="$*"
+  echo "== $name (limit ${lim}s, $(( $(date +%s) - T0 ))s elapsed): ${cmd:0:300}"
   printf '%s\trunning\t-\t0\t%s\n' "$name" "$lim" >> "$STEPS"; write_summary
   s=$(date +%s)
   timeout --kill-after=10 "$lim" "$@"
@@ -130,7 +131,8 @@ export PYTHONPATH="$ROOT:$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
 # ---- 2. registers / shared memory / stack per kernel ----------------------------------------------------------
 resources() {
   local so
-  so=$("$PY" -c "import h3fusion_ext._C as c; print(c.__file__)") || return 1
+  so=$(ls h3fusion_ext/_C*.so 2>/dev/null | head -1)  # the editable / in-place build puts it here
+  [ -n "$so" ] || so=$("$PY" -c "import h3fusion_ext._C as c; print(c.__file__)") || return 1
   echo "# cuobjdump --dump-resource-usage $so" > "$OUT/resources.txt"
   "${CUOBJDUMP:-cuobjdump}" --dump-resource-usage "$so" >> "$OUT/resources.txt" || return 1
   grep -c "Function" "$OUT/resources.txt" | sed 's/^/kernels: /'
@@ -143,8 +145,12 @@ run_step resources 20 bash -c "$(declare -f resources); PY=$PY OUT=$OUT CUOBJDUM
 # only files that mark GPU tests (collecting the whole suite would import the training stack for nothing)
 mapfile -t CUDA_TESTS < <(grep -rlE "mark\.cuda|pytestmark = pytest\.mark\.cuda" tests --include='test_*.py' | sort)
 echo "GPU test files: ${CUDA_TESTS[*]}"
+PYTEST_EXTRA=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA=(--timeout=45) || echo "pytest-timeout missing: no per-test limit"
+# 4 workers share the GPU: the tests are small, their CPU-side references dominate
+"$PY" -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n 4)
 run_step tests 90 "$PY" -m pytest "${CUDA_TESTS[@]}" -m cuda -q -p no:cacheprovider --continue-on-collection-errors \
-  --timeout=45 -rfE --durations=20 --junitxml="$OUT/junit.xml"
+  "${PYTEST_EXTRA[@]}" -rfE --durations=20 --junitxml="$OUT/junit.xml"
 
 # ---- 4. benchmarks: both backends vs transformers' grouped_mm and a dense mm (bench.json after every case) -------
 bench_budget=$(( $(left) > 110 ? 40 : 20 ))
