@@ -1,5 +1,7 @@
-"""GPU rows of the MoE expert FFN: both CUDA GEMM backends of `moe_ffn` against transformers' `grouped_mm` experts and
-a dense bf16 `mm` of the same FLOPs, forward and forward+backward; and a torch.profiler kernel table.
+"""GPU benchmark of the MoE expert FFN: both CUDA GEMM backends vs transformers' grouped_mm and a dense mm.
+
+moe_ffn under the "own" and "torch" GEMM backends against transformers' `grouped_mm` experts and a dense bf16 `mm`
+of the same FLOPs, forward and forward+backward; and a torch.profiler kernel table.
 
 Usage: `python -m benchmarks.gpu_bench --out bench.json [--quick] [--budget-s 150] [--profile profile.txt]`.
 The JSON is rewritten after every case, so a run cut short keeps what it measured. Rows: bench="gpu_moe", case,

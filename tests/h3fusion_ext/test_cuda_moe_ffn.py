@@ -406,21 +406,6 @@ def test_backends_agree(dtype):
     assert grads_t[2][3].abs().max() == 0 and grads_t[3][3].abs().max() == 0  # the empty expert
 
 
-def test_mode_api_restores_and_validates():
-    before = current_mode()
-    with h3fusion_ext.moe_ffn_gemm_mode("own"):
-        assert current_mode() == "own"
-        with h3fusion_ext.moe_ffn_gemm_mode("torch"):
-            assert current_mode() == "torch"
-        assert current_mode() == "own"
-    assert current_mode() == before
-    with pytest.raises(ValueError, match="mode must be one of"):
-        h3fusion_ext.set_moe_ffn_gemm_mode("fast")
-    with pytest.raises(RuntimeError, match="auto"):
-        ops.moe_ffn_set_gemm_backend("fast")
-    assert current_mode() == before
-
-
 def test_backward_output_mask_skips_only_unneeded(backend):
     """Once moe_ffn_backward takes output_mask, every needed gradient is bitwise the full backward's."""
     if "output_mask" not in str(ops.moe_ffn_backward.default._schema):
