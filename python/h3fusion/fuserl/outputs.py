@@ -25,9 +25,16 @@ from .records import settings_hash
 __all__ = ["ResumableOutput"]
 
 
-def _diff(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [k for k in keys if old.get(k) != new.get(k)]
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested settings dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
 
 
 class ResumableOutput:
@@ -83,7 +90,7 @@ class ResumableOutput:
         if self.work.exists() and settings_file.is_file():
             old = json.loads(settings_file.read_text(encoding="utf-8"))
             if old.get("hash") != self.hash:
-                if not self.overwrite:
+                if not self.overwrite and self._has_progress():
                     changed = ", ".join(_diff(old.get("settings", {}), self.settings)) or "unknown"
                     raise OutputDirError(
                         f"{self.work} holds an unfinished {self.kind} run with other settings (changed: {changed}); "
@@ -107,6 +114,10 @@ class ResumableOutput:
         prepare_output_dir(self.work, kind=f"{self.kind}-work", resume=True, inputs=self.inputs, what="--out")
         atomic_write_json(settings_file, {"kind": self.kind, "hash": self.hash, "settings": self.settings})
         return self.work
+
+    def _has_progress(self) -> bool:
+        # an unfinished run that appended nothing (e.g. it failed while loading a model) has nothing to lose
+        return any(p.suffix == ".jsonl" and p.stat().st_size > 0 for p in self.work.iterdir())
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Record the output (already in place at `path`) as complete and remove the work folder."""

@@ -149,7 +149,7 @@ class SeededSampler:
             choice = scores.argmax(-1, keepdim=True)
         else:
             probs = torch.softmax(scores.double() / self.temperature, -1)
-            sorted_p, order = probs.sort(-1, descending=True, stable=True)
+            sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
             before = sorted_p.cumsum(-1) - sorted_p
             sorted_p = sorted_p * (before < self.top_p)  # the smallest prefix whose mass reaches top_p
             cdf = sorted_p.cumsum(-1)
@@ -169,6 +169,13 @@ def _require_chat_template(tokenizer: Any, name: str, path: str, role: str = "so
             f"{role} {name!r} ({path}) has no chat template: its tokenizer defines none (tokenizer_config.json "
             "'chat_template' or chat_template.jinja); FuseRL formats every prompt with the model's own template"
         )
+
+
+def _check_tokenizers(sources: Mapping[str, str]) -> None:
+    from transformers import AutoTokenizer
+
+    for name, path in sources.items():
+        _require_chat_template(AutoTokenizer.from_pretrained(path), name, path)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -389,6 +396,9 @@ def sample_to_file(
         "generation": settings.identity(),
     }
     output = ResumableOutput(out, "sample", identity, overwrite=overwrite, inputs=[prompts_path, *sources.values()])
+    if output.is_complete() and not overwrite:
+        return {**output.read_meta()["summary"], "skipped": True}
+    _check_tokenizers(sources)  # every source's chat template, before anything is written
     work = output.begin()
     if work is None:
         return {**output.read_meta()["summary"], "skipped": True}

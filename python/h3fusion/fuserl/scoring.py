@@ -226,9 +226,9 @@ def score_file(
         "max_length": max_length,
     }
     output = ResumableOutput(out, "score", identity, overwrite=overwrite, inputs=[in_path, reward_model])
-    work = output.begin()
-    if work is None:
+    if output.is_complete() and not overwrite:
         return {**output.read_meta()["summary"], "skipped": True}
+    # load (and so check) the reward model before anything is written
     rm = RewardModel(
         reward_model,
         device=device,
@@ -237,6 +237,9 @@ def score_file(
         dtype=dtype,
         max_length=max_length,
     )
+    work = output.begin()
+    if work is None:
+        return {**output.read_meta()["summary"], "skipped": True}
     partial = work / "scored.jsonl"
     done = len(read_jsonl_resumable(partial))
     if done > len(records):
