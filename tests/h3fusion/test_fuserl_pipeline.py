@@ -202,3 +202,29 @@ def test_config_error_exit_status(models, tmp_path, capsys):
     assert main(["fuserl", "--config", str(config)]) == 2
     assert "fuse_sft.top_k" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_eval_step_calls_h3fusion_eval_on_the_trained_and_the_initial_model(models, tmp_path, monkeypatch):
+    """The optional eval step's glue (h3fusion eval itself is tested in its own suite): its command line and results."""
+    import h3fusion.cli
+    from h3fusion.fuserl.pipeline import _evaluate
+
+    (tmp_path / "tqa.jsonl").write_text("{}\n")
+    config = _config(tmp_path, models, eval={"suite": ["honest", "helpful"], "truthfulqa": "tqa.jsonl", "limit": 2})
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        out = tmp_path / "stage" / "eval"
+        out.mkdir(parents=True)
+        (out / "results.json").write_text(json.dumps({"fuserl": {"truthfulqa_mc1": 0.5}}))
+        return 0
+
+    monkeypatch.setattr(h3fusion.cli, "main", fake_main)
+    results = _evaluate(load_config(config), "/models/final", "cpu", tmp_path / "stage")
+    assert results == {"fuserl": {"truthfulqa_mc1": 0.5}}
+    (argv,) = calls
+    assert argv[:5] == ["eval", "--model", f"target={models['target']}", "--model", "fuserl=/models/final"]
+    flags = dict(zip(argv[5::2], argv[6::2], strict=True))
+    assert flags == {"--suite": "honest,helpful", "--truthfulqa": str(tmp_path / "tqa.jsonl"), "--limit": "2",
+                     "--device": "cpu", "--out": str(tmp_path / "stage" / "eval")}  # fmt: skip

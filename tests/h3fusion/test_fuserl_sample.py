@@ -130,7 +130,7 @@ def test_source_without_chat_template(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", 2)
     with pytest.raises(ValueError, match=r"source model 'plain' \(.*plain\) has no chat template"):
         sample_to_file({"plain": plain}, prompts, tmp_path / "o.jsonl", _settings())
-    assert not (tmp_path / "o.jsonl").exists()
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jsonl.work").exists()  # checked before writing
 
 
 @pytest.mark.parametrize(

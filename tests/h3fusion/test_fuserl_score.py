@@ -127,7 +127,7 @@ def test_reward_model_errors(tmp_path):
     remote = make_reward_model(tmp_path / "remote", remote_code=True)
     with pytest.raises(ValueError, match=r"reward model .*remote .*--trust-remote-code"):
         score_file(remote, inp, tmp_path / "o.jsonl")
-    assert not (tmp_path / "o.jsonl").exists()
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jsonl.work").exists()  # checked before writing
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from h3fusion.cli.sample import progress_printer
     from h3fusion.fuserl.config import load_config
     from h3fusion.fuserl.pipeline import run_pipeline
     from h3fusion.utils.files import OutputDirError
@@ -28,7 +29,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        report = run_pipeline(cfg, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        report = run_pipeline(
+            cfg,
+            progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+            on_sample=progress_printer("fuserl sample"),
+        )
     except (ValueError, FileNotFoundError, OutputDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -36,6 +36,19 @@ def _top_p(text: str) -> float:
     return value
 
 
+def progress_printer(prefix: str, unit: str = "prompts"):
+    """A progress callback (label, done, total) printing to stderr about every 10% of each label's items."""
+    last: dict[str, int] = {}
+
+    def report(label: str, done: int, total: int) -> None:
+        step = max(1, total // 10)
+        if done == total or done - last.get(label, 0) >= step:
+            last[label] = done
+            print(f"[{prefix}] {label}: {done}/{total} {unit}", file=sys.stderr, flush=True)
+
+    return report
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -94,7 +107,13 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         summary = sample_to_file(
-            dict(args.model), args.prompts, args.out, settings, device=resolve_device(args), overwrite=args.overwrite
+            dict(args.model),
+            args.prompts,
+            args.out,
+            settings,
+            device=resolve_device(args),
+            overwrite=args.overwrite,
+            progress=progress_printer("sample"),
         )
     except (ValueError, FileNotFoundError, OutputDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)

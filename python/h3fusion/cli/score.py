@@ -38,9 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from h3fusion.cli.common import resolve_device
+    from h3fusion.cli.sample import progress_printer
     from h3fusion.fuserl.scoring import score_file
     from h3fusion.utils.files import OutputDirError
 
+    printer = progress_printer("score", unit="records")
     try:
         summary = score_file(
             args.reward_model,
@@ -53,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             max_length=args.max_length,
             device=resolve_device(args),
             overwrite=args.overwrite,
+            progress=lambda done, total: printer("scored", done, total),
         )
     except (ValueError, FileNotFoundError, OutputDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)

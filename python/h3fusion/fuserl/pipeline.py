@@ -203,7 +203,7 @@ def run_pipeline(
                 run.log(f"[fuserl] {eval_note}")
             else:
                 run.run_stage(
-                    "eval", {**upstream, "section": cfg.eval}, lambda folder, _: _evaluate(cfg, model, folder)
+                    "eval", {**upstream, "section": cfg.eval}, lambda folder, _: _evaluate(cfg, model, device, folder)
                 )
         report = _report(
             run, scored, time.time() - t0, model, eval_note, plot_reward_histogram, plot_training_curves, write_report
@@ -211,20 +211,32 @@ def run_pipeline(
     return report
 
 
-def _evaluate(cfg: PipelineConfig, model: str, folder: Path) -> dict[str, Any]:
-    """`h3fusion eval --model MODEL <eval flags> --out FOLDER`; returns its results.json."""
+def _evaluate(cfg: PipelineConfig, model: str, device: str, folder: Path) -> dict[str, Any]:
+    """`h3fusion eval --model target=TARGET --model fuserl=MODEL <eval flags> --out FOLDER/eval`: the trained model
+    next to the model it started from. Returns eval's results.json (model name -> metrics)."""
     from ..cli import main
 
-    argv = ["eval", "--model", model]
-    for key, value in cfg.eval.items():
+    section = dict(cfg.eval)
+    argv = ["eval"]
+    if section.pop("compare_target", True):
+        argv += ["--model", f"target={cfg.target}"]
+    argv += ["--model", f"fuserl={model}"]
+    section.setdefault("device", device)
+    base = cfg.path.resolve().parent
+    for key, value in section.items():
         flag = "--" + key.replace("_", "-")
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
+            value = str(base / value)  # a file named relative to the config, like the config's other paths
         if value is True:
             argv.append(flag)
         elif value not in (None, False):
             argv += [flag, str(value)]
-    if main([*argv, "--out", str(folder)]) != 0:
+    out = folder / "eval"
+    if main([*argv, "--out", str(out)]) != 0:
         raise RuntimeError(f"h3fusion eval failed: {' '.join(argv)}")
-    results = folder / "results.json"
+    results = out / "results.json"
     return json.loads(results.read_text(encoding="utf-8")) if results.is_file() else {}
 
 

@@ -100,9 +100,13 @@ def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> tuple[Pa
     out_dir = Path(out_dir)
     json_path = atomic_write_json(out_dir / "report.json", report)
     lines = ["# FuseRL pipeline report", ""]
-    lines += ["## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
+    lines += ["## Stages", "", "| stage | status | seconds | seconds when it ran |", "|---|---|---|---|"]
     for s in report.get("stages", []):
-        lines.append(f"| {s['name']} | {s['status']} | {s.get('seconds', 0.0):.1f} |")
+        ran = s.get("ran_seconds")
+        ran_text = f"{ran:.1f}" if isinstance(ran, (int, float)) else f"{s.get('seconds', 0.0):.1f}"
+        lines.append(f"| {s['name']} | {s['status']} | {s.get('seconds', 0.0):.1f} | {ran_text} |")
+    if "seconds" in report:
+        lines += ["", f"Whole run: {report['seconds']:.1f} s. Final model: `{report.get('final_model')}`."]
     data = report.get("data", {})
     sample = data.get("sample")
     if sample:
@@ -110,7 +114,9 @@ def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> tuple[Pa
             "",
             "## Samples",
             "",
-            f"{sample['prompts']} prompts.",
+            f"{sample['prompts']} prompts. Generation: "
+            + ", ".join(f"{k}={v}" for k, v in (sample.get("generation") or {}).items() if k != "batch_size")
+            + ".",
             "",
             "| source | responses | stopped | hit max tokens | mean new tokens | dropped empty |",
             "|---|---|---|---|---|---|",
@@ -134,9 +140,17 @@ def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> tuple[Pa
         for k, v in build.items():
             if not isinstance(v, dict):
                 lines.append(f"| {k} | {_fmt(v)} |")
-        per = build.get("po_items_per_source") or {}
-        if per:
-            lines.append(f"| preference items per source | {', '.join(f'{k}: {v}' for k, v in per.items())} |")
+        for key, label in (("sft_items_per_source", "SFT items"), ("po_items_per_source", "preference items")):
+            per = build.get(key) or {}
+            if per:
+                lines.append(f"| {label} per source | {', '.join(f'{k}: {v}' for k, v in per.items())} |")
+        skipped = build.get("skipped_sft_records", 0) + build.get("skipped_po_records", 0)
+        if skipped:
+            lines += [
+                "",
+                f"{skipped} record(s) yield no training item; each is listed with its reason and reward "
+                "gaps in `build/skipped_records.jsonl`.",
+            ]
     training = report.get("training") or {}
     if training:
         lines += ["", "## Training", "", "| stage | items | steps | first loss | last loss |", "|---|---|---|---|---|"]
