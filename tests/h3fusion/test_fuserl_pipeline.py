@@ -111,17 +111,17 @@ def test_pipeline_end_to_end_resume_skip_and_rerun(models, tmp_path, capsys):
     assert stats["sft_records"] == 2 and stats["po_records"] == 4
     assert stats["po_items"] + stats["skipped_po_records"] >= 4 and stats["po_items"] > 0
     target = load_file(f"{models['target']}/model.safetensors")
-    final = load_file(run_dir / "fuse_po" / "model" / "model.safetensors")
+    final = load_file(run_dir / "fuse_po" / "train" / "model" / "model.safetensors")
     assert any(not torch.equal(target[k], final[k]) for k in target)
-    sft_log = json.loads((run_dir / "fuse_sft" / "train_log.json").read_text())
-    po_log = json.loads((run_dir / "fuse_po" / "train_log.json").read_text())
+    sft_log = json.loads((run_dir / "fuse_sft" / "train" / "train_log.json").read_text())
+    po_log = json.loads((run_dir / "fuse_po" / "train" / "train_log.json").read_text())
     assert sft_log["steps"] == 1 and po_log["steps"] == 2 and po_log["loss"] == "dpo"
     assert sft_log["items"] == sum(
         min(2, len(r["responses"])) for r in read_jsonl(run_dir / "build" / "sft_records.jsonl")
     )
     assert po_log["items"] == stats["po_items"]  # the trainer trained on the pairs build-data counted
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["final_model"] == str(run_dir / "fuse_po" / "model")
+    assert report["final_model"] == str(run_dir / "fuse_po" / "train" / "model")
     assert set(report["data"]["score"]["rewards"]) == {"alpha", "beta", "target"}
     md = (run_dir / "report.md").read_text()
     assert "| fuse_po | ran |" in md and "![rewards](rewards.png)" in md and "training_curves.png" in md
@@ -129,10 +129,10 @@ def test_pipeline_end_to_end_resume_skip_and_rerun(models, tmp_path, capsys):
     capsys.readouterr()
 
     # 2. the same command again: every stage complete for the same inputs, nothing runs
-    before = (run_dir / "fuse_po" / "model" / "model.safetensors").stat().st_mtime_ns
+    before = (run_dir / "fuse_po" / "train" / "model" / "model.safetensors").stat().st_mtime_ns
     assert main(["fuserl", "--config", str(config)]) == 0
     assert set(_statuses(run_dir).values()) == {"skipped"}
-    assert (run_dir / "fuse_po" / "model" / "model.safetensors").stat().st_mtime_ns == before
+    assert (run_dir / "fuse_po" / "train" / "model" / "model.safetensors").stat().st_mtime_ns == before
 
     # 3. a scoring setting changes: scoring and everything after it rerun, sampling does not
     samples_mtime = (run_dir / "sample" / "samples.jsonl").stat().st_mtime_ns
@@ -175,7 +175,7 @@ def test_pipeline_wrpo_without_sft(models, tmp_path):
     assert stats["po_mode"] == "wrpo" and stats["po_items"] >= 1
     assert stats["po_items"] + stats["skipped_po_records"] == 4
     assert all("target_chosen" in t for t in read_jsonl(tmp_path / "run" / "build" / "po_items.jsonl"))
-    assert json.loads((tmp_path / "run" / "fuse_po" / "train_log.json").read_text())["loss"] == "wrpo"
+    assert json.loads((tmp_path / "run" / "fuse_po" / "train" / "train_log.json").read_text())["loss"] == "wrpo"
 
 
 @pytest.mark.parametrize(
@@ -190,6 +190,8 @@ def test_pipeline_wrpo_without_sft(models, tmp_path):
         ({"fuse_po__loss": "wrpo"}, "needs build.target_source"),
         ({"score": {"batch_size": 2}}, "'score' must be a mapping with 'reward_model'"),
         ({"sources": {"bad name": "x"}}, "source name 'bad name'"),
+        ({"build__sft_ratio": 0.0}, r"build\.sft_ratio is 0: no prompts for FuseSFT; set fuse_sft: false"),
+        ({"build__sft_ratio": 1.0}, r"build\.sft_ratio is 1: no prompts for FusePO; set fuse_po: false"),
     ],
 )
 def test_config_errors(changes, match, models, tmp_path):

@@ -37,7 +37,7 @@ __all__ = ["PipelineConfig", "load_config", "trainer_namespace"]
 _TOP = {"out", "prompts", "sources", "target", "device", "sample", "score", "build", "fuse_sft", "fuse_po", "eval"}
 _SCORE_KEYS = {"reward_model", "batch_size", "reward_index", "trust_remote_code", "dtype", "max_length"}
 # trainer flags that the pipeline sets itself (the model chain, the data, the output, the pair building)
-_SFT_FIXED = {"model", "data", "out", "top_k", "temperature", "cpu"}
+_SFT_FIXED = {"model", "data", "out", "top_k", "temperature", "cpu", "device", "overwrite"}
 _PO_FIXED = {
     "model",
     "data",
@@ -49,6 +49,8 @@ _PO_FIXED = {
     "target_source",
     "rloo_temperature",
     "cpu",
+    "device",
+    "overwrite",
 }
 
 
@@ -160,6 +162,11 @@ def load_config(path: str | os.PathLike, out: str | None = None, device: str | N
         )
     if fuse_po is not None and loss == "wrpo" and not build_raw.get("target_source"):
         raise ValueError(f"{path}: fuse_po.loss 'wrpo' needs build.target_source (the target model's source name)")
+    ratio = build_raw.get("sft_ratio", BuildSettings.sft_ratio)
+    if fuse_sft is not None and ratio == 0:
+        raise ValueError(f"{path}: build.sft_ratio is 0: no prompts for FuseSFT; set fuse_sft: false to skip it")
+    if fuse_po is not None and ratio == 1:
+        raise ValueError(f"{path}: build.sft_ratio is 1: no prompts for FusePO; set fuse_po: false to skip it")
     ev = raw.get("eval")
     if ev is not None and not isinstance(ev, dict):
         raise ValueError(f"{path}: 'eval' must be a mapping of `h3fusion eval` flags")
@@ -193,7 +200,9 @@ class _ConfigParser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-def trainer_namespace(stage: str, section: dict[str, Any], fixed: dict[str, Any], where: str = "config"):
+def trainer_namespace(
+    stage: str, section: dict[str, Any], fixed: dict[str, Any], where: str = "config", device: str | None = None
+):
     """The argparse namespace of `h3fusion fuse-sft` / `fuse-po` for a config section plus the pipeline's values.
 
     Every value goes through the subcommand's own parser, so types, choices and defaults are exactly the CLI's.
@@ -201,8 +210,10 @@ def trainer_namespace(stage: str, section: dict[str, Any], fixed: dict[str, Any]
     Args:
         stage: "fuse_sft" or "fuse_po".
         section: the config section (flag names with underscores -> values; true/false for switches).
-        fixed: values the pipeline sets (model, data, out, pair building, cpu); the section may not set them.
+        fixed: values the pipeline sets (model, data, out, pair building); the section may not set them.
         where: the config file, for error messages.
+        device: the pipeline's device, passed as the trainer's `--device` (cpu / cuda) or `--cpu`, whichever flag
+            the subcommand has; the trainer's `--overwrite` (when it has one) is set, as the pipeline owns the folder.
     """
     from ..cli import fuse_po, fuse_sft
 
@@ -211,10 +222,21 @@ def trainer_namespace(stage: str, section: dict[str, Any], fixed: dict[str, Any]
     parser = _ConfigParser(prog=f"{stage}", add_help=False)
     module.add_arguments(parser)
     actions = {a.dest: a for a in parser._actions if a.option_strings}
+    fixed = dict(fixed)
+    if "overwrite" in actions:
+        fixed["overwrite"] = True
+    if device is not None and "device" in actions:
+        fixed["device"] = "cpu" if device == "cpu" else "cuda"
+    elif device == "cpu" and "cpu" in actions:
+        fixed["cpu"] = True
     argv: list[str] = []
     for key, value in {**section, **fixed}.items():
         if key in section and key in reserved:
-            hint = "under build:" if key not in ("model", "data", "out", "cpu") else "by the pipeline"
+            hint = (
+                "under build:"
+                if key not in ("model", "data", "out", "cpu", "device", "overwrite")
+                else "by the pipeline"
+            )
             raise ValueError(f"{where}: {stage}.{key} is set {hint}; remove it from {stage}")
         action = actions.get(key)
         if action is None:

@@ -39,6 +39,7 @@ class _Run:
         self.report_stages: list[dict[str, Any]] = []
         self.summaries: dict[str, Any] = {}
         self._fingerprints: dict[str, str] = {}
+        self.device = cfg.device
 
     def fingerprint(self, folder: str) -> str:
         if folder not in self._fingerprints:
@@ -92,17 +93,17 @@ def _train(run: _Run, stage: str, model: str, data: Path, folder: Path, fixed: d
     section = cfg.fuse_sft if stage == "fuse_sft" else cfg.fuse_po
     # the target is sampled and trained through its chat template unless the config says otherwise
     section = {"chat_template": True, **section}
-    values = {"model": model, "data": str(data), "out": str(folder), **fixed}
-    if cfg.device == "cpu":
-        values["cpu"] = True
-    args = trainer_namespace(stage, section, values, where=str(cfg.path))
+    # the trainer gets a folder of its own inside the stage folder (which holds stage.json)
+    out = folder / "train"
+    values = {"model": model, "data": str(data), "out": str(out), **fixed}
+    args = trainer_namespace(stage, section, values, where=str(cfg.path), device=run.device)
     try:
         (fuse_sft if stage == "fuse_sft" else fuse_po).run(args)
     except SystemExit as exc:  # the CLIs stop with a message (e.g. no pairs survive the gap window)
         if isinstance(exc.code, str):
             raise ValueError(f"{stage}: {exc.code}") from None
         raise
-    log = json.loads((folder / "train_log.json").read_text(encoding="utf-8"))
+    log = json.loads((out / "train_log.json").read_text(encoding="utf-8"))
     return {k: v for k, v in log.items() if k != "log_history"}
 
 
@@ -132,6 +133,7 @@ def run_pipeline(
     out = prepare_output_dir(cfg.out, kind="fuserl", resume=True, inputs=inputs, what="out")
     device = cfg.device or resolve_device(argparse.Namespace(device=None))
     run = _Run(cfg, out, progress)
+    run.device = device
     with output_lock(out):
         t0 = time.time()
         samples = run.dir("sample") / "samples.jsonl"
@@ -174,7 +176,7 @@ def run_pipeline(
                 {**upstream, "section": cfg.fuse_sft},
                 lambda folder, _: _train(run, "fuse_sft", cfg.target, build_dir / "sft_records.jsonl", folder, fixed),
             )
-            model = str(run.dir("fuse_sft") / "model")
+            model = str(run.dir("fuse_sft") / "train" / "model")
             upstream = {"build": run.hashes["build"], "sft": run.hashes["fuse_sft"]}
         if cfg.fuse_po is not None:
             b = cfg.build
@@ -194,7 +196,7 @@ def run_pipeline(
                 {**upstream, "section": cfg.fuse_po},
                 lambda folder, _: _train(run, "fuse_po", start, build_dir / "po_records.jsonl", folder, fixed),
             )
-            model = str(run.dir("fuse_po") / "model")
+            model = str(run.dir("fuse_po") / "train" / "model")
             upstream = {"po": run.hashes["fuse_po"]}
         eval_note = None
         if cfg.eval is not None:
@@ -256,7 +258,7 @@ def _report(
     figures["rewards"] = "rewards.png"
     logs = {}
     for stage in ("fuse_sft", "fuse_po"):
-        log_file = run.dir(stage) / "train_log.json"
+        log_file = run.dir(stage) / "train" / "train_log.json"
         if stage in run.summaries and log_file.is_file():
             logs[stage] = json.loads(log_file.read_text(encoding="utf-8")).get("log_history", [])
     if plot_training_curves(logs, run.out / "training_curves.png") is not None:
