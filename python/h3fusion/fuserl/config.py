@@ -200,6 +200,10 @@ class _ConfigParser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
+def _flag_of(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
 def trainer_namespace(
     stage: str, section: dict[str, Any], fixed: dict[str, Any], where: str = "config", device: str | None = None
 ):
@@ -221,7 +225,10 @@ def trainer_namespace(
     reserved = _SFT_FIXED if stage == "fuse_sft" else _PO_FIXED
     parser = _ConfigParser(prog=f"{stage}", add_help=False)
     module.add_arguments(parser)
-    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    actions: dict[str, argparse.Action] = {}
+    for a in parser._actions:  # per destination, the flag named after it (not a deprecated alias sharing its dest)
+        if a.option_strings and (a.dest not in actions or _flag_of(a.dest) in a.option_strings):
+            actions[a.dest] = a
     fixed = dict(fixed)
     if "overwrite" in actions:
         fixed["overwrite"] = True
@@ -244,8 +251,8 @@ def trainer_namespace(
                 f"{where}: {stage}.{key} is not a flag of h3fusion {stage.replace('_', '-')}; "
                 f"known: {sorted(set(actions) - reserved)}"
             )
-        flag = next(s for s in action.option_strings if s.startswith("--"))
-        if isinstance(action, argparse._StoreTrueAction):
+        flag = _flag_of(key) if _flag_of(key) in action.option_strings else action.option_strings[-1]
+        if action.nargs == 0:  # a switch (store_true and the like)
             if not isinstance(value, bool):
                 raise ValueError(f"{where}: {stage}.{key} must be true or false")
             argv += [flag] if value else []
