@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml  # PyYAML: a dependency of huggingface_hub, so always there with transformers
 from fuserl_tiny import make_reward_model, make_source_model, read_jsonl, write_prompts
 from h3fusion.cli import main
 from h3fusion.fuserl.config import load_config
@@ -15,7 +16,6 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-yaml = pytest.importorskip("yaml", reason="PyYAML comes with the project's environment (transformers)")
 
 
 @pytest.fixture(scope="module")

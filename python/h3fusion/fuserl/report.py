@@ -161,7 +161,14 @@ def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> tuple[Pa
             )
     ev = report.get("eval")
     if ev:
-        lines += ["", "## Evaluation (`h3fusion eval`)", "", "```json", _json(ev), "```"]
+        lines += ["", "## Evaluation (`h3fusion eval`)", ""]
+        rows = {m: v for m, v in ev.items() if isinstance(v, dict)}
+        if rows and len(rows) == len(ev):
+            metrics = sorted({k for v in rows.values() for k in v})
+            lines += ["| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+            lines += [f"| {m} | " + " | ".join(_fmt(v.get(k, "")) for k in metrics) + " |" for m, v in rows.items()]
+        else:
+            lines += ["```json", _json(ev), "```"]
     figures = report.get("figures") or {}
     if figures:
         lines += ["", "## Figures", ""]
