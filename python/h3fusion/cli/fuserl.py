@@ -18,9 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from h3fusion.cli.sample import progress_printer
     from h3fusion.fuserl.config import load_config
     from h3fusion.fuserl.pipeline import run_pipeline
+    from h3fusion.fuserl.report import progress_printer
     from h3fusion.utils.files import OutputDirError
 
     try:

@@ -36,19 +36,6 @@ def _top_p(text: str) -> float:
     return value
 
 
-def progress_printer(prefix: str, unit: str = "prompts"):
-    """A progress callback (label, done, total) printing to stderr about every 10% of each label's items."""
-    last: dict[str, int] = {}
-
-    def report(label: str, done: int, total: int) -> None:
-        step = max(1, total // 10)
-        if done == total or done - last.get(label, 0) >= step:
-            last[label] = done
-            print(f"[{prefix}] {label}: {done}/{total} {unit}", file=sys.stderr, flush=True)
-
-    return report
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -86,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from h3fusion.cli.common import resolve_device
+    from h3fusion.fuserl.report import progress_printer
     from h3fusion.fuserl.sampling import SampleSettings, sample_to_file
     from h3fusion.utils.files import OutputDirError
 

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from h3fusion.cli.common import resolve_device
-    from h3fusion.cli.sample import progress_printer
+    from h3fusion.fuserl.report import progress_printer
     from h3fusion.fuserl.scoring import score_file
     from h3fusion.utils.files import OutputDirError
 

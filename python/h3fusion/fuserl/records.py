@@ -2,7 +2,7 @@
 
 Formats (one JSON object per line):
 
-    prompts  {"prompt": str} or {"messages": [{"role", "content"}, ...]} (last turn from the user), optional "id"
+    prompts  {"prompt": str} or {"messages": [{"role", "content"}, ...]} (last turn from the user)
     sampled  {"id": int, "prompt": str[, "messages": [...]], "responses": [{"source", "text", "sample", "seed",
               "finish", "new_tokens"}, ...]}
     scored   the sampled record with "reward": float added to every response; valid input of `fuse-sft` /

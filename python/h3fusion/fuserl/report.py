@@ -8,13 +8,27 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-__all__ = ["plot_reward_histogram", "plot_training_curves", "write_report"]
+__all__ = ["plot_reward_histogram", "plot_training_curves", "progress_printer", "write_report"]
+
+
+def progress_printer(prefix: str, unit: str = "prompts"):
+    """A progress callback (label, done, total) printing to stderr about every 10% of each label's items."""
+    last: dict[str, int] = {}
+
+    def report(label: str, done: int, total: int) -> None:
+        step = max(1, total // 10)
+        if done == total or done - last.get(label, 0) >= step:
+            last[label] = done
+            print(f"[{prefix}] {label}: {done}/{total} {unit}", file=sys.stderr, flush=True)
+
+    return report
 
 
 def _pyplot():
