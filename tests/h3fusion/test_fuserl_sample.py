@@ -122,6 +122,22 @@ def test_killed_run_resumes_to_the_same_records(sources, tmp_path):
     assert read_jsonl(out) == read_jsonl(full)
 
 
+def test_checkpoint_generation_defaults_do_not_leak_in(sources, tmp_path):
+    """A checkpoint's own generation_config (sampling, repetition penalty, ...) must not change our responses."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    custom = tmp_path / "custom"
+    shutil.copytree(sources["alpha"], custom)
+    GenerationConfig(do_sample=True, temperature=0.05, top_k=2, repetition_penalty=50.0, no_repeat_ngram_size=1,
+                     min_new_tokens=6, eos_token_id=2, pad_token_id=0).save_pretrained(custom)  # fmt: skip
+    prompts = write_prompts(tmp_path / "p.jsonl", 2)
+    sample_to_file({"alpha": sources["alpha"]}, prompts, tmp_path / "a.jsonl", _settings())
+    sample_to_file({"alpha": str(custom)}, prompts, tmp_path / "b.jsonl", _settings())
+    assert read_jsonl(tmp_path / "a.jsonl") == read_jsonl(tmp_path / "b.jsonl")
+
+
 # ---- errors -------------------------------------------------------------------------------------------------------
 
 

@@ -194,7 +194,7 @@ class HFGenerator:
 
     def __init__(self, name: str, path: str, settings: SampleSettings, device: str):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         self.name, self.settings, self.device = name, settings, device
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -204,6 +204,9 @@ class HFGenerator:
         self.eos = _eos_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
+        # generate() fills every setting we leave unset from the checkpoint's generation_config (its temperature,
+        # repetition penalty, ...): replace it, so the responses follow our settings only
+        self.model.generation_config = GenerationConfig(eos_token_id=self.eos or None, pad_token_id=self.pad)
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         text = self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
