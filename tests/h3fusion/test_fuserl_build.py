@@ -64,6 +64,18 @@ def test_per_source_pairs_counts_and_skipped_records(tmp_path):
     assert json.loads((tmp_path / "stats.json").read_text())["po_items"] == 3
 
 
+def test_global_pairs(tmp_path):
+    stats = build_data(_records(), tmp_path, BuildSettings(sft_ratio=0.0, mode="global", gap_min=0.0, gap_max=1.5))
+    pairs = read_jsonl(tmp_path / "po_items.jsonl")
+    assert pairs == json.loads(json.dumps(build_pairs(_records(), mode="global", gap_min=0.0, gap_max=1.5)))
+    # p0: 1.0 vs 0.0; p1: gap 2.0 > 1.5; p2: 0.32 vs 0.1; p3: one response
+    assert [(p["prompt"], p["chosen_reward"], p["rejected_reward"]) for p in pairs] == [("p0", 1.0, 0.0),
+                                                                                      ("p2", 0.32, 0.1)]  # fmt: skip
+    skipped = read_jsonl(tmp_path / "skipped_records.jsonl")
+    assert [x["id"] for x in skipped] == [1, 3] and stats["po_items"] == 2
+    assert "gap 2 is not > 0 and within [0, 1.5]" in skipped[0]["reason"] and skipped[1]["reason"] == "1 response(s)"
+
+
 def test_sft_topk_weighting_and_wrpo_and_rloo(tmp_path):
     recs = _records()
     s = BuildSettings(
