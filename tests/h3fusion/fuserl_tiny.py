@@ -99,3 +99,36 @@ def write_prompts(path: Path, n: int, *, messages_every: int = 0) -> Path:
 
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+DEMO_CONFIG = """\
+out: run
+prompts: prompts.jsonl
+sources: {alpha: models/alpha, beta: models/beta, target: models/target}
+target: models/target
+device: cpu
+sample: {n: 3, temperature: 1.0, top_p: 0.95, max_new_tokens: 8, seed: 0, batch_size: 12}
+score: {reward_model: models/rm, batch_size: 16}
+build: {sft_ratio: 0.4, seed: 0, top_k: 3, mode: per_source, gap_min: 0.01, gap_max: 0.5}
+fuse_sft: {max_steps: 4, lr: 5.0e-3, batch_size: 4, max_length: 64, logging_steps: 1}
+fuse_po: {loss: dpo, beta: 0.5, max_steps: 4, lr: 5.0e-3, batch_size: 2, max_length: 64, logging_steps: 1}
+"""
+
+
+def make_demo(folder: Path) -> Path:
+    """Three tiny source models, a tiny reward model, 12 prompts and a pipeline.yaml in `folder` (for a manual
+    `h3fusion fuserl --config FOLDER/pipeline.yaml`); returns the config path."""
+    folder = Path(folder)
+    for i, name in enumerate(["alpha", "beta", "target"]):
+        make_source_model(folder / "models" / name, 100 + i)
+    make_reward_model(folder / "models" / "rm", 7)
+    write_prompts(folder / "prompts.jsonl", 12, messages_every=5)
+    config = folder / "pipeline.yaml"
+    config.write_text(DEMO_CONFIG)
+    return config
+
+
+if __name__ == "__main__":  # PYTHONPATH=.:python:tests/h3fusion python tests/h3fusion/fuserl_tiny.py DIR
+    import sys
+
+    print(make_demo(Path(sys.argv[1])))
