@@ -94,6 +94,8 @@ def load_scored_records(path: str | os.PathLike) -> list[dict]:
     """
     import json
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"scored records file {path} does not exist (or is not a file)")
     out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

@@ -77,6 +77,8 @@ def load_prompts(path: str | os.PathLike) -> list[Prompt]:
     Returns:
         the prompts in file order; `Prompt.id` is the 0-based index among the file's non-empty lines.
     """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist (or is not a file)")
     prompts: list[Prompt] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

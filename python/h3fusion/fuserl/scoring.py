@@ -34,6 +34,8 @@ def load_sampled_records(path: str | os.PathLike) -> list[dict]:
     """Read and validate sampled records (see `h3fusion.fuserl.records`); errors name file:line and the field."""
     import json
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"sampled records file {path} does not exist (or is not a file)")
     out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
