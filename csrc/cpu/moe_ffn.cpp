@@ -217,7 +217,8 @@ constexpr bool kAtenSigmoid = std::is_same_v<scalar_t, float> || std::is_same_v<
 void sigmoid_of_gate(const at::Tensor& h, at::Tensor sig) {
   const int64_t n = h.size(0), F = h.size(1) / 2;
   at::parallel_for(0, n, std::max<int64_t>(1, 8192 / std::max<int64_t>(F, 1)), [&](int64_t b, int64_t e) {
-    at::sigmoid_out(sig.narrow(0, b, e - b), h.narrow(0, b, e - b).narrow(1, 0, F));
+    at::Tensor out = sig.narrow(0, b, e - b);
+    at::sigmoid_out(out, h.narrow(0, b, e - b).narrow(1, 0, F));
   });
 }
 
