@@ -24,7 +24,8 @@ def int_arg(value, name: str, op: str) -> int:
     try:
         result = operator.index(value)
     except TypeError:
-        raise TypeError(f"h3fusion_ext.{op}: {name} must be an integer, got {value!r} ({type(value).__name__})") from None
+        kind = type(value).__name__
+        raise TypeError(f"h3fusion_ext.{op}: {name} must be an integer, got {value!r} ({kind})") from None
     if isinstance(result, int) and not INT64_MIN <= result <= INT64_MAX:
         raise ValueError(f"h3fusion_ext.{op}: {name} must fit in int64, got {result}")
     return result

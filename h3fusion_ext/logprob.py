@@ -30,8 +30,14 @@ def _forward_fake(hidden, weight, targets, ignore_index):
 @torch.library.register_fake("h3fusion::linear_logprob_backward")
 def _backward_fake(grad_logp, grad_lse, hidden, weight, targets, lse, ignore_index):
     check_same_device(
-        "linear_logprob_backward", "hidden", hidden, grad_logp=grad_logp, grad_lse=grad_lse, weight=weight,
-        targets=targets, lse=lse,
+        "linear_logprob_backward",
+        "hidden",
+        hidden,
+        grad_logp=grad_logp,
+        grad_lse=grad_lse,
+        weight=weight,
+        targets=targets,
+        lse=lse,
     )
     return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(
         weight, memory_format=torch.contiguous_format

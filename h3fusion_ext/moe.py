@@ -163,8 +163,17 @@ def _moe_ffn_forward_fake(x, weights, experts, gate_up_proj, down_proj):
 @torch.library.register_fake("h3fusion::moe_ffn_backward")
 def _moe_ffn_backward_fake(grad_y, x, weights, gate_up_proj, down_proj, sorted_pairs, pair_rows, offsets, gate_up_out):
     check_same_device(
-        "moe_ffn_backward", "x", x, grad_y=grad_y, weights=weights, gate_up_proj=gate_up_proj, down_proj=down_proj,
-        sorted_pairs=sorted_pairs, pair_rows=pair_rows, expert_offsets=offsets, gate_up_out=gate_up_out,
+        "moe_ffn_backward",
+        "x",
+        x,
+        grad_y=grad_y,
+        weights=weights,
+        gate_up_proj=gate_up_proj,
+        down_proj=down_proj,
+        sorted_pairs=sorted_pairs,
+        pair_rows=pair_rows,
+        expert_offsets=offsets,
+        gate_up_out=gate_up_out,
     )
     return torch.empty_like(x), torch.empty_like(weights), torch.empty_like(gate_up_proj), torch.empty_like(down_proj)
 

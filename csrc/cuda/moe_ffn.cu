@@ -19,8 +19,8 @@
 // host sync; their contract is that such a pair contributes zero and gets zero gradient: route_plan puts it in
 // a row >= offsets[E] that no grouped GEMM writes, and zero_unrouted_rows zeroes those rows of h and o (forward)
 // and of U and dX (backward), so y, grad_x and grad_weights get exact zeros from them (the GEMMs also
-// bounds-check every index they read, so a bad plan cannot read or write out of bounds). Intermediates: h [T*k, 2F] (returned), act [T*k, F], o or dX [T*k, H] in x.dtype and
-// U [T*k, F] fp32 in backward.
+// bounds-check every index they read, so a bad plan cannot read or write out of bounds).
+// Intermediates: h [T*k, 2F] (returned), act [T*k, F], o or dX [T*k, H] in x.dtype and U [T*k, F] fp32 in backward.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
