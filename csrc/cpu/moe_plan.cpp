@@ -139,7 +139,7 @@ at::Tensor combine_rows(const at::Tensor& rows_in, const at::Tensor& weights_in,
 
 namespace {
 
-// The public moe_gather / moe_combine take an index tensor from the caller, and their backward scatters through
+// The public moe_gather / moe_combine take an index tensor from the caller, and their backward reads through
 // its inverse (h3fusion_ext/moe.py), which is only defined for a permutation: a repeated entry leaves rows of the
 // inverse unset and the gradient would read them. One serial O(T*k) pass, cheap next to the copy itself.
 // (moe_ffn's plan comes from route_plan and is a permutation by construction, so it calls the unchecked pieces.)
