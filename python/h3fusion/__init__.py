@@ -20,6 +20,7 @@ from .data.preference import (  # noqa: F401
     save_records,
     sft_examples,
 )
+from .evaluation import evaluate  # noqa: F401
 from .losses.gating import (  # noqa: F401
     drift_regularization,
     gating_loss,

@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "fuse-po": "fuse_po",
     "route-report": "route_report",
     "bench": "bench",
+    "eval": "eval",
 }
 
 
