@@ -32,6 +32,7 @@ __all__ = [
     "PairwiseJudge",
     "RewardModel",
     "YesNoJudge",
+    "check_judge_config",
     "load_judge_parts",
     "load_moderation",
 ]
@@ -54,6 +55,48 @@ def _fill(template: str, **fields: str) -> str:
     return template
 
 
+def _architectures(spec: Any, what: str) -> list[str]:
+    from transformers import AutoConfig
+
+    try:
+        return list(getattr(AutoConfig.from_pretrained(spec), "architectures", None) or [])
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{what} {spec}: cannot read a model config: {str(exc).splitlines()[0]}") from None
+
+
+def check_judge_config(spec: Any, what: str, kind: str) -> None:
+    """Check, from its config alone, that a judge folder has the head its role needs (None and in-memory pairs
+    pass; those are checked when used).
+
+    Args:
+        kind: "causal", "classifier", or "moderation" (a classifier, or a causal LM whose tokenizer has a chat
+            template).
+
+    Raises:
+        ValueError: naming `what` and the model.
+    """
+    if spec is None or isinstance(spec, (tuple, list)):
+        return
+    archs = _architectures(spec, what)
+    if kind == "moderation":
+        if any(a.endswith("ForSequenceClassification") for a in archs):
+            return
+        if any(a.endswith("ForCausalLM") for a in archs):
+            from transformers import AutoTokenizer
+
+            if not has_chat_template(AutoTokenizer.from_pretrained(spec)):
+                raise ValueError(f"{what} {spec}: a causal LM is used as a guard only with a chat template, and its "
+                                 "tokenizer has none (or give a sequence classifier)")
+            return
+        raise ValueError(f"{what} {spec}: needs a sequence classifier or a guard LM, but its architectures are "
+                         f"{archs or 'unknown'}")
+    want = "ForSequenceClassification" if kind == "classifier" else "ForCausalLM"
+    if not any(a.endswith(want) for a in archs):
+        head = "sequence-classification" if kind == "classifier" else "causal-LM"
+        raise ValueError(f"{what} {spec}: needs a model with a {head} head (*{want}), but its architectures are "
+                         f"{archs or 'unknown'}")
+
+
 def load_judge_parts(spec: Any, what: str, kind: str, device: str, dtype: str | None = None):
     """A judge's (model, tokenizer): `spec` is a folder or an in-memory (model, tokenizer) pair.
 
@@ -70,19 +113,9 @@ def load_judge_parts(spec: Any, what: str, kind: str, device: str, dtype: str | 
     if isinstance(spec, (tuple, list)):
         model, tokenizer = spec
     else:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-        try:
-            config = AutoConfig.from_pretrained(spec)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{what} {spec}: cannot read a model config: {str(exc).splitlines()[0]}") from None
-        archs = list(getattr(config, "architectures", None) or [])
-        want = "ForSequenceClassification" if kind == "classifier" else "ForCausalLM"
-        if not any(a.endswith(want) for a in archs):
-            raise ValueError(
-                f"{what} {spec}: needs a model with a {'sequence-classification' if kind == 'classifier' else 'causal-LM'}"
-                f" head (*{want}), but its architectures are {archs or 'unknown'}"
-            )
+        check_judge_config(spec, what, kind)
         auto = AutoModelForSequenceClassification if kind == "classifier" else AutoModelForCausalLM
         model = auto.from_pretrained(spec, **({"dtype": getattr(torch, dtype)} if dtype else {}))
         tokenizer = AutoTokenizer.from_pretrained(spec)
@@ -252,12 +285,7 @@ def load_moderation(spec: Any, device: str, *, template: str = BEAVERTAILS_TEMPL
         model = spec[0]
         kind = "classifier" if type(model).__name__.endswith("ForSequenceClassification") else "causal"
     else:
-        from transformers import AutoConfig
-
-        try:
-            archs = list(AutoConfig.from_pretrained(spec).architectures or [])
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{what} {spec}: cannot read a model config: {str(exc).splitlines()[0]}") from None
+        archs = _architectures(spec, what)
         kind = "classifier" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal"
     model, tokenizer = load_judge_parts(spec, what, kind, device, dtype)
     if kind == "classifier":

@@ -134,6 +134,9 @@ def evaluate(
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    # everything that can be checked is checked before the output folder is touched
+    data = _load_data(suites, truthfulqa, harmful_prompts, helpful_prompts, limit, truth_judge or info_judge)
+    _check_judges(suites, truth_judge, info_judge, moderation_model, reward_model, judge_model)
     inputs = [m for m in models.values() if not isinstance(m, (tuple, list))]
     out = prepare_output_dir(out_dir, kind="eval", overwrite=overwrite, resume=True, inputs=inputs)
     with output_lock(out):
@@ -147,7 +150,6 @@ def evaluate(
                 )
             clear_our_output(out)
         atomic_write_json(out / RUN_FILE, settings)
-        data = _load_data(suites, truthfulqa, harmful_prompts, helpful_prompts, limit, truth_judge or info_judge)
         run = _Run(out, echo, progress)
         gen = GenerationConfig(max_new_tokens, temperature, top_p, seed, batch_size)
         for name, spec in models.items():
@@ -229,6 +231,20 @@ def _check_arguments(args: dict[str, Any]) -> dict[str, Any]:
         "backend": args["backend"],
         "dtype": args["dtype"],
     }
+
+
+def _check_judges(suites, truth, info, moderation, reward, pairwise) -> None:
+    """Config-only check (no weights loaded) that each judge folder has the head its role needs."""
+    from .judges import check_judge_config
+
+    if "honest" in suites:
+        check_judge_config(truth, "--truth-judge", "causal")
+        check_judge_config(info, "--info-judge", "causal")
+    if "harmless" in suites:
+        check_judge_config(moderation, "--moderation-model", "moderation")
+    if "helpful" in suites:
+        check_judge_config(reward, "--reward-model", "classifier")
+        check_judge_config(pairwise, "--judge-model", "causal")
 
 
 def _read_json(path: Path):
