@@ -35,11 +35,23 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def _expert_names(config) -> list[str]:
+    """The H3Fusion expert names a fused model's config records ([] for any other model)."""
+    if config is None:
+        return []
+    from ..data.instructions import expert_names_from_config
+
+    try:
+        return expert_names_from_config(config)
+    except ValueError:
+        return []
+
+
 def guess_roles(results: Mapping[str, Mapping[str, Any]], configs: Mapping[str, Any] | None = None,
                 fused: str | None = None, experts: Sequence[str] | None = None) -> tuple[str | None, list[str]]:
     """(fused model, single experts) for the gain column.
 
-    Defaults: the fused model is the first whose config names H3Fusion experts (`h3fusion_expert_names`), else one
+    Defaults: the fused model is the first whose config names H3Fusion experts (as `fuse_models` records them), else one
     named like "fused"; the experts are the other models whose names contain one of those expert names (e.g.
     "aligned-helpful"), else every other model except ones named like base or soup.
 
@@ -53,14 +65,14 @@ def guess_roles(results: Mapping[str, Mapping[str, Any]], configs: Mapping[str, 
     expert_names: list[str] = []
     if fused is None:
         for n in names:
-            cfg = (configs or {}).get(n)
-            if cfg is not None and getattr(cfg, "h3fusion_expert_names", None):
-                fused, expert_names = n, list(cfg.h3fusion_expert_names)
+            expert_names = _expert_names((configs or {}).get(n))
+            if expert_names:
+                fused = n
                 break
         else:
             fused = next((n for n in names if "fused" in n.lower()), None)
-    elif configs and configs.get(fused) is not None:
-        expert_names = list(getattr(configs[fused], "h3fusion_expert_names", None) or [])
+    elif configs:
+        expert_names = _expert_names(configs.get(fused))
     if fused is None:
         return None, []
     if experts is None:
