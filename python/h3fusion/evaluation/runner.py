@@ -117,7 +117,8 @@ def evaluate(
         dtype: torch dtype name for loading folders (default: the checkpoint's).
         fused / experts: which model is the fused one and which are the single experts, for the report's gain
             column (default: guessed from the fused model's config).
-        overwrite: discard a previous evaluation with other settings in `out_dir`.
+        overwrite: discard a previous evaluation in `out_dir` and start over (without it, the same settings resume
+            and other settings are refused).
         report: write report.md / report.json / report.png.
         progress: print what is being done.
         echo: where progress lines go.
@@ -141,14 +142,14 @@ def evaluate(
     out = prepare_output_dir(out_dir, kind="eval", overwrite=overwrite, resume=True, inputs=inputs)
     with output_lock(out):
         previous = _read_json(out / RUN_FILE)
-        if previous is not None and previous != settings:
-            if not overwrite:
-                diff = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-                raise OutputDirError(
-                    f"--out: {out} holds an evaluation with other settings ({', '.join(diff)}); pass --overwrite "
-                    "to replace it or choose another folder"
-                )
-            clear_our_output(out)
+        if overwrite:
+            clear_our_output(out, keep=())  # start over (in-memory models can never be resumed safely)
+        elif previous is not None and previous != settings:
+            diff = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            raise OutputDirError(
+                f"--out: {out} holds an evaluation with other settings ({', '.join(diff)}); pass --overwrite "
+                "to replace it or choose another folder"
+            )
         atomic_write_json(out / RUN_FILE, settings)
         run = _Run(out, echo, progress)
         gen = GenerationConfig(max_new_tokens, temperature, top_p, seed, batch_size)
