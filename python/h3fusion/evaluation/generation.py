@@ -13,7 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GenerationConfig", "format_prompt", "generate_hf", "generate_vllm", "has_chat_template", "load_lm"]
+__all__ = [
+    "GenerationConfig",
+    "cut_at_stop",
+    "format_prompt",
+    "generate_hf",
+    "generate_vllm",
+    "has_chat_template",
+    "load_lm",
+    "vllm_available",
+]
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,8 @@ def load_lm(path: str, device: str, dtype: str | None = None):
     return model.to(device).eval(), tokenizer
 
 
-def _cut(text: str, stop: Sequence[str]) -> str:
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any of `stop`, stripped."""
     for s in stop:
         i = text.find(s)
         if i >= 0:
@@ -132,11 +142,15 @@ def generate_hf(
         **kwargs,
     )
     new = out[:, width:].cpu()
-    return [_cut(tokenizer.decode(row, skip_special_tokens=True), stop) for row in new]
+    return [cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop) for row in new]
 
 
-def generate_vllm(path: str, texts: Sequence[str], config: GenerationConfig, *, stop: Sequence[str] = ()) -> list[str]:
-    """Generate with vLLM (`pip install vllm`); the texts are given as formatted prompts.
+def generate_vllm(path: str, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> list[str]:
+    """Generate with vLLM (`pip install vllm`) from token ids (encoded by our tokenizer, so a chat template's BOS is
+    not doubled); one engine for all prompts of a model.
+
+    Returns:
+        The raw completions (not cut at stop strings).
 
     Raises:
         RuntimeError: vllm is not importable.
@@ -149,8 +163,8 @@ def generate_vllm(path: str, texts: Sequence[str], config: GenerationConfig, *, 
     params = SamplingParams(
         temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_new_tokens, seed=config.seed
     )
-    outputs = llm.generate(list(texts), params)
-    return [_cut(o.outputs[0].text, stop) for o in outputs]
+    outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params)
+    return [o.outputs[0].text for o in outputs]
 
 
 def vllm_available() -> bool:

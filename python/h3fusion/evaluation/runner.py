@@ -23,7 +23,15 @@ from typing import Any
 from ..utils.files import OutputDirError, atomic_write_json, clear_our_output, output_lock, prepare_output_dir
 from . import metrics as M
 from .data import DEFAULT_SOURCES, load_harmful_prompts, load_helpful_prompts, load_truthfulqa
-from .generation import GenerationConfig, format_prompt, generate_hf, generate_vllm, has_chat_template, load_lm
+from .generation import (
+    GenerationConfig,
+    cut_at_stop,
+    format_prompt,
+    generate_hf,
+    generate_vllm,
+    has_chat_template,
+    load_lm,
+)
 from .samples import SampleLog
 from .truthfulqa import QA_PRIMER, score_truthfulqa_mc
 
@@ -324,16 +332,23 @@ def _run_model(run: _Run, name, spec, data, gen: GenerationConfig, template, mc_
     if not pending_mc and not any(pending.values()):
         run.say(f"[{name}] all samples done")
         return
-    model, tokenizer = spec if isinstance(spec, (tuple, list)) else load_lm(spec, device, dtype)
-    if isinstance(spec, (tuple, list)):
-        model = model.to(device)
-    model.eval()
+    in_memory = isinstance(spec, (tuple, list))
+    model = None
+    if in_memory:
+        model, tokenizer = spec
+        model = model.to(device).eval()
+    elif pending_mc or backend == "hf":
+        model, tokenizer = load_lm(spec, device, dtype)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(spec)
     try:
         if pending_mc:
             run.say(f"[{name}] TruthfulQA MC1/MC2: {len(pending_mc)} questions")
             score_truthfulqa_mc(model, tokenizer, pending_mc, batch_size=gen.batch_size,
                                 add_special_tokens=mc_special, on_result=lambda r: logs["truthfulqa_mc"].append([r]))
-        for stage, items, key, qa in jobs:
+        for stage, items, key, qa in jobs if backend == "hf" else ():
             todo = pending[stage]
             if not todo:
                 continue
@@ -342,19 +357,26 @@ def _run_model(run: _Run, name, spec, data, gen: GenerationConfig, template, mc_
             by_batch: dict[int, list[dict]] = {}
             for it in todo:
                 by_batch.setdefault(int(it["id"]) // gen.batch_size, []).append(it)
-            if backend == "vllm":
-                texts, _ = _texts(tokenizer, todo, key, qa, template)
-                outs = generate_vllm(os.fspath(spec), texts, gen, stop=_TQA_STOP if qa else ())
-                logs[stage].append({"id": it["id"], "response": o} for it, o in zip(todo, outs))
-                continue
             for b, chunk in sorted(by_batch.items()):
                 texts, special = _texts(tokenizer, chunk, key, qa, template)
                 outs = generate_hf(model, tokenizer, texts, special, gen, stop=_TQA_STOP if qa else (), batch_index=b)
                 logs[stage].append({"id": it["id"], "response": o} for it, o in zip(chunk, outs))
     finally:
-        if not isinstance(spec, (tuple, list)):
+        if not in_memory:
             del model
             _free_memory()
+    if backend == "vllm" and any(pending.values()):
+        # after the HF model is gone: vLLM takes the GPU memory it finds free
+        run.say(f"[{name}] vLLM generation: {sum(len(v) for v in pending.values())} prompts")
+        prompts, owners = [], []
+        for stage, _, key, qa in jobs:
+            texts, special = _texts(tokenizer, pending[stage], key, qa, template)
+            prompts += [list(tokenizer(t, add_special_tokens=a)["input_ids"]) for t, a in zip(texts, special)]
+            owners += [(stage, it["id"], qa) for it in pending[stage]]
+        outs = generate_vllm(os.fspath(spec), prompts, gen)
+        for stage, *_ in jobs:
+            logs[stage].append({"id": i, "response": cut_at_stop(o, _TQA_STOP if qa else ())}
+                               for (st, i, qa), o in zip(owners, outs) if st == stage)
 
 
 def _free_memory() -> None:
