@@ -337,9 +337,9 @@ def _run(out_dir, seed, quick, progress, echo, t0):
     from .evaluation.demo_eval import run_demo_evaluation  # helpful / harmless / honest with tiny judges
 
     eval_models = {"base": base, **{f"aligned-{c}": aligned[c] for c in names}, "soup (uniform avg)": soup}
-    evaluation, eval_table = run_demo_evaluation(
-        {**eval_models, "fused (H3Fusion)": fused}, tok, data, os.path.join(out_dir, "eval"), template=DEMO_TEMPLATE,
-        seed=seed, quick=quick, fused="fused (H3Fusion)", experts=[f"aligned-{c}" for c in names], progress=progress)
+    evaluation, eval_table, eval_cmd = run_demo_evaluation(
+        {**eval_models, "fused (H3Fusion)": fused}, tok, data, out_dir, template=DEMO_TEMPLATE, seed=seed,
+        quick=quick, fused="fused (H3Fusion)", experts=[f"aligned-{c}" for c in names], progress=progress)
     acc = " | ".join(f"{c} {routing['accuracy'].get(c, float('nan')):.1%}" for c in names)
     elapsed = time.time() - t0
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -368,6 +368,7 @@ def _run(out_dir, seed, quick, progress, echo, t0):
         "training: route_report_untrained.png.",
         "",
         eval_table.replace("# H3Fusion evaluation", "## Helpful / harmless / honest (tiny judges; eval/)", 1),
+        f"Reproduce with: `{eval_cmd}`",
     ]
     report = "\n".join(summary) + "\n"
     results = {

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 
 import pytest
 import torch
+from h3fusion.cli import main
 from h3fusion.data.synthetic import build_corpora
 from h3fusion.evaluation.data import load_harmful_prompts, load_helpful_prompts, load_truthfulqa
 from h3fusion.evaluation.demo_eval import (
@@ -72,11 +74,20 @@ def test_demo_evaluation_table(tmp_path):
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=96, pad_token_id=0,
                       eos_token_id=1, bos_token_id=None)
     models = {name: LlamaForCausalLM(cfg).eval() for name in ("base", "aligned-helpful", "aligned-harmless", "fused")}
-    results, table = run_demo_evaluation(models, tok, corpora, str(tmp_path / "eval"), template=DEMO_TEMPLATE,
-                                         quick=True, fused="fused", experts=["aligned-helpful", "aligned-harmless"],
-                                         progress=False)
+    models["soup (uniform avg)"] = LlamaForCausalLM(cfg).eval()
+    experts = ["aligned-helpful", "aligned-harmless"]
+    results, table, command = run_demo_evaluation(models, tok, corpora, str(tmp_path / "demo"),
+                                                  template=DEMO_TEMPLATE, quick=True, fused="fused", experts=experts,
+                                                  progress=False)
     assert list(results) == list(models)
     for r in results.values():
         assert {"truthfulqa_mc1", "truthfulqa_mc2", "truthful", "informative", "flagged_ratio", "win_rate"} <= set(r)
     assert "| fused (fused)" in table and "gain over best expert" in table
-    assert (tmp_path / "eval" / "report.png").exists()
+    assert (tmp_path / "demo" / "eval" / "report.png").exists()
+    # the printed command reproduces the table from the saved models, judges and data
+    args = shlex.split(command)
+    assert args[:2] == ["h3fusion", "eval"]
+    out = tmp_path / "again"
+    args[args.index("--out") + 1] = str(out)
+    assert main([*args[1:], "--no-progress"]) == 0
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))

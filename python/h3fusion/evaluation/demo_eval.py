@@ -15,11 +15,14 @@ stand-ins from the demo's own corpora (held-out test prompts for the evaluation,
   - a reward model (one output, Bradley-Terry loss): the correct answer beats a wrong fact, a refusal and
     "i do not know".
 
-Models answer through the demo's prompt template (`question : {prompt} answer :`).
+Models answer through the demo's prompt template (`question : {prompt} answer :`). The models, judges and data are
+saved in the demo folder (models/, judges/, eval-data/), and the evaluation runs on those folders with the same
+arguments as the `h3fusion eval` command the report prints, so the command reproduces the demo's table.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -27,9 +30,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["build_demo_judges", "demo_eval_data", "run_demo_evaluation"]
+from ..utils.files import atomic_write_text
+
+__all__ = ["build_demo_judges", "demo_eval_command", "demo_eval_data", "run_demo_evaluation"]
 
 JUDGE_TEMPLATE = "user : {prompt} assistant : {response}"
+MODELS_DIR, JUDGES_DIR, DATA_DIR = "models", "judges", "eval-data"
+MAX_NEW_TOKENS, BATCH_SIZE = 24, 16
 DONT_KNOW = "i do not know . nobody can know that ."
 
 
@@ -208,6 +215,28 @@ def build_demo_judges(train: Mapping[str, Sequence[Any]], *, seed: int = 0, step
     return judges
 
 
+def demo_eval_command(out_dir: str, model_dirs: Mapping[str, str], fused: str | None, experts: Sequence[str] | None,
+                      template: str, seed: int = 0) -> list[str]:
+    """The `h3fusion eval` command line that evaluates the demo's saved models exactly as the demo does."""
+    j = lambda *parts: os.path.join(out_dir, *parts)  # noqa: E731
+    cmd = ["h3fusion", "eval"]
+    for name, path in model_dirs.items():
+        cmd += ["--model", f"{name}={path}"]
+    cmd += [
+        "--truthfulqa", j(DATA_DIR, "truthfulqa.jsonl"), "--harmful-prompts", j(DATA_DIR, "harmful.jsonl"),
+        "--helpful-prompts", j(DATA_DIR, "helpful.jsonl"),
+        "--truth-judge", j(JUDGES_DIR, "truth"), "--info-judge", j(JUDGES_DIR, "info"),
+        "--moderation-model", j(JUDGES_DIR, "moderation"), "--reward-model", j(JUDGES_DIR, "reward"),
+        "--moderation-template", JUDGE_TEMPLATE, "--prompt-template", template.replace("{instruction}", "{prompt}"),
+        "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", str(BATCH_SIZE), "--seed", str(seed), "--device", "cpu",
+    ]  # fmt: skip
+    if fused:
+        cmd += ["--fused", fused]
+    if experts:
+        cmd += ["--experts", ",".join(experts)]
+    return cmd + ["--out", j("eval")]
+
+
 def run_demo_evaluation(
     models: Mapping[str, Any],
     tokenizer,
@@ -221,58 +250,69 @@ def run_demo_evaluation(
     experts: Sequence[str] | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
-) -> tuple[dict[str, dict[str, Any]], str]:
-    """Evaluate the demo's models (name -> model, sharing `tokenizer`) with `h3fusion.evaluate` and tiny judges.
+) -> tuple[dict[str, dict[str, Any]], str, str]:
+    """Save the demo's models, tiny judges and evaluation data under `out_dir` (models/, judges/, eval-data/) and
+    evaluate the saved models with `h3fusion.evaluate` into out_dir/eval (started over on every call), exactly as
+    the returned `h3fusion eval` command line does.
 
     Args:
-        models: the demo's models in table order (the fused one named with "fused").
+        models: the demo's models in table order (name -> model, all sharing `tokenizer`).
         tokenizer: the demo's word-level tokenizer.
         corpora: `h3fusion.data.synthetic.build_corpora` output (train split for judges, test split for data).
-        out_dir: the evaluation folder (started over on every call: in-memory models cannot be resumed).
+        out_dir: the demo's output folder.
         template: the demo's prompt template with `{instruction}`.
         seed, quick, progress, echo: as the demo's.
         fused, experts: the fused model's name and the single experts' names (for the gain row).
 
     Returns:
-        (results {model: metrics}, the report's markdown table).
+        (results {model: metrics}, the report's markdown table, the equivalent shell command).
     """
     import json
-    import os
-    import tempfile
+    import shlex
 
-    from .runner import evaluate
+    from ..models.fuse import save_fused_model
+    from .runner import _file_stem, evaluate
 
-    limit = 8 if quick else 30
-    data = demo_eval_data(corpora["test"], limit)
     if progress:
-        echo("evaluation: training tiny judges (truth, info, moderation, reward)")
+        echo("evaluation: saving models, training tiny judges (truth, info, moderation, reward)")
+    model_dirs = {}
+    for name, model in models.items():
+        model_dirs[name] = save_fused_model(model, os.path.join(out_dir, MODELS_DIR, _file_stem(name)),
+                                            tokenizer=tokenizer)
     judges = build_demo_judges(corpora["train"], seed=seed, steps=30 if quick else 100)
-    with tempfile.TemporaryDirectory() as tmp:
-        files = {}
-        for key, rows in data.items():
-            path = os.path.join(tmp, f"{key}.jsonl")
-            with open(path, "w", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in rows))
-            files[key] = path
-        results = evaluate(
-            {name: (m, tokenizer) for name, m in models.items()},
-            out_dir,
-            truthfulqa=files["truthfulqa"],
-            harmful_prompts=files["harmful"],
-            helpful_prompts=files["helpful"],
-            **judges,
-            moderation_template=JUDGE_TEMPLATE,
-            prompt_template=template.replace("{instruction}", "{prompt}"),
-            max_new_tokens=24,
-            batch_size=16,
-            seed=seed,
-            device="cpu",
-            fused=fused,
-            experts=experts,
-            overwrite=True,
-            progress=progress,
-            echo=echo,
-        )
-    with open(os.path.join(out_dir, "report.md"), encoding="utf-8") as f:
+    for key, folder in (("truth_judge", "truth"), ("info_judge", "info"), ("moderation_model", "moderation"),
+                        ("reward_model", "reward")):
+        save_fused_model(judges[key][0], os.path.join(out_dir, JUDGES_DIR, folder), tokenizer=judges[key][1])
+    os.makedirs(os.path.join(out_dir, DATA_DIR), exist_ok=True)
+    data = demo_eval_data(corpora["test"], 8 if quick else 30)
+    for key, rows in data.items():
+        atomic_write_text(os.path.join(out_dir, DATA_DIR, f"{key}.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    cmd = demo_eval_command(out_dir, model_dirs, fused, experts, template, seed)
+    from ..cli import build_parser
+
+    args = build_parser().parse_args(cmd[1:])  # one source of truth: the demo runs what the command line runs
+    results = evaluate(
+        dict(model_dirs),
+        args.out,
+        truthfulqa=args.truthfulqa,
+        harmful_prompts=args.harmful_prompts,
+        helpful_prompts=args.helpful_prompts,
+        truth_judge=args.truth_judge,
+        info_judge=args.info_judge,
+        moderation_model=args.moderation_model,
+        reward_model=args.reward_model,
+        moderation_template=args.moderation_template,
+        prompt_template=args.prompt_template,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device="cpu",
+        fused=fused,
+        experts=list(experts) if experts else None,
+        overwrite=True,
+        progress=progress,
+        echo=echo,
+    )
+    with open(os.path.join(args.out, "report.md"), encoding="utf-8") as f:
         table = f.read()
-    return results, table
+    return results, table, " ".join(shlex.quote(c) for c in cmd)
