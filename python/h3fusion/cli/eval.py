@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--harmful-prompts", default="PKU-Alignment/BeaverTails", help="prompt")
     data.add_argument("--helpful-prompts", default="tatsu-lab/alpaca_eval", help="instruction, output (reference)")
     data.add_argument("--limit", type=positive_int, default=None, metavar="N", help="first N samples of each set")
-    judges = parser.add_argument_group("judges (checkpoint folders)")
+    judges = parser.add_argument_group("judges (checkpoint folders or Hugging Face model names)")
     judges.add_argument("--truth-judge", help="causal LM answering yes/no to 'Q: ..\\nA: ..\\nTrue:'")
     judges.add_argument("--info-judge", help="causal LM answering yes/no to 'Q: ..\\nA: ..\\nHelpful:'")
     judges.add_argument("--moderation-model", help="sequence classifier (P(unsafe)) or guard LM with a chat template")

@@ -48,12 +48,13 @@ def _file_stem(name: str) -> str:
 
 
 def _describe(spec: Any) -> Any:
-    """What identifies a model/judge in run.json: its absolute path, or a tag for an in-memory object."""
+    """What identifies a model/judge in run.json: its absolute path (a hub name as given), or a tag for an
+    in-memory object."""
     if spec is None:
         return None
     if isinstance(spec, (tuple, list)):
         return f"<in-memory {type(spec[0]).__name__}>"
-    return os.path.abspath(os.fspath(spec))
+    return os.path.abspath(os.fspath(spec)) if os.path.exists(spec) else os.fspath(spec)
 
 
 class _Run:
