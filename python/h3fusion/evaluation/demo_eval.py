@@ -229,7 +229,8 @@ def demo_eval_command(out_dir: str, model_dirs: Mapping[str, str], fused: str | 
         "--truth-judge", j(JUDGES_DIR, "truth"), "--info-judge", j(JUDGES_DIR, "info"),
         "--moderation-model", j(JUDGES_DIR, "moderation"), "--reward-model", j(JUDGES_DIR, "reward"),
         "--moderation-template", JUDGE_TEMPLATE, "--prompt-template", template.replace("{instruction}", "{prompt}"),
-        "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", str(BATCH_SIZE), "--seed", str(seed), "--device", "cpu",
+        "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", str(BATCH_SIZE), "--seed", str(seed),
+        "--device", "cpu",
     ]  # fmt: skip
     if fused:
         cmd += ["--fused", fused]
@@ -272,13 +273,14 @@ def run_demo_evaluation(
     import shlex
 
     from ..models.fuse import save_fused_model
-    from .runner import _file_stem, evaluate
+    from .runner import evaluate
+    from .samples import file_stem
 
     if progress:
         echo("evaluation: saving models, training tiny judges (truth, info, moderation, reward)")
     model_dirs = {}
     for name, model in models.items():
-        model_dirs[name] = save_fused_model(model, os.path.join(out_dir, MODELS_DIR, _file_stem(name)),
+        model_dirs[name] = save_fused_model(model, os.path.join(out_dir, MODELS_DIR, file_stem(name)),
                                             tokenizer=tokenizer)
     judges = build_demo_judges(corpora["train"], seed=seed, steps=30 if quick else 100)
     for key, folder in (("truth_judge", "truth"), ("info_judge", "info"), ("moderation_model", "moderation"),

@@ -124,12 +124,15 @@ def load_judge_parts(spec: Any, what: str, kind: str, device: str, dtype: str | 
 
 
 def _check_head(model, what: str, kind: str) -> None:
+    """Raise ValueError (naming `what`) unless an in-memory model has the head `kind` ("causal"/"classifier")."""
     name = type(model).__name__
-    if kind == "classifier" and not name.endswith("ForSequenceClassification"):
+    is_classifier = name.endswith("ForSequenceClassification")
+    if kind == "classifier" and not is_classifier:
         raise ValueError(f"{what}: needs a sequence-classification model, got {name}")
-    if kind == "causal" and not (name.endswith("ForCausalLM") or hasattr(model, "generate") and hasattr(
-        model, "get_output_embeddings") and model.get_output_embeddings() is not None):
-        raise ValueError(f"{what}: needs a causal LM (a language-modelling head), got {name}")
+    if kind == "causal":
+        head = getattr(model, "get_output_embeddings", lambda: None)()
+        if is_classifier or head is None or not hasattr(model, "generate"):
+            raise ValueError(f"{what}: needs a causal LM (a language-modelling head), got {name}")
 
 
 def _pad_id(tokenizer) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,8 @@ from .generation import (
     has_chat_template,
     load_lm,
 )
-from .samples import SampleLog
+from .judging import run_judges
+from .samples import RunFolder, SampleLog, file_stem
 from .truthfulqa import QA_PRIMER, score_truthfulqa_mc
 
 __all__ = ["SUITES", "evaluate"]
@@ -43,10 +43,6 @@ RESULTS_FILE = "results.json"
 _TQA_STOP = ("\n\nQ:", "\nQ:", "\n\n")
 
 
-def _file_stem(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
-
-
 def _describe(spec: Any) -> Any:
     """What identifies a model/judge in run.json: its absolute path (a hub name as given), or a tag for an
     in-memory object."""
@@ -55,18 +51,6 @@ def _describe(spec: Any) -> Any:
     if isinstance(spec, (tuple, list)):
         return f"<in-memory {type(spec[0]).__name__}>"
     return os.path.abspath(os.fspath(spec)) if os.path.exists(spec) else os.fspath(spec)
-
-
-class _Run:
-    def __init__(self, out: Path, echo: Callable[[str], None], progress: bool):
-        self.out, self.echo, self.progress = out, echo, progress
-
-    def log(self, model: str, stage: str) -> SampleLog:
-        return SampleLog(self.out / f"{_file_stem(model)}.{stage}.jsonl")
-
-    def say(self, text: str) -> None:
-        if self.progress:
-            self.echo(text)
 
 
 def evaluate(
@@ -160,13 +144,13 @@ def evaluate(
                 "to replace it or choose another folder"
             )
         atomic_write_json(out / RUN_FILE, settings)
-        run = _Run(out, echo, progress)
+        run = RunFolder(out, echo, progress)
         gen = GenerationConfig(max_new_tokens, temperature, top_p, seed, batch_size)
         for name, spec in models.items():
             _run_model(run, name, spec, data, gen, prompt_template, mc_add_special_tokens, backend, device, dtype)
-        _run_judges(run, list(models), data, locals_of_judges(truth_judge, info_judge, moderation_model,
-                                                                reward_model, judge_model),
-                    device, dtype, batch_size, unsafe_label, moderation_template)
+        judges = {"truth": truth_judge, "info": info_judge, "moderation": moderation_model, "reward": reward_model,
+                  "pairwise": judge_model}
+        run_judges(run, list(models), data, judges, device, dtype, batch_size, unsafe_label, moderation_template)
         results = _aggregate(run, list(models), data, threshold)
         atomic_write_json(out / RESULTS_FILE, results)
         if report:
@@ -176,15 +160,11 @@ def evaluate(
     return results
 
 
-def locals_of_judges(truth, info, moderation, reward, pairwise) -> dict[str, Any]:
-    return {"truth": truth, "info": info, "moderation": moderation, "reward": reward, "pairwise": pairwise}
-
-
 def _check_arguments(args: dict[str, Any]) -> dict[str, Any]:
     models, suites = args["models"], list(args["suites"])
     if not models:
         raise ValueError("models: give at least one model")
-    stems = [_file_stem(n) for n in models]
+    stems = [file_stem(n) for n in models]
     if len(set(stems)) != len(stems):
         raise ValueError(f"models: names {list(models)} are not distinct as file names")
     bad = [s for s in suites if s not in SUITES]
@@ -321,7 +301,7 @@ def _texts(tokenizer, items, key, qa_primer, template):
     return texts, special
 
 
-def _run_model(run: _Run, name, spec, data, gen: GenerationConfig, template, mc_special, backend, device, dtype):
+def _run_model(run: RunFolder, name, spec, data, gen: GenerationConfig, template, mc_special, backend, device, dtype):
     logs = {}
     if "truthfulqa" in data:
         logs["truthfulqa_mc"] = run.log(name, "truthfulqa_mc")
@@ -388,95 +368,10 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-# ---- stage 2: the judges ------------------------------------------------------------------------------------------
-
-
-def _batched(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def _run_judges(run: _Run, names, data, judges, device, dtype, batch_size, unsafe_label, moderation_template):
-    from .judges import BEAVERTAILS_TEMPLATE, PairwiseJudge, RewardModel, YesNoJudge, load_judge_parts, load_moderation
-
-    by_id = {k: {it["id"]: it for it in data[k]} for k in ("truthfulqa", "harmful", "helpful") if k in data}
-
-    def each_model(stage_in: str, stage_out: str):
-        """(log_out, items to judge with their generation) per model, skipping done ones."""
-        for name in names:
-            log_out = run.log(name, stage_out)
-            gens = run.log(name, stage_in)
-            todo = [g for g in gens.done.values() if g["id"] not in log_out.done]
-            todo.sort(key=lambda g: g["id"])
-            yield name, log_out, todo
-
-    def pending(stage_in: str, stage_out: str) -> bool:
-        return any(todo for _, _, todo in each_model(stage_in, stage_out))
-
-    if data.get("truthfulqa_generation"):
-        for kind, spec in (("truth", judges["truth"]), ("info", judges["info"])):
-            stage = f"truthfulqa_{kind}"
-            if spec is None or not pending("truthfulqa_gen", stage):
-                continue
-            model, tok = load_judge_parts(spec, f"--{kind}-judge", "causal", device, dtype)
-            judge = YesNoJudge(model, tok, kind, batch_size=batch_size, what=f"--{kind}-judge")
-            for name, log_out, todo in each_model("truthfulqa_gen", stage):
-                run.say(f"[{name}] {kind} judge: {len(todo)} answers")
-                for chunk in _batched(todo, batch_size):
-                    qs = [by_id["truthfulqa"][g["id"]]["question"] for g in chunk]
-                    scores = judge.score(qs, [g["response"] for g in chunk])
-                    log_out.append({"id": g["id"], "p_yes": s} for g, s in zip(chunk, scores))
-            del model, judge
-            _free_memory()
-
-    if "harmful" in data and pending("harmless_gen", "harmless_judged"):
-        mod = load_moderation(judges["moderation"], device, template=moderation_template or BEAVERTAILS_TEMPLATE,
-                              unsafe_label=unsafe_label, batch_size=batch_size, dtype=dtype)
-        for name, log_out, todo in each_model("harmless_gen", "harmless_judged"):
-            run.say(f"[{name}] moderation: {len(todo)} responses")
-            for chunk in _batched(todo, batch_size):
-                prompts = [by_id["harmful"][g["id"]]["prompt"] for g in chunk]
-                scores = mod.score(prompts, [g["response"] for g in chunk])
-                log_out.append({"id": g["id"], **s} for g, s in zip(chunk, scores))
-        del mod
-        _free_memory()
-
-    if "helpful" in data and judges["reward"] is not None:
-        ref_log = SampleLog(run.out / "reference.helpful_reward.jsonl")
-        ref_todo = ref_log.missing(data["helpful"])
-        if ref_todo or pending("helpful_gen", "helpful_reward"):
-            model, tok = load_judge_parts(judges["reward"], "--reward-model", "classifier", device, dtype)
-            rm = RewardModel(model, tok, batch_size=batch_size)
-            for chunk in _batched(ref_todo, batch_size):
-                rewards = rm.score([it["instruction"] for it in chunk], [it["reference"] for it in chunk])
-                ref_log.append({"id": it["id"], "reward": r} for it, r in zip(chunk, rewards))
-            for name, log_out, todo in each_model("helpful_gen", "helpful_reward"):
-                run.say(f"[{name}] reward model: {len(todo)} responses")
-                for chunk in _batched(todo, batch_size):
-                    ins = [by_id["helpful"][g["id"]]["instruction"] for g in chunk]
-                    rewards = rm.score(ins, [g["response"] for g in chunk])
-                    log_out.append({"id": g["id"], "reward": r} for g, r in zip(chunk, rewards))
-            del model, rm
-            _free_memory()
-
-    if "helpful" in data and judges["pairwise"] is not None and pending("helpful_gen", "helpful_pairwise"):
-        model, tok = load_judge_parts(judges["pairwise"], "--judge-model", "causal", device, dtype)
-        pj = PairwiseJudge(model, tok, batch_size=batch_size)
-        for name, log_out, todo in each_model("helpful_gen", "helpful_pairwise"):
-            run.say(f"[{name}] pairwise judge: {len(todo)} responses")
-            for chunk in _batched(todo, batch_size):
-                items = [by_id["helpful"][g["id"]] for g in chunk]
-                scores = pj.score([it["instruction"] for it in items], [g["response"] for g in chunk],
-                                  [it["reference"] for it in items])
-                log_out.append({"id": g["id"], **s} for g, s in zip(chunk, scores))
-        del model, pj
-        _free_memory()
-
-
 # ---- stage 3: the metrics -----------------------------------------------------------------------------------------
 
 
-def _aggregate(run: _Run, names, data, threshold: float) -> dict[str, dict[str, Any]]:
+def _aggregate(run: RunFolder, names, data, threshold: float) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     ref_rewards = None
     if "helpful" in data and (run.out / "reference.helpful_reward.jsonl").exists():

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from ..utils.files import atomic_write_text
 
-__all__ = ["SampleLog"]
+__all__ = ["RunFolder", "SampleLog", "file_stem"]
 
 
 class SampleLog:
@@ -74,3 +75,24 @@ class SampleLog:
                 raise KeyError(f"{self.path}: no record for sample {i}")
             out.append(self.done[i])
         return out
+
+
+def file_stem(name: str) -> str:
+    """A model name as a file-name part: runs of characters other than letters, digits, `.`, `_`, `-` become `_`."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+class RunFolder:
+    """An evaluation's output folder: its per-sample logs (`<model>.<stage>.jsonl`) and progress lines."""
+
+    def __init__(self, out: Path, echo: Callable[[str], None], progress: bool):
+        self.out, self.echo, self.progress = out, echo, progress
+
+    def log(self, model: str, stage: str) -> SampleLog:
+        """The log of one model's stage, read from disk now."""
+        return SampleLog(self.out / f"{file_stem(model)}.{stage}.jsonl")
+
+    def say(self, text: str) -> None:
+        """A progress line (when progress is on)."""
+        if self.progress:
+            self.echo(text)

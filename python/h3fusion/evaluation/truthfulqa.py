@@ -191,7 +191,7 @@ def score_truthfulqa_mc(
     max_length: int | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """MC1 and MC2 for each TruthfulQA record (`question`, `mc1_targets`, `mc2_targets`; see `h3fusion.evaluation.data`).
+    """MC1 and MC2 for each TruthfulQA record (`question`, `mc1_targets`, `mc2_targets`; see evaluation.data).
 
     A choice that appears in both mc1 and mc2 is scored once per record.
 
