@@ -13,7 +13,6 @@ runs: metrics are recomputed from the stored samples.
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,7 +30,7 @@ from .generation import (
     has_chat_template,
     load_lm,
 )
-from .judging import run_judges
+from .judging import free_memory, run_judges
 from .samples import RunFolder, SampleLog, file_stem
 from .truthfulqa import QA_PRIMER, score_truthfulqa_mc
 
@@ -345,7 +344,7 @@ def _run_model(run: RunFolder, name, spec, data, gen: GenerationConfig, template
     finally:
         if not in_memory:
             del model
-            _free_memory()
+            free_memory()
     if backend == "vllm" and any(pending.values()):
         # after the HF model is gone: vLLM takes the GPU memory it finds free
         run.say(f"[{name}] vLLM generation: {sum(len(v) for v in pending.values())} prompts")
@@ -358,14 +357,6 @@ def _run_model(run: RunFolder, name, spec, data, gen: GenerationConfig, template
         for stage, *_ in jobs:
             logs[stage].append({"id": i, "response": cut_at_stop(o, _TQA_STOP if qa else ())}
                                for (st, i, qa), o in zip(owners, outs) if st == stage)
-
-
-def _free_memory() -> None:
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # ---- stage 3: the metrics -----------------------------------------------------------------------------------------
