@@ -258,3 +258,26 @@ def test_vllm_backend_generates_from_token_ids(setup, tmp_path, monkeypatch):
     # stop strings apply to TruthfulQA answers only
     assert [x["response"] for x in lines] == ["sorry , i can not help .\n\nQ: more"] * 3
     assert res["beta-chat"]["refusal_rate_heuristic"] == 1.0
+
+
+def test_rerun_with_a_smaller_limit_reuses_the_samples(setup, tmp_path, monkeypatch):
+    from h3fusion.evaluation.judges import ModerationClassifier
+
+    _, models, judges, data = setup
+    kw = dict(suites=["harmless", "helpful"], harmful_prompts=data["harmful_prompts"],
+              helpful_prompts=data["helpful_prompts"], moderation_model=judges["moderation_model"],
+              reward_model=judges["reward_model"], max_new_tokens=4, device="cpu", progress=False)
+    one = {"alpha": models["alpha"]}
+    with monkeypatch.context() as m:  # stopped after generating 2 samples, before judging them
+        m.setattr(ModerationClassifier, "score", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(one, tmp_path / "o", limit=2, **kw)
+    small = evaluate(one, tmp_path / "o", limit=1, **kw)  # judges only what the smaller data holds
+    full = evaluate(one, tmp_path / "o", limit=2, **kw)
+    assert small["alpha"]["n_harmless"] == 1 and full["alpha"]["n_harmless"] == 2
+    first = json.loads((tmp_path / "o" / "alpha.harmless_judged.jsonl").read_text().splitlines()[0])
+    assert small["alpha"]["flagged_ratio"] == float(first["p_unsafe"] > 0.4)
+    bigger = evaluate(one, tmp_path / "o", limit=3, **kw)  # a larger limit computes only the new samples
+    assert bigger["alpha"]["n_harmless"] == 3
+    lines = (tmp_path / "o" / "alpha.helpful_gen.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["id"] for x in lines) == [0, 1, 2]

@@ -39,13 +39,16 @@ def run_judges(run: RunFolder, names, data, judges, device, dtype, batch_size, u
     from .judges import BEAVERTAILS_TEMPLATE, PairwiseJudge, RewardModel, YesNoJudge, load_judge_parts, load_moderation
 
     by_id = {k: {it["id"]: it for it in data[k]} for k in ("truthfulqa", "harmful", "helpful") if k in data}
+    source = {"truthfulqa_gen": "truthfulqa", "harmless_gen": "harmful", "helpful_gen": "helpful"}
 
     def each_model(stage_in: str, stage_out: str):
-        """(log_out, items to judge with their generation) per model, skipping done ones."""
+        """(log_out, generations to judge) per model: those of the current data (a rerun may have a smaller
+        --limit than the run that generated them) not judged yet."""
+        wanted = by_id[source[stage_in]]
         for name in names:
             log_out = run.log(name, stage_out)
             gens = run.log(name, stage_in)
-            todo = [g for g in gens.done.values() if g["id"] not in log_out.done]
+            todo = [g for g in gens.done.values() if g["id"] in wanted and g["id"] not in log_out.done]
             todo.sort(key=lambda g: g["id"])
             yield name, log_out, todo
 
