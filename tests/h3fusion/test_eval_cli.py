@@ -144,3 +144,10 @@ def test_table_gain_direction_and_roles():
     assert gain["win_rate"] == pytest.approx(-0.1)
     with pytest.raises(ValueError, match="not one of the evaluated models"):
         guess_roles(results, fused="nobody")
+
+
+def test_public_api():
+    import h3fusion
+    from h3fusion.evaluation.runner import evaluate
+
+    assert h3fusion.evaluate is evaluate
