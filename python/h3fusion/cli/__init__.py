@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, str] = {
     "score": "score",
     "build-data": "build_data",
     "fuserl": "fuserl",
+    "eval": "eval",
 }
 
 
