@@ -172,9 +172,7 @@ def max_shard_size(text: str) -> str | int:
     """argparse type: a safetensors shard size as transformers accepts it: bytes, or an integer + unit (5GB, 500MiB)."""
     match = _SHARD_RE.fullmatch(text.strip())
     if not match or int(match.group(1)) < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected a size like 5GB, 500MB, 2GiB or a number of bytes, got {text!r}"
-        )
+        raise argparse.ArgumentTypeError(f"expected a size like 5GB, 500MB, 2GiB or a number of bytes, got {text!r}")
     return text.strip() if match.group(2) else int(match.group(1))
 
 
@@ -315,6 +313,9 @@ def load_data_arguments(specs: list[tuple[str | None, str]]):
     for category, path in specs:
         if not os.path.isfile(path):
             what = "is a directory" if os.path.isdir(path) else "does not exist"
-            raise ValueError(f"--data: {path} {what}; expected a JSON or JSONL file")
+            hint = ""
+            if category is not None and os.path.exists(f"{category}={path}"):
+                hint = f" (the value was read as CATEGORY=FILE; for the file itself write ./{category}={path})"
+            raise ValueError(f"--data: {path} {what}; expected a JSON or JSONL file{hint}")
         examples.extend(load_instructions(path, category=category))
     return examples

@@ -285,8 +285,10 @@ def check_prototype_prompts(prompts: Any, names: Sequence[str], where: str = "pr
         if len(value) == 0:
             raise ValueError(f"{where}: key {name!r} has no prompts")
         for i, p in enumerate(value):
-            ok = isinstance(p, str) or isinstance(p, torch.Tensor) or (
-                isinstance(p, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+            ok = (
+                isinstance(p, str)
+                or isinstance(p, torch.Tensor)
+                or (isinstance(p, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in p))
             )
             if not ok:
                 raise ValueError(

@@ -395,7 +395,9 @@ def output_lock(path: str | os.PathLike) -> Iterator[Path]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-                raise OutputDirError(f"{folder} is in use by another run ({holder}); wait for it or pick another --out")
+                raise OutputDirError(
+                    f"{folder} is in use by another run ({holder}); wait for it or pick another --out"
+                ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)[:300]}\n".encode(), 0)
         yield folder
