@@ -212,11 +212,11 @@ def check_output_dir(
     """
     out = Path(os.path.abspath(os.fspath(path)))
     real = _real(out)
+    if _same_or_inside(_real(Path.cwd()), real):
+        raise OutputDirError(f"{what}: {out} is the working directory (or holds it); choose a new folder")
     for inp in _paths(inputs):
         if _same_or_inside(real, inp) or _same_or_inside(inp, real):
             raise OutputDirError(f"{what}: {out} is or overlaps the input {inp}; choose another output folder")
-    if _same_or_inside(_real(Path.cwd()), real):
-        raise OutputDirError(f"{what}: {out} is the working directory (or holds it); choose a new folder")
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"{what}: {out} exists and is not a directory")
     if out.is_dir():
