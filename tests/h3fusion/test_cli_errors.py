@@ -79,3 +79,14 @@ def test_deprecated_device_spellings_still_work(tmp_path, capsys):
         assert parser.parse_args([command, *bases[command], old]).device == "cpu", (command, old)
         assert f"{old} is deprecated; use --device cpu" in capsys.readouterr().err
     assert parser.parse_args(["train", *bases["train"]]).device is None  # default: cuda when available
+
+
+@pytest.mark.parametrize("command", ["fuse-sft", "fuse-po"])
+def test_empty_preference_data_leaves_no_output_folder(pref_inputs, command, capsys):
+    (pref_inputs / "data.jsonl").write_text("\n")
+    argv = _po(pref_inputs)
+    argv[0] = command
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no responses to train on" in err or "no pairs/groups" in err
+    assert "Traceback" not in err and not (pref_inputs / "o").exists()

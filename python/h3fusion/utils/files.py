@@ -3,11 +3,16 @@
 Rules every subcommand and API that writes follows:
   * a file is written under a temporary name in its own folder and renamed into place (`atomic_write_*`), so a
     crash never leaves a truncated file under the final name;
-  * an output folder is ours to replace only when it is empty or carries our marker file (`OUTPUT_MARKER`), written
-    when we create it; a folder of the user's, the working directory, or an input of the same run is never
-    replaced or emptied (`prepare_output_dir`);
-  * a long run holds an exclusive lock on its output folder (`output_lock`), so two runs never interleave their
-    checkpoints; the second fails at once naming the holder.
+  * a whole folder (a checkpoint, a saved model) is written into a staging folder and swapped into place
+    (`make_staging_dir`, `atomic_replace_dir`);
+  * an output folder is ours to write only when it is new, empty, or carries our marker file (`OUTPUT_MARKER`,
+    written when we create it), and a previous output of ours is replaced only when asked (--overwrite); a folder
+    of the user's, the working directory, or an input of the same run is never replaced or emptied
+    (`check_output_dir` before any work starts, `prepare_output_dir` / `claim_output_dir` when the run starts);
+  * a long run holds an exclusive lock on its output folder (`output_lock`, taken by `claim_output_dir`), so two
+    runs never interleave their checkpoints; the second fails at once naming the holder;
+  * JSON is standard JSON (`atomic_write_json`: NaN/inf become null) and a JSON input that cannot be read is
+    reported with its file name (`read_json`).
 """
 
 from __future__ import annotations
@@ -211,6 +216,10 @@ def check_output_dir(
         The absolute folder path.
     """
     out = Path(os.path.abspath(os.fspath(path)))
+    if not is_main_process():
+        # the main process checks and owns the folder (its failure ends the launch); another rank looking now would
+        # race with the main process creating it (a marker half-written looks like a stranger's file)
+        return out
     real = _real(out)
     if _same_or_inside(_real(Path.cwd()), real):
         raise OutputDirError(f"{what}: {out} is the working directory (or holds it); choose a new folder")
@@ -220,6 +229,9 @@ def check_output_dir(
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"{what}: {out} exists and is not a directory")
     if out.is_dir():
+        holder = _lock_holder(out)
+        if holder is not None:
+            raise OutputDirError(f"{what}: {out} is in use by another run ({holder}); wait for it or pick another")
         entries = set(os.listdir(out)) - _OWN_FILES
         if entries and not is_our_output(out):
             raise OutputDirError(
@@ -372,6 +384,32 @@ def _fsync_dir(path: Path) -> None:
 
 # ---- run locks -----------------------------------------------------------------------------------------------------
 
+# folders whose lock this process holds (a probe from the holder itself must not see its own lock as a stranger's)
+_HELD: set[Path] = set()
+
+
+def _lock_holder(folder: Path) -> str | None:
+    """Who holds the run lock of `folder` (a description), or None when nobody else does. Takes no lock."""
+    lock_path = folder / LOCK_FILE
+    if sys.platform == "win32" or _real(folder) in _HELD or not lock_path.is_file():
+        return None
+    import fcntl
+
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 
 @contextlib.contextmanager
 def output_lock(path: str | os.PathLike) -> Iterator[Path]:
@@ -400,6 +438,10 @@ def output_lock(path: str | os.PathLike) -> Iterator[Path]:
                 ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)[:300]}\n".encode(), 0)
-        yield folder
+        _HELD.add(_real(folder))
+        try:
+            yield folder
+        finally:
+            _HELD.discard(_real(folder))
     finally:
         os.close(fd)  # closing releases the flock

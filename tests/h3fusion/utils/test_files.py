@@ -138,6 +138,19 @@ def test_claim_removes_a_folder_it_created_when_the_run_fails(tmp_path):
     assert existing.is_dir()  # the user's (empty) folder stays
 
 
+def test_other_ranks_leave_the_folder_to_the_main_process(tmp_path, monkeypatch):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "x").write_text("x")
+    monkeypatch.setenv("RANK", "1")
+    assert check_output_dir(user) == user  # not judged here: rank 0 judges (a half-written marker would race)
+    with claim_output_dir(user, kind="test"):
+        assert not (user / LOCK_FILE).exists() and not (user / OUTPUT_MARKER).exists()
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(OutputDirError, match="not written by h3fusion"):
+        check_output_dir(user)
+
+
 def test_lock_in_process_names_the_holder(tmp_path):
     with output_lock(tmp_path), pytest.raises(OutputDirError, match=f"in use by another run \\(pid {os.getpid()}"):
         with claim_output_dir(tmp_path, kind="test"):
@@ -161,6 +174,8 @@ def test_lock_held_by_another_process(tmp_path):
         assert proc.stdout.readline().strip() == "locked"
         with pytest.raises(OutputDirError, match=f"pid {proc.pid}"), output_lock(tmp_path):
             pass
+        with pytest.raises(OutputDirError, match=f"in use by another run \\(pid {proc.pid}"):
+            check_output_dir(tmp_path, resume=True)  # the up-front check already sees the holder (no waiting)
     finally:
         proc.stdin.close()
         proc.wait(timeout=30)
