@@ -410,7 +410,6 @@ def _lock_holder(folder: Path) -> str | None:
         os.close(fd)
 
 
-
 @contextlib.contextmanager
 def output_lock(path: str | os.PathLike) -> Iterator[Path]:
     """Hold an exclusive lock on the output folder `path` for the `with` block's lifetime.
