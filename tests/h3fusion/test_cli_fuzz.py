@@ -122,3 +122,23 @@ def test_numeric_oracles_agree_with_kinds():
     assert common.unit_interval("0") == 0.0 and math.isclose(common.positive_float("1e-9"), 1e-9)
     assert common.max_shard_size("12") == 12 and common.max_shard_size("2GiB") == "2GiB"
     assert common.data_spec("helpful=./k=v.json") == ("helpful", "./k=v.json")
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "value", "message"),
+    [
+        ("route-report", "--batch-size", "-3", "expected a positive integer, got -3"),
+        ("train", "--lora-rank", "-2", "expected a positive integer, got -2"),
+        ("bench", "--threads", "0", "expected a positive integer, got 0"),
+        ("demo", "--threads", "0", "expected a positive integer, got 0"),
+        ("bench", "--only", ",", "expected comma-separated names without empty items"),
+        ("fuse", "--max-shard-size", "5 GB", "expected a size like 5GB"),
+        ("train", "--template", "{question}", "unknown template field(s) {question}"),
+    ],
+)
+def test_the_reported_cases(command, flag, value, message, base_argv, capsys):
+    """The exact values issue 8 found accepted (or failing deep inside) now stop at parse time."""
+    with pytest.raises(SystemExit) as exc:
+        main([command, *base_argv[command], f"{flag}={value}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"argument {flag}: {message}" in err and "Traceback" not in err
