@@ -41,7 +41,8 @@ def clean_stale_staging(run_dir: str) -> None:
 
 def check_checkpoint_dir(path: str | os.PathLike, what: str = "--resume") -> None:
     """Validate a Trainer checkpoint before resuming from it: the folder exists, `trainer_state.json` is a JSON
-    object, and every safetensors file has a readable header whose tensors fit in the file.
+    object, every other JSON file parses, and every safetensors file has a readable header whose tensors fit in the
+    file. (The optimizer / RNG `.pt` files are left to torch: reading them here would cost as much as the resume.)
 
     Raises:
         ValueError: naming `what` and the file that is missing or corrupted.
@@ -58,6 +59,8 @@ def check_checkpoint_dir(path: str | os.PathLike, what: str = "--resume") -> Non
     for name in sorted(os.listdir(path)):
         if name.endswith(".safetensors"):
             check_safetensors_file(os.path.join(path, name), what)
+        elif name.endswith(".json") and name != TRAINER_STATE:
+            read_json(os.path.join(path, name), what)  # config.json, the shard index, ...
 
 
 def check_safetensors_file(file: str | os.PathLike, what: str | None = None) -> None:
