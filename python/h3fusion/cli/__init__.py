@@ -36,6 +36,7 @@ def _load(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `h3fusion` parser with one subparser per entry of `SUBCOMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="h3fusion",
         description="Fuse aligned LLMs into a mixture of experts (H3Fusion) and train with weighted preference fusion.",
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `h3fusion ARGV`; returns the exit status (2 for a bad flag value or input, see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

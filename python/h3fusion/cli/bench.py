@@ -20,6 +20,7 @@ def _benchmarks_root() -> Path | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The subcommand's flags (shared ones from `h3fusion.cli.common`)."""
     add_device_argument(parser, indexed=False)
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument(
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check --out before anything runs, then hand over to the benchmark runner of the source tree."""
     from h3fusion.utils.files import check_output_file
 
     check_output_file(args.out, "--out")  # before the benches run: a bad path must not lose their results

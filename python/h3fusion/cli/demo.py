@@ -10,6 +10,7 @@ HELP = "run H3Fusion end to end on tiny generated models and data (CPU, a few mi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The subcommand's flags (shared ones from `h3fusion.cli.common`)."""
     parser.add_argument(
         "--out",
         default="h3fusion-demo",
@@ -23,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check --out; run the demo into it (locked); print where the report is."""
     from h3fusion.utils.files import check_output_dir, claim_output_dir
 
     check_output_dir(args.out, overwrite=args.overwrite)

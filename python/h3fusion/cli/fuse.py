@@ -20,6 +20,7 @@ def _expert(spec: str) -> tuple[str, str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The subcommand's flags (shared ones from `h3fusion.cli.common`)."""
     parser.add_argument("--base", required=True, help="base model checkpoint directory (safetensors)")
     parser.add_argument(
         "--expert",
@@ -69,6 +70,7 @@ def load_prototype_prompts(path: str, names: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the options, inputs and --out; fuse (holding --out); swap the saved model into --out atomically."""
     import warnings
 
     from h3fusion.utils.files import check_output_dir, claim_output_dir

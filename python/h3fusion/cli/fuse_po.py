@@ -21,6 +21,7 @@ HELP = "FusePO: weighted DPO / length-normalised DPO / SimPO / WRPO / RLOO on mu
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The subcommand's flags (shared ones from `h3fusion.cli.common`)."""
     add_common_arguments(parser)
     parser.add_argument("--loss", choices=["dpo", "dpo_norm", "simpo", "wrpo", "rloo"], default="dpo")
     parser.add_argument("--beta", type=positive_float, default=0.1)
@@ -50,6 +51,7 @@ def _gap_max(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check data, options and --out; build pairs / RLOO groups; train while holding the lock on --out."""
     from h3fusion.data.preference import build_pairs, load_records, rloo_groups
     from h3fusion.utils.files import claim_output_dir
 

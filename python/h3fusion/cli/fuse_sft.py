@@ -20,6 +20,7 @@ HELP = "FuseSFT: reward-weighted SFT of a model directory on multi-source JSONL 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The subcommand's flags (shared ones from `h3fusion.cli.common`)."""
     add_common_arguments(parser)
     parser.add_argument(
         "--top-k", type=positive_int, default=None, help="responses kept per prompt, by reward (default all)"
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check data and --out; build the weighted SFT items; train while holding the lock on --out."""
     from h3fusion.data.preference import load_records, sft_examples
     from h3fusion.utils.files import claim_output_dir
 

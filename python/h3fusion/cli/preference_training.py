@@ -93,6 +93,7 @@ def load_model_and_tokenizer(path: str, dtype: str) -> tuple[Any, Any]:
 
 
 def maybe_checkpoint(model: Any, args: argparse.Namespace) -> Any:
+    """The model, with activation checkpointing enabled when --gradient-checkpointing is given."""
     # enabled on the model itself: the TrainingArguments field changed name within transformers 5.x
     if args.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -148,6 +149,7 @@ def save_results(trainer: Any, tokenizer: Any, out: str, summary: dict) -> None:
 
 
 def summarise(trainer: Any) -> dict:
+    """{"steps", "first_loss", "last_loss"} of a finished run (losses None when nothing was logged)."""
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None}  # fmt: skip

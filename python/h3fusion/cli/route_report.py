@@ -20,6 +20,7 @@ HELP = "routing accuracy per category and per-layer expert-usage heatmaps of a f
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The subcommand's flags (shared ones from `h3fusion.cli.common`)."""
     parser.add_argument("model", type=model_path, help="fused model directory (from `h3fusion fuse` / `train`)")
     add_data_arguments(parser)
     parser.add_argument(
@@ -36,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check --out and the data; run the model on it; write the JSON + PNG report into --out."""
     from h3fusion.utils.files import check_output_dir, claim_output_dir
 
     inputs = [args.model, args.tokenizer, *(p for _, p in args.data)]

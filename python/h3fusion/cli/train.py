@@ -30,6 +30,7 @@ HELP = "train a fused MoE's routers and experts with the LM, gating and drift lo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The subcommand's flags (shared ones from `h3fusion.cli.common`)."""
     parser.add_argument("model", type=model_path, help="fused model directory (from `h3fusion fuse`)")
     parser.add_argument(
         "--out",
@@ -102,6 +103,7 @@ def _resume_checkpoint(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check flags, data, --resume checkpoint and --out; then train while holding the lock on --out."""
     from h3fusion.utils.files import check_output_dir, claim_output_dir
 
     if args.resume and args.overwrite:
