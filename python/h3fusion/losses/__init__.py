@@ -10,6 +10,9 @@ from .gating import (  # noqa: F401
     mean_router_probs,
 )
 from .preference import (  # noqa: F401
+    PreferenceLossOutput,
+    RLOOLossOutput,
+    WRPOLossOutput,
     rloo_advantages,
     rloo_loss,
     simpo_loss,
