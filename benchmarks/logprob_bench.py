@@ -23,12 +23,11 @@ Run alone: ``python -m benchmarks.logprob_bench --device cpu`` (prints a table; 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
 import torch
+from h3fusion.utils.files import atomic_write_json, check_output_file
 
 from .common import synchronize
 
@@ -195,13 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    if args.json:
+        check_output_file(args.json, "--json")  # before the run, not after it
     rows = collect(args.device, args.quick)
     _print_table(rows)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_json(args.json, rows)
     return 0
 
 

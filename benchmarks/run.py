@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import json
-import os
 import sys
 
 import torch
+from h3fusion.cli.common import comma_names, positive_int
+from h3fusion.utils.files import OutputDirError, atomic_write_json, check_output_file
 
 from .common import device_name, format_table, measure_ceiling
 
@@ -50,9 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device, help="default: %(default)s")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    parser.add_argument("--only", default=",".join(BENCH_MODULES), help="comma-separated benches (default: all)")
+    parser.add_argument("--only", type=comma_names(), default=None, help="comma-separated benches (default: all)")
     parser.add_argument("--out", default="bench_results.json", help="JSON output path (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's)")
 
 
 def _add_ceiling_pct(rows: list[dict], ceiling: dict[str, float]) -> None:
@@ -67,10 +67,15 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    names = list(BENCH_MODULES) if args.only is None else args.only
     unknown = [n for n in names if n not in BENCH_MODULES]
     if unknown:
         print(f"error: unknown bench {unknown}; choose from {sorted(BENCH_MODULES)}", file=sys.stderr)
+        return 2
+    try:  # before the benches run, not after (a bad --out would lose the results)
+        check_output_file(args.out, "--out")
+    except OutputDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,10 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_json(report: dict, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(path, report, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ Stages (each with a progress bar):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -202,6 +201,7 @@ def _run(out_dir, seed, quick, progress, echo, t0):
     from .models.fuse import fuse_models
     from .route_report import route_report
     from .trainers.h3fusion_trainer import H3FusionTrainer
+    from .utils.files import atomic_write_json, atomic_write_text
 
     torch.manual_seed(seed)
     os.makedirs(out_dir, exist_ok=True)
@@ -385,10 +385,7 @@ def _run(out_dir, seed, quick, progress, echo, t0):
         "train_log": trainer.state.log_history,
         "evaluation": evaluation,
     }
-    for name, text in (("report.md", report), ("results.json", json.dumps(results, indent=2))):
-        tmp = os.path.join(out_dir, f".{name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out_dir, name))
+    atomic_write_text(os.path.join(out_dir, "report.md"), report)
+    atomic_write_json(os.path.join(out_dir, "results.json"), results)
     echo("\n" + report)
     return results

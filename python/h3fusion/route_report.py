@@ -7,7 +7,7 @@ the fraction of category c's real tokens whose top-k experts in layer l include 
 
 from __future__ import annotations
 
-import json
+import io
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,6 +21,7 @@ from .data.instructions import (
     expert_names_from_config,
 )
 from .losses.gating import mean_router_probs
+from .utils.files import atomic_write_bytes, atomic_write_json
 
 __all__ = ["RoutingStats", "collect_routing_stats", "plot_usage_heatmaps", "route_report", "write_report_json"]
 
@@ -51,8 +52,13 @@ def collect_routing_stats(
         progress: show a progress bar.
 
     Returns:
-        RoutingStats (plain JSON-serialisable values).
+        RoutingStats (plain JSON-serialisable values; overall_accuracy is NaN when `dataset` is empty).
+
+    Raises:
+        ValueError: batch_size < 1.
     """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     num_experts = len(expert_names)
     was_training = model.training
     model.eval()
@@ -110,20 +116,9 @@ def collect_routing_stats(
     return stats
 
 
-def _atomic_write_bytes(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_report_json(stats: Mapping[str, Any], path: str) -> None:
-    """Writes the stats as indented JSON (atomically)."""
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(stats, f, indent=2)
-
-    _atomic_write_bytes(path, write)
+    """Writes the stats as indented standard JSON (atomically; NaN, e.g. the accuracy of no examples, is null)."""
+    atomic_write_json(path, dict(stats))
 
 
 def plot_usage_heatmaps(stats: Mapping[str, Any], path: str, title: str = "Expert usage per layer") -> None:
@@ -153,11 +148,12 @@ def plot_usage_heatmaps(stats: Mapping[str, Any], path: str, title: str = "Exper
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="fraction of tokens routed to the expert")
     fig.suptitle(f"{title} (top-{stats.get('top_k', '?')})", y=1.03)
 
-    def write(tmp):
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-
-    _atomic_write_bytes(path, write)
-    plt.close(fig)
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def route_report(

@@ -78,3 +78,74 @@ def test_cli_refusals(tmp_path, capsys):
     two = ["--expert", f"a={tmp_path / 'base'}", "--expert", f"a={tmp_path / 'base'}"]
     assert main(["fuse", "--base", str(tmp_path / "base"), *two, "--out", str(tmp_path / "o")]) == 2
     assert "duplicate expert names" in capsys.readouterr().err
+
+
+def _fuse_argv(tmp_path, *extra, experts=("a", "b")):
+    argv = ["fuse", "--base", str(tmp_path / "base"), "--top-k", "1", "--no-progress", "--out", str(tmp_path / "o")]
+    for name in experts:
+        argv += ["--expert", f"{name}={tmp_path / name}"]
+    return argv + list(extra)
+
+
+def _two_experts(tmp_path):
+    tok = tiny_tokenizer()
+    base = build_tiny_llama(vocab_size=len(tok))
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    perturbed_copy(base).save_pretrained(tmp_path / "a")
+    perturbed_copy(base).save_pretrained(tmp_path / "b")
+    return base
+
+
+def test_cli_corrupted_or_missing_inputs_are_named(tmp_path, capsys):
+    _two_experts(tmp_path)
+    weights = tmp_path / "b" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # truncated: the header promises more than the file holds
+    assert main(_fuse_argv(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert f"{weights}: cannot read this safetensors file" in err and "Traceback" not in err
+    weights.write_bytes(b"\x00" * 64)
+    assert main(_fuse_argv(tmp_path)) == 2
+    assert str(weights) in capsys.readouterr().err
+    assert main(_fuse_argv(tmp_path, experts=("a", "missing"))) == 2
+    assert f"the folder {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_prototype_prompts_shape_is_checked(tmp_path, capsys):
+    _two_experts(tmp_path)
+    prompts = tmp_path / "prompts.json"
+    proto = ["--router-init", "prototypes", "--prototype-prompts", str(prompts)]
+    prompts.write_text(json.dumps({"a": "how is the cat", "b": ["no bad dog"]}))  # a string, not a list
+    assert main(_fuse_argv(tmp_path, *proto)) == 2
+    err = capsys.readouterr().err
+    assert str(prompts) in err and "key 'a' must be a list of prompts, got str" in err
+    prompts.write_text('{"a": ["x"], "b": ["y"],')
+    assert main(_fuse_argv(tmp_path, *proto)) == 2
+    assert f"--prototype-prompts: {prompts} is not valid JSON" in capsys.readouterr().err
+    prompts.write_text(json.dumps(["a", "b"]))
+    assert main(_fuse_argv(tmp_path, *proto)) == 2
+    assert "expected an object" in capsys.readouterr().err
+    prompts.write_text(json.dumps({"a": ["x"], "b": [], "c": ["z"]}))
+    assert main(_fuse_argv(tmp_path, *proto)) == 2
+    assert "['c'] are not expert names" in capsys.readouterr().err
+    prompts.write_text(json.dumps({"a": ["x"], "b": []}))
+    assert main(_fuse_argv(tmp_path, *proto)) == 2
+    assert "key 'b' has no prompts" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_attention_only_adapter(tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    base = _two_experts(tmp_path)
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    lora.save_pretrained(tmp_path / "attn")
+    argv = _fuse_argv(tmp_path, experts=("a", "attn"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "expert 'attn'" in err and "changes no MLP weight" in err and "--allow-non-mlp-adapter" in err
+    assert main([*argv, "--allow-non-mlp-adapter"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: expert 'attn'" in err and "model.layers.0.self_attn.q_proj" in err

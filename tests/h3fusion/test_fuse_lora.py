@@ -117,3 +117,28 @@ def test_unsupported_adapters_are_refused(tmp_path):
         fuse_models(base, {"p": in_memory}, top_k=1, progress=False)
     with pytest.raises(ValueError, match="base model must be a full model"):
         fuse_models(str(tmp_path / "d"), {"d": base}, top_k=1, progress=False)
+
+
+def test_adapter_changes_fusion_would_drop_are_refused(tmp_path):
+    base = build_tiny_llama(layers=2)
+    _adapter(base, tmp_path / "attn", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    _adapter(base, tmp_path / "both", r=2, lora_alpha=4, target_modules=[*MLP, "o_proj"])
+    good = _adapter(base, tmp_path / "mlp", r=2, lora_alpha=4, target_modules=MLP)
+    # attention only: the expert would be the base MLP, and the attention deltas vanish
+    with pytest.raises(ValueError, match=r"expert 'x'.*changes no MLP weight.*self_attn\.q_proj"):
+        fuse_models(base, {"m": str(tmp_path / "mlp"), "x": str(tmp_path / "attn")}, top_k=1, progress=False)
+    with pytest.raises(ValueError, match="changes no MLP weight"):  # even when mean attention would use them
+        fuse_models(base, {"x": str(tmp_path / "attn")}, top_k=1, attention="mean", progress=False)
+    # MLP + attention with attention="base": the o_proj deltas are dropped
+    with pytest.raises(ValueError, match=r"also changes modules outside the MLPs.*o_proj.*attention='mean'"):
+        fuse_models(base, {"y": str(tmp_path / "both")}, top_k=1, progress=False)
+    fuse_models(base, {"y": str(tmp_path / "both")}, top_k=1, attention="mean", progress=False)  # nothing dropped
+    # explicitly allowed: a warning lists the dropped modules, and the expert is the base MLP
+    with pytest.warns(UserWarning, match=r"model\.layers\.1\.self_attn\.v_proj"):
+        fused = fuse_models(
+            base, {"m": str(tmp_path / "mlp"), "x": str(tmp_path / "attn")}, top_k=1, progress=False,
+            allow_non_mlp_adapter=True,
+        )  # fmt: skip
+    for layer in range(2):
+        torch.testing.assert_close(_expert(fused, layer, 1, "down_proj"), base.model.layers[layer].mlp.down_proj.weight)
+        torch.testing.assert_close(_expert(fused, layer, 0, "down_proj"), good.model.layers[layer].mlp.down_proj.weight)

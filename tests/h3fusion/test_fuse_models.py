@@ -178,7 +178,7 @@ def test_refusals_name_the_first_difference(tmp_path):
         fuse_models(base, {"a": good, "b": good}, router_init="prototypes", prototype_prompts={"a": [[5, 6]]})
     with pytest.raises(ValueError, match="non-empty mapping"):
         fuse_models(base, {}, progress=False)
-    with pytest.raises(ValueError, match="is not a directory"):
+    with pytest.raises(ValueError, match="nope does not exist"):
         fuse_models(base, {"a": str(tmp_path / "nope")}, top_k=1, progress=False)
     with pytest.raises(ValueError, match="no config.json"):
         fuse_models(base, {"a": str(tmp_path)}, top_k=1, progress=False)

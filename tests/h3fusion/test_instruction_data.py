@@ -163,3 +163,43 @@ def test_paper_loaders_map_sources(monkeypatch):
     assert inst.load_truthfulqa("train", seed=7) == train  # fixed seed -> same split
     with pytest.raises(ValueError, match="part"):
         inst.load_truthfulqa("validation")
+
+
+def test_numeric_category_and_bad_files_say_what_is_wrong(tmp_path):
+    (tmp_path / "num.jsonl").write_text('{"instruction": "a", "output": "b", "category": 2}\n')
+    with pytest.raises(ValueError, match=r"num.jsonl\[0\]: field 'category' must be a non-empty string.*got 2 \(int\)"):
+        load_instructions(tmp_path / "num.jsonl", category="helpful")  # a default does not hide a wrong field
+    (tmp_path / "null.jsonl").write_text('{"instruction": "a", "output": "b", "category": null}\n')
+    assert load_instructions(tmp_path / "null.jsonl", category="helpful")[0].category == "helpful"
+    (tmp_path / "latin.json").write_bytes('[{"instruction": "caf\xe9", "output": "b"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.json: not UTF-8 text \(byte 21\)"):
+        load_instructions(tmp_path / "latin.json", category="helpful")
+    (tmp_path / "cut.json").write_text('[{"instruction": "a", "output": "b"}')
+    with pytest.raises(ValueError, match=r"cut.json: not valid JSON .*line 1"):
+        load_instructions(tmp_path / "cut.json", category="helpful")
+
+
+def test_template_with_an_unknown_field_is_a_clear_error():
+    tok = word_tokenizer()
+    ex = InstructionExample("a", "b", "helpful")
+    with pytest.raises(ValueError, match=r"template '\{question\} :'.*KeyError.*only the fields \{instruction\}"):
+        format_prompt(tok, ex, "{question} :")
+    assert format_prompt(tok, ex, "{instruction} {{literal}} :")[0] == "a {literal} :"
+
+
+def test_data_flag_rule_for_paths_with_equals(tmp_path, monkeypatch):
+    # CATEGORY=FILE only when the text before the first "=" is a category name; otherwise the value is a path
+    from h3fusion.cli.common import data_spec, load_data_arguments
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "k=v").mkdir()
+    save_instructions([InstructionExample("a", "b", "helpful")], tmp_path / "k=v" / "d.jsonl")
+    save_instructions([InstructionExample("c", "d", "honest")], tmp_path / "x=1.jsonl")
+    assert data_spec("honest=k=v/d.jsonl") == ("honest", "k=v/d.jsonl")
+    assert data_spec(f"{tmp_path}/x=1.jsonl") == (None, f"{tmp_path}/x=1.jsonl")
+    assert data_spec("./x=1.jsonl") == (None, "./x=1.jsonl")
+    assert data_spec("my data=1.json") == (None, "my data=1.json")  # a space: not a category name
+    examples = load_data_arguments([data_spec("harmless=k=v/d.jsonl"), data_spec("./x=1.jsonl")])
+    assert [(e.instruction, e.category) for e in examples] == [("a", "helpful"), ("c", "honest")]
+    with pytest.raises(ValueError, match=r"--data: 1.jsonl does not exist.*read as CATEGORY=FILE.*\./x=1\.jsonl"):
+        load_data_arguments([data_spec("x=1.jsonl")])  # category "x", file "1.jsonl": the message says how to fix

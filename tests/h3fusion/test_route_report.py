@@ -101,3 +101,30 @@ def test_cli_route_report(tmp_path, capsys):
     assert sum(stats["counts"].values()) == len(exs)
     assert (out / "route_report.png").exists()
     assert "overall" in capsys.readouterr().out
+
+
+def test_no_examples_gives_standard_json_and_bad_batch_size_is_refused(tmp_path, capsys):
+    m, tok = model(), tokenizer()
+    stats = route_report(m, [], tok, tmp_path, template="{instruction} :")
+    assert stats["overall_accuracy"] != stats["overall_accuracy"]  # NaN in memory ...
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    saved = json.loads((tmp_path / "route_report.json").read_text(), parse_constant=refuse)
+    assert saved["overall_accuracy"] is None  # ... null on disk, never a bare NaN
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got -3"):
+        route_report(m, examples(3), tok, tmp_path, batch_size=-3)
+
+    from h3fusion.cli import main
+
+    m.save_pretrained(tmp_path / "fused")
+    tok.save_pretrained(tmp_path / "fused")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    argv = ["route-report", str(tmp_path / "fused"), "--data", f"helpful={tmp_path / 'empty.jsonl'}", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 2
+    assert "hold no examples" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--batch-size", "-3"])
+    assert exc.value.code == 2 and "--batch-size: expected a positive integer, got -3" in capsys.readouterr().err

@@ -186,3 +186,35 @@ def test_train_cli_lora_resume_auto(tmp_path):
     for k, v in final.state_dict().items():
         trains = ".mlp.gate." in k or ".mlp.experts." in k
         assert torch.equal(v, before[k]) != trains, k
+
+
+def test_train_cli_names_a_corrupted_checkpoint_on_resume(tmp_path, capsys):
+    """A corrupted trainer_state.json or safetensors file in the checkpoint is named before training starts."""
+    from h3fusion.cli import main
+    from h3fusion.data import InstructionExample, save_instructions
+
+    tok = word_level_tokenizer([":", *(f"w{i}" for i in range(30))])
+    fused = tiny_fused()
+    fused.save_pretrained(tmp_path / "fused")
+    tok.save_pretrained(tmp_path / "fused")
+    examples = [InstructionExample(f"w{i} w{i + 3}", f"w{i + 1}", EXPERT_NAMES[i % 3]) for i in range(8)]
+    save_instructions(examples, tmp_path / "d.jsonl")
+    common = ["train", str(tmp_path / "fused"), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "run"),
+              "--template", "{instruction} :", "--batch-size", "4", "--save-steps", "1", "--device", "cpu",
+              "--resume", "auto"]  # fmt: skip
+    assert main([*common, "--max-steps", "1"]) == 0
+    ckpt = tmp_path / "run" / "checkpoint-1"
+    state = ckpt / "trainer_state.json"
+    good_state = state.read_text()
+    state.write_text(good_state[: len(good_state) // 2])
+    assert main([*common, "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume: {state} is not valid JSON" in err and "Traceback" not in err
+    state.write_text(good_state)
+    weights = next(ckpt.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main([*common, "--max-steps", "2"]) == 2
+    assert f"--resume: {weights} is not a readable safetensors file" in capsys.readouterr().err
+    assert main([*common[:-1], str(tmp_path / "nowhere"), "--max-steps", "2"]) == 2
+    assert f"the checkpoint folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint-2").exists()

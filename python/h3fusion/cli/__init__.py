@@ -5,12 +5,18 @@ Each subcommand module `h3fusion/cli/<name>.py` defines
     add_arguments(parser: argparse.ArgumentParser) -> None
     run(args: argparse.Namespace) -> int        the exit status
 and is imported only when its subcommand runs, so `h3fusion --help` stays fast.
+
+Errors: a bad flag value is argparse's one-line usage error (exit 2). A bad input found while running (a file that
+does not exist or is corrupted, an output folder we must not touch, a model that cannot be fused...) raises
+ValueError or OSError with a message naming the file / argument; `main` prints it as one `error:` line and returns
+2. Set H3FUSION_TRACEBACK=1 to get the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> module under h3fusion.cli
@@ -35,6 +41,7 @@ def _load(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `h3fusion` parser with one subparser per entry of `SUBCOMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="h3fusion",
         description="Fuse aligned LLMs into a mixture of experts (H3Fusion) and train with weighted preference fusion.",
@@ -54,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `h3fusion ARGV`; returns the exit status (2 for a bad flag value or input, see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
@@ -61,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
+    except (ValueError, OSError) as exc:
+        if os.environ.get("H3FUSION_TRACEBACK"):
+            raise
+        print(f"h3fusion {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         _leave_process_group()
 

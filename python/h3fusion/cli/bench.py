@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .common import add_device_argument, comma_names, positive_int
+
 HELP = "benchmark the kernels against the PyTorch reference (tables + JSON)"
 
 
@@ -18,14 +20,21 @@ def _benchmarks_root() -> Path | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    """The subcommand's flags (shared ones from `h3fusion.cli.common`)."""
+    add_device_argument(parser, indexed=False)
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    parser.add_argument("--only", default=None, help="comma-separated benches: moe,logprob,hf_moe (default: all)")
+    parser.add_argument(
+        "--only", type=comma_names(), default=None, help="comma-separated benches: moe,logprob,hf_moe (default: all)"
+    )
     parser.add_argument("--out", default="bench_results.json", help="JSON output path (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's)")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check --out before anything runs, then hand over to the benchmark runner of the source tree."""
+    from h3fusion.utils.files import check_output_file
+
+    check_output_file(args.out, "--out")  # before the benches run: a bad path must not lose their results
     root = _benchmarks_root()
     if root is None:
         print(
@@ -40,6 +49,6 @@ def run(args: argparse.Namespace) -> int:
 
     argv = ["--out", args.out] + (["--quick"] if args.quick else [])
     argv += ["--device", args.device] if args.device else []
-    argv += ["--only", args.only] if args.only else []
+    argv += ["--only", ",".join(args.only)] if args.only else []
     argv += ["--threads", str(args.threads)] if args.threads else []
     return bench_run.main(argv)

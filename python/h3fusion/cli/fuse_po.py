@@ -6,8 +6,10 @@ import argparse
 import json
 import math
 
-from .fuse_sft import (
+from .common import finite_float, model_path, nonneg_float, positive_float, positive_int, unit_interval
+from .preference_training import (
     add_common_arguments,
+    check_common_arguments,
     load_model_and_tokenizer,
     maybe_checkpoint,
     save_results,
@@ -19,41 +21,53 @@ HELP = "FusePO: weighted DPO / length-normalised DPO / SimPO / WRPO / RLOO on mu
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The subcommand's flags (shared ones from `h3fusion.cli.common`)."""
     add_common_arguments(parser)
     parser.add_argument("--loss", choices=["dpo", "dpo_norm", "simpo", "wrpo", "rloo"], default="dpo")
-    parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--gamma", type=float, default=0.5, help="SimPO target margin")
-    parser.add_argument("--alpha-max", type=float, default=0.5, help="WRPO: final alpha of the linear ramp")
-    parser.add_argument("--alpha-steps", type=int, default=None, help="WRPO: ramp length in steps (default: run)")
-    parser.add_argument("--kl-coef", type=float, default=0.0, help="RLOO: KL-to-reference coefficient")
+    parser.add_argument("--beta", type=positive_float, default=0.1)
+    parser.add_argument("--gamma", type=finite_float, default=0.5, help="SimPO target margin")
+    parser.add_argument("--alpha-max", type=unit_interval, default=0.5, help="WRPO: final alpha of the linear ramp")
+    parser.add_argument("--alpha-steps", type=positive_int, default=None, help="WRPO: ramp length (default: the run)")
+    parser.add_argument("--kl-coef", type=nonneg_float, default=0.0, help="RLOO: KL-to-reference coefficient")
     parser.add_argument("--pair-mode", choices=["per_source", "global", "wrpo"], default=None,
                         help="pair builder mode (default: wrpo for --loss wrpo, else per_source)")  # fmt: skip
-    parser.add_argument("--gap-min", type=float, default=0.0, help="smallest reward gap of a kept pair")
-    parser.add_argument("--gap-max", type=float, default=math.inf, help="largest reward gap of a kept pair")
-    parser.add_argument("--temperature", type=float, default=1.0, help="tau of the per-source pair weights")
+    parser.add_argument("--gap-min", type=nonneg_float, default=0.0, help="smallest reward gap of a kept pair")
+    parser.add_argument("--gap-max", type=_gap_max, default=math.inf, help="largest reward gap of a kept pair (or inf)")
+    parser.add_argument("--temperature", type=positive_float, default=1.0, help="tau of the per-source pair weights")
     parser.add_argument("--target-source", default=None, help="source name of the target model (WRPO)")
-    parser.add_argument("--rloo-temperature", type=float, default=None,
+    parser.add_argument("--rloo-temperature", type=positive_float, default=None,
                         help="RLOO: weight responses by K * softmax(r / tau) (default: unit weights)")  # fmt: skip
-    parser.add_argument("--ref-model", default=None, help="reference model directory (default: the initial model)")
+    parser.add_argument(
+        "--ref-model", type=model_path, default=None, help="reference model directory (default: the initial model)"
+    )
     parser.add_argument("--online-ref", action="store_true", help="run --ref-model every step instead of precomputing")
     parser.add_argument("--ref-cache-dir", default=None, help="reference log-prob cache (default: <out>/ref_cache)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _gap_max(text: str) -> float:
+    if text.strip().lower() in ("inf", "+inf", "infinity"):
+        return math.inf
+    return nonneg_float(text)
 
+
+def run(args: argparse.Namespace) -> int:
+    """Check data, options and --out; build pairs / RLOO groups; train while holding the lock on --out."""
     from h3fusion.data.preference import build_pairs, load_records, rloo_groups
-    from h3fusion.trainers.fuse_po import FusePOTrainer
+    from h3fusion.utils.files import claim_output_dir
 
     if args.online_ref and args.ref_model is None:
-        raise SystemExit("--online-ref needs --ref-model")
+        raise ValueError("--online-ref needs --ref-model")
+    if args.gap_max < args.gap_min:
+        raise ValueError(f"--gap-max {args.gap_max} is smaller than --gap-min {args.gap_min}")
+    inputs = [args.model, args.data, args.ref_model]
+    check_common_arguments(args, inputs)
     records = load_records(args.data)
     if args.loss == "rloo":
         items = rloo_groups(records, temperature=args.rloo_temperature)
     else:
         mode = args.pair_mode or ("wrpo" if args.loss == "wrpo" else "per_source")
         if args.loss == "wrpo" and args.target_source is None:
-            raise SystemExit("--loss wrpo needs --target-source (the source name of the target model's responses)")
+            raise ValueError("--loss wrpo needs --target-source (the source name of the target model's responses)")
         items = build_pairs(
             records,
             mode=mode,
@@ -63,9 +77,20 @@ def run(args: argparse.Namespace) -> int:
             target_source=args.target_source,
         )
     if not items:
-        raise SystemExit(f"{args.data}: no pairs/groups survive the filters; widen --gap-min/--gap-max")
+        raise ValueError(f"{args.data}: no pairs/groups survive the filters; widen --gap-min/--gap-max")
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     ref_model = load_model_and_tokenizer(args.ref_model, args.dtype)[0] if args.ref_model else None
+    with claim_output_dir(args.out, kind="fuse-po", overwrite=args.overwrite, inputs=inputs):
+        summary = _train(args, model, ref_model, tokenizer, items)
+    print(json.dumps(summary))
+    return 0
+
+
+def _train(args: argparse.Namespace, model, ref_model, tokenizer, items) -> dict:
+    from pathlib import Path
+
+    from h3fusion.trainers.fuse_po import FusePOTrainer
+
     trainer = FusePOTrainer(
         maybe_checkpoint(model, args),
         ref_model,
@@ -88,5 +113,4 @@ def run(args: argparse.Namespace) -> int:
     trainer.train()
     summary = {"command": "fuse-po", "loss": args.loss, "items": len(items), **summarise(trainer)}
     save_results(trainer, tokenizer, args.out, summary)
-    print(json.dumps(summary))
-    return 0
+    return summary

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from h3fusion.utils.files import atomic_write_text
+
 from .tokens import IGNORE_INDEX, response_token_ids
 
 ALPACA_PROMPT = (
@@ -74,9 +76,16 @@ class InstructionExample:
         missing = [k for k in ("instruction", "output") if not isinstance(record.get(k), str)]
         if missing:
             raise ValueError(f"{where}: field(s) {missing} missing or not a string")
-        cat = record.get("category", category)
-        if not isinstance(cat, str) or not cat:
-            raise ValueError(f"{where}: no category (give the field or pass category=...)")
+        cat = record.get("category")
+        if cat is None:
+            cat = category
+            if not cat:
+                raise ValueError(f"{where}: no category (give the field 'category' or a default: --data CATEGORY=FILE)")
+        elif not isinstance(cat, str) or not cat:
+            raise ValueError(
+                f"{where}: field 'category' must be a non-empty string naming an expert, got {cat!r} "
+                f"({type(cat).__name__})"
+            )
         inp = record.get("input") or ""
         if not isinstance(inp, str):
             raise ValueError(f"{where}: field 'input' must be a string")
@@ -94,8 +103,12 @@ def load_instructions(path: str | os.PathLike, category: str | None = None) -> l
         the examples, in file order.
     """
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
     stripped = text.lstrip()
     records: list[Any]
     if path.endswith(".jsonl") or (stripped and stripped[0] == "{"):
@@ -107,7 +120,10 @@ def load_instructions(path: str | os.PathLike, category: str | None = None) -> l
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
     else:
-        records = json.loads(text) if stripped else []
+        try:
+            records = json.loads(text) if stripped else []
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
         if isinstance(records, Mapping) and "data" in records:
             records = records["data"]
         if not isinstance(records, list):
@@ -117,12 +133,7 @@ def load_instructions(path: str | os.PathLike, category: str | None = None) -> l
 
 def save_instructions(examples: Iterable[InstructionExample], path: str | os.PathLike) -> None:
     """Writes examples as JSONL, atomically (temp file, then rename)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps(asdict(ex), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(asdict(ex), ensure_ascii=False) + "\n" for ex in examples))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,7 +256,13 @@ def format_prompt(tokenizer: Any, example: InstructionExample, template: str | N
         return text, True
     if template is None:
         template = ALPACA_PROMPT_WITH_INPUT if example.input else ALPACA_PROMPT
-    return template.format(instruction=example.instruction, input=example.input), False
+    try:
+        return template.format(instruction=example.instruction, input=example.input), False
+    except (KeyError, IndexError, AttributeError, ValueError) as exc:
+        raise ValueError(
+            f"template {template!r}: {type(exc).__name__} {exc}; only the fields {{instruction}} and {{input}} exist "
+            "(write a literal brace as {{ or }})"
+        ) from None
 
 
 def tokenize_instruction(

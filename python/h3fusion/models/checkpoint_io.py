@@ -7,41 +7,21 @@ that tensor, so fusing N aligned 7B checkpoints holds one layer of each at a tim
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from typing import Any
 
 import torch
 
+from h3fusion.utils.files import read_json
+
+from .lora_merge import LoraAdapterWeights
+from .weight_source import WeightSource, safetensors_error
+
+__all__ = ["CheckpointWeights", "ModelWeights", "WeightSource", "is_adapter_dir", "open_source"]
+
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 _SAFE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-
-
-class WeightSource:
-    """A named set of tensors in the Hugging Face causal-LM layout (`model.layers.0.mlp.gate_proj.weight`, ...).
-
-    Attributes:
-        config: the model's `PretrainedConfig`.
-        description: where the weights come from (a path or a short model description), recorded in the fused config.
-    """
-
-    config: Any
-    description: str
-
-    def keys(self) -> set[str]:
-        raise NotImplementedError
-
-    def get(self, key: str) -> torch.Tensor:
-        """The tensor stored under `key` (a fresh or read-only view; callers must not modify it in place)."""
-        raise NotImplementedError
-
-    def dtype(self) -> torch.dtype:
-        """The floating dtype the weights are stored in."""
-        return self.get("model.embed_tokens.weight").dtype
-
-    def has(self, key: str) -> bool:
-        return key in self.keys()
 
 
 def _tied(config) -> bool:
@@ -94,17 +74,20 @@ class CheckpointWeights(WeightSource):
         if not os.path.isfile(os.path.join(self.path, "config.json")):
             raise ValueError(f"{self.path!r} is not a model checkpoint directory: it has no config.json")
         self.config = AutoConfig.from_pretrained(self.path)
+        self._handles: dict[str, Any] = {}
         index = os.path.join(self.path, SAFE_INDEX)
         single = os.path.join(self.path, SAFE_SINGLE)
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json(index)
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f"{index} is not a safetensors index (expected an object with a weight_map)")
             self._where = {k: (os.path.join(self.path, v), k) for k, v in weight_map.items()}
+            for file in sorted({f for f, _ in self._where.values()}):
+                if not os.path.isfile(file):
+                    raise ValueError(f"{index} names the shard {os.path.basename(file)}, which is missing")
         elif os.path.isfile(single):
-            from safetensors import safe_open
-
-            with safe_open(single, framework="pt") as f:
-                self._where = {k: (single, k) for k in f.keys()}
+            self._where = {k: (single, k) for k in self._open(single).keys()}
         else:
             raise ValueError(
                 f"{self.path!r} has no {SAFE_SINGLE} or {SAFE_INDEX}; only safetensors checkpoints can be fused "
@@ -116,7 +99,6 @@ class CheckpointWeights(WeightSource):
         self._alias = {}
         if "lm_head.weight" not in self._where and _tied(self.config):
             self._alias["lm_head.weight"] = "model.embed_tokens.weight"
-        self._handles: dict[str, Any] = {}
 
     def keys(self) -> set[str]:
         return set(self._where) | set(self._alias)
@@ -126,7 +108,11 @@ class CheckpointWeights(WeightSource):
 
         handle = self._handles.get(file)
         if handle is None:
-            handle = self._handles[file] = safe_open(file, framework="pt")
+            try:
+                handle = safe_open(file, framework="pt")
+            except Exception as exc:  # SafetensorError (corrupted / truncated header) or OSError
+                raise safetensors_error(file, exc) from None
+            self._handles[file] = handle
         return handle
 
     def get(self, key: str) -> torch.Tensor:
@@ -134,7 +120,11 @@ class CheckpointWeights(WeightSource):
         if key not in self._where:
             raise KeyError(f"checkpoint {self.path!r} has no weight named {key!r}")
         file, stored = self._where[key]
-        return self._open(file).get_tensor(stored)
+        handle = self._open(file)
+        try:
+            return handle.get_tensor(stored)
+        except Exception as exc:
+            raise safetensors_error(file, exc, stored) from None
 
     def dtype(self) -> torch.dtype:
         # Read the dtype from the safetensors header, not by loading the (large) embedding matrix.
@@ -176,13 +166,13 @@ def open_source(spec: Any, base: WeightSource | None = None, name: str = "base")
             raise ValueError(f"{name}: a torch module without a Hugging Face config cannot be fused")
         return ModelWeights(spec)
     if isinstance(spec, (str, os.PathLike)):
+        if not os.path.exists(spec):
+            raise ValueError(f"{name}: the folder {os.fspath(spec)} does not exist")
         if not os.path.isdir(spec):
-            raise ValueError(f"{name}: {os.fspath(spec)!r} is not a directory (expected a checkpoint or LoRA adapter)")
+            raise ValueError(f"{name}: {os.fspath(spec)} is a file; expected a checkpoint or LoRA adapter folder")
         if is_adapter_dir(spec):
             if base is None:
                 raise ValueError(f"{name}: {os.fspath(spec)!r} is a LoRA adapter; the base model must be a full model")
-            from .lora_merge import LoraAdapterWeights
-
             return LoraAdapterWeights(base, spec)
         return CheckpointWeights(spec)
     raise ValueError(f"{name}: expected a model, a checkpoint directory or an adapter directory, got {type(spec)}")

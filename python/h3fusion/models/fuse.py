@@ -11,13 +11,16 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from h3fusion.utils.files import atomic_replace_dir, check_output_dir, make_staging_dir, mark_output_dir
+
 from .checkpoint_io import WeightSource, open_source
+from .lora_merge import LoraAdapterWeights
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 ROUTER_INITS = ("random", "zeros", "prototypes")
@@ -138,6 +141,7 @@ def fuse_models(
     tokenizer: Any = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    allow_non_mlp_adapter: bool = False,
 ):
     """Fuse a base model and N aligned models of the same architecture into a `MixtralForCausalLM`.
 
@@ -155,13 +159,17 @@ def fuse_models(
         tokenizer: tokenizes string prompts; default: the tokenizer saved with `base` when it is a directory.
         dtype: the fused model's dtype; default: the base's.
         progress: show a per-layer progress bar.
+        allow_non_mlp_adapter: a LoRA adapter's changes outside the MLPs (attention, norms, embeddings, lm_head)
+            are dropped with attention="base" (only its MLP becomes the expert). By default such an adapter is
+            refused, and so is an adapter that changes no MLP at all (its expert would equal the base MLP); with
+            True, fusion goes on and a warning lists the dropped modules.
 
     Returns:
         A `MixtralForCausalLM` (eval mode) whose `config.h3fusion` records the expert names, sources and options.
 
     Raises:
-        ValueError: bad options, unsupported base architecture, or an aligned model whose config differs from the
-            base's (the message names the first difference).
+        ValueError: bad options, unsupported base architecture, an aligned model whose config differs from the
+            base's (the message names the first difference), or an adapter whose changes fusion would drop.
     """
     from transformers import MixtralForCausalLM
 
@@ -177,13 +185,12 @@ def fuse_models(
     if router_init not in ROUTER_INITS:
         raise ValueError(f"router_init must be one of {ROUTER_INITS}, got {router_init!r}")
     if router_init == "prototypes":
-        missing = [n for n in names if not (prototype_prompts or {}).get(n)]
-        if missing:
-            raise ValueError(f"router_init='prototypes' needs prototype_prompts for every expert; missing {missing}")
+        check_prototype_prompts(prototype_prompts, names)
 
     base_src = open_source(base, name="base")
     sources = [open_source(spec, base_src, name=n) for n, spec in aligned.items()]
     check_compatible(base_src, dict(zip(names, sources, strict=True)))
+    check_adapters(dict(zip(names, sources, strict=True)), attention, allow_non_mlp_adapter)
 
     record = {
         "experts": names,
@@ -245,6 +252,81 @@ def fuse_models(
         for w, rows in zip(routers, protos, strict=True):
             w.copy_(rows.to(w.dtype))
     return model
+
+
+def check_prototype_prompts(prompts: Any, names: Sequence[str], where: str = "prototype_prompts") -> None:
+    """Check the shape {expert name: [prompt, ...]} with a non-empty list for every expert.
+
+    A prompt is a string or a list of token ids (or a 1-D tensor). A string in place of the list would be read
+    character by character, so it is refused.
+
+    Raises:
+        ValueError: naming `where` and the offending key.
+    """
+    if prompts is None:
+        raise ValueError(f"router_init='prototypes' needs {where} for every expert")
+    if not isinstance(prompts, Mapping):
+        raise ValueError(f"{where}: expected an object {{expert name: [prompt, ...]}}, got {type(prompts).__name__}")
+    missing = [n for n in names if n not in prompts]
+    if missing:
+        raise ValueError(f"{where}: router_init='prototypes' needs prompts for every expert; missing {missing}")
+    unknown = [k for k in prompts if k not in names]
+    if unknown:
+        raise ValueError(f"{where}: {unknown} are not expert names (experts: {list(names)})")
+    for name in names:
+        value = prompts[name]
+        if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, torch.Tensor)):
+            raise ValueError(
+                f"{where}: key {name!r} must be a list of prompts, got {type(value).__name__} "
+                f"(write [{value!r}] for a single prompt)"
+                if isinstance(value, str)
+                else f"{where}: key {name!r} must be a list of prompts, got {type(value).__name__}"
+            )
+        if len(value) == 0:
+            raise ValueError(f"{where}: key {name!r} has no prompts")
+        for i, p in enumerate(value):
+            ok = (
+                isinstance(p, str)
+                or isinstance(p, torch.Tensor)
+                or (isinstance(p, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in p))
+            )
+            if not ok:
+                raise ValueError(
+                    f"{where}: key {name!r}, item {i}: expected a prompt string or a list of token ids, "
+                    f"got {type(p).__name__}"
+                )
+
+
+def check_adapters(sources: Mapping[str, WeightSource], attention: str, allow_non_mlp: bool) -> None:
+    """Refuse LoRA adapters whose changes the fused model would silently lose (see `fuse_models`).
+
+    An adapter that adapts no MLP module gives an expert equal to the base MLP. With attention="base" the shared
+    weights come from the base, so every non-MLP change of an adapter is dropped (with "mean" they enter the mean).
+
+    Raises:
+        ValueError: naming the expert and the dropped modules, unless `allow_non_mlp` (then a warning lists them).
+    """
+    for name, src in sources.items():
+        if not isinstance(src, LoraAdapterWeights):
+            continue
+        non_mlp = src.non_mlp_modules()
+        no_mlp = len(non_mlp) == len(src.adapted_modules())
+        dropped = non_mlp if attention == "base" else []
+        if not no_mlp and not dropped:
+            continue
+        shown = ", ".join(dropped[:6]) + (f", ... ({len(dropped)} in all)" if len(dropped) > 6 else "")
+        if no_mlp:
+            problem = f"expert {name!r}: the adapter {src.path} changes no MLP weight (its expert = the base MLP)"
+        else:
+            problem = f"expert {name!r}: the adapter {src.path} also changes modules outside the MLPs"
+        if dropped:
+            problem += f"; with attention='base' these changes are dropped: {shown}"
+        if not allow_non_mlp:
+            raise ValueError(
+                f"{problem}. Pass allow_non_mlp_adapter=True (CLI: --allow-non-mlp-adapter) to fuse anyway"
+                + (", or attention='mean' to average the shared weights" if dropped and not no_mlp else "")
+            )
+        warnings.warn(problem, UserWarning, stacklevel=3)
 
 
 def _tokenize(prompts, tokenizer) -> list[torch.Tensor]:
@@ -310,38 +392,53 @@ def prototype_rows(base, base_src: WeightSource, names, prompts, tokenizer=None)
     return [torch.nn.functional.normalize(s / n, dim=-1) for s in sums]
 
 
-def save_fused_model(model, out_dir: str | os.PathLike, tokenizer: Any = None, base: Any = None, **kwargs) -> str:
+def save_fused_model(
+    model,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    base: Any = None,
+    *,
+    overwrite: bool = False,
+    **kwargs,
+) -> str:
     """Save a fused model (safetensors, sharded past `max_shard_size`) and the base's tokenizer, atomically.
 
-    Written to a temporary sibling directory first and renamed, so an interrupted save never leaves a half checkpoint.
+    Written to a hidden sibling folder first and renamed into place, so an interrupted save never leaves a half
+    checkpoint. The folder carries our output marker (`h3fusion.utils.files.OUTPUT_MARKER`). `out_dir` may be new or
+    empty; a previous output of ours is replaced only with `overwrite`; anything else (a folder of the user's, the
+    working directory, the base or an aligned model the fused model was built from) is refused, never deleted.
 
     Args:
         model: the fused `MixtralForCausalLM`.
-        out_dir: the destination directory (replaced if it exists).
+        out_dir: the destination directory.
         tokenizer: saved alongside; default: loaded from `base` when it is a directory holding one.
         base: the base model path (for its tokenizer).
+        overwrite: replace a previous h3fusion output in `out_dir`.
         **kwargs: passed to `save_pretrained` (e.g. max_shard_size="2GB").
 
     Returns:
-        The output directory path.
+        The output directory path (absolute).
+
+    Raises:
+        h3fusion.utils.files.OutputDirError: `out_dir` may not be written (the message says why).
     """
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
+    record = getattr(model.config, "h3fusion", None) or {}
+    inputs = [base, record.get("base"), *dict(record.get("sources") or {}).values()]
+    inputs = [p for p in inputs if isinstance(p, (str, os.PathLike)) and os.path.exists(p)]
+    out = check_output_dir(out_dir, overwrite=overwrite, inputs=inputs, what="out_dir")
     if tokenizer is None and isinstance(base, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
         with contextlib.suppress(Exception):
             tokenizer = AutoTokenizer.from_pretrained(os.fspath(base))
-    tmp = tempfile.mkdtemp(prefix=".h3fusion-save-", dir=parent)
+    tmp = make_staging_dir(out.parent, out.name)
     try:
         model.save_pretrained(tmp, safe_serialization=True, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        mark_output_dir(tmp, "fuse")
+        atomic_replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
+    return str(out)

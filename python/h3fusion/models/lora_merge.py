@@ -6,16 +6,27 @@ scaling = lora_alpha / r, or lora_alpha / sqrt(r) with rank-stabilised LoRA (`us
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 
 import torch
 
-from .checkpoint_io import WeightSource
+from h3fusion.utils.files import read_json
+
+from .weight_source import WeightSource, safetensors_error
+
+__all__ = ["LoraAdapterWeights", "is_mlp_module", "lora_scaling"]
 
 _PREFIX = "base_model.model."
+# The modules an expert is made of; any other adapted module changes shared weights, not the expert.
+_MLP_MODULE_RE = re.compile(r"model\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)")
+
+
+def is_mlp_module(name: str) -> bool:
+    """Whether a module / parameter name (without PEFT's prefix) belongs to a decoder layer's MLP projections."""
+    module = name[: -len(".weight")] if name.endswith(".weight") else name
+    return _MLP_MODULE_RE.fullmatch(module) is not None
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -56,8 +67,9 @@ class LoraAdapterWeights(WeightSource):
         self.path = os.fspath(path)
         self.description = os.path.abspath(self.path)
         self.config = base.config
-        with open(os.path.join(self.path, "adapter_config.json")) as f:
-            self.adapter_config = cfg = json.load(f)
+        self.adapter_config = cfg = read_json(os.path.join(self.path, "adapter_config.json"))
+        if not isinstance(cfg, dict) or "r" not in cfg:
+            raise ValueError(f"{self.path}/adapter_config.json is not a PEFT adapter config (no 'r')")
         if cfg.get("peft_type", "LORA").upper() != "LORA":
             raise ValueError(f"adapter {self.path!r}: peft_type {cfg.get('peft_type')!r} is not LORA")
         if cfg.get("use_dora", False):
@@ -65,7 +77,10 @@ class LoraAdapterWeights(WeightSource):
         file = os.path.join(self.path, "adapter_model.safetensors")
         if not os.path.isfile(file):
             raise ValueError(f"adapter {self.path!r} has no adapter_model.safetensors")
-        tensors = load_file(file)
+        try:
+            tensors = load_file(file)
+        except Exception as exc:  # SafetensorError names no file
+            raise safetensors_error(file, exc) from None
         self._a: dict[str, torch.Tensor] = {}
         self._b: dict[str, torch.Tensor] = {}
         self._replace: dict[str, torch.Tensor] = {}
@@ -86,6 +101,14 @@ class LoraAdapterWeights(WeightSource):
 
     def keys(self) -> set[str]:
         return self.base.keys()
+
+    def adapted_modules(self) -> list[str]:
+        """The modules (LoRA) and parameters (modules_to_save) this adapter changes, sorted."""
+        return sorted(set(self._a) | set(self._replace))
+
+    def non_mlp_modules(self) -> list[str]:
+        """The adapted modules outside the decoder MLPs (attention, norms, embeddings, lm_head), sorted."""
+        return [m for m in self.adapted_modules() if not is_mlp_module(m)]
 
     def delta(self, key: str) -> torch.Tensor | None:
         """The fp32 effective weight change scaling · B · A of parameter `key`, or None when not adapted."""
