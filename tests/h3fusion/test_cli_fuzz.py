@@ -72,6 +72,17 @@ FLAGS = {
     "route-report": {"--batch-size": "positive_int", "--max-length": "positive_int", "--device": "device",
                      "--template": "template", "--data": "data"},
     "bench": {"--threads": "positive_int", "--only": "names", "--device": "plain_device"},
+    "sample": {"--n": "positive_int", "--temperature": "nonneg_float", "--top-p": "unit_interval",
+               "--max-new-tokens": "positive_int", "--min-new-tokens": "nonneg_int", "--batch-size": "positive_int",
+               "--device": "device"},
+    "score": {"--batch-size": "positive_int", "--reward-index": "nonneg_int", "--max-length": "positive_int",
+              "--device": "device"},
+    "build-data": {"--sft-ratio": "unit_interval", "--top-k": "positive_int", "--sft-temperature": "positive_float",
+                   "--gap-min": "finite_float", "--temperature": "positive_float",
+                   "--rloo-temperature": "positive_float"},
+    "fuserl": {"--device": "device"},
+    "eval": {"--limit": "positive_int", "--max-new-tokens": "positive_int", "--seed": "nonneg_int",
+             "--batch-size": "positive_int", "--threshold": "unit_interval", "--device": "device"},
 }  # fmt: skip
 CASES = [(cmd, flag, kind) for cmd, flags in FLAGS.items() for flag, kind in flags.items()]
 
@@ -88,6 +99,11 @@ def base_argv(tmp_path_factory):
         "fuse-po": ["--model", str(d), "--data", "x.jsonl", "--out", out],
         "route-report": [str(d), "--data", "x.jsonl"],
         "bench": [],
+        "sample": ["--model", f"a={d}", "--prompts", "p.jsonl", "--out", out],
+        "score": ["--reward-model", str(d), "--in", "x.jsonl", "--out", out],
+        "build-data": ["--in", "x.jsonl", "--out", out],
+        "fuserl": ["--config", "c.yaml"],
+        "eval": ["--model", str(d), "--out", out],
     }
 
 
