@@ -35,10 +35,13 @@ from .losses.preference import (  # noqa: F401
 )
 from .models import (  # noqa: F401  (importing .models registers "h3fusion" with transformers' experts interface)
     H3FusionMoE,
+    current_experts_implementation,
     fuse_models,
     register_experts_implementation,
     replace_moe_blocks,
+    restore_moe_blocks,
     save_fused_model,
+    set_experts_implementation,
 )
 from .route_report import route_report  # noqa: F401
 from .trainers.fuse_po import FusePOTrainer  # noqa: F401

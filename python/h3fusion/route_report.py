@@ -26,8 +26,8 @@ __all__ = ["RoutingStats", "collect_routing_stats", "plot_usage_heatmaps", "rout
 
 
 class RoutingStats(dict):
-    """{"expert_names", "categories", "accuracy": {cat: float}, "overall_accuracy", "counts": {cat: int},
-    "usage": {cat: [[float] * E] * L}, "mean_prob": {cat: [[float] * E] * L}, "confusion": [[int] * E] * E}."""
+    """{"expert_names", "experts_implementation", "categories", "accuracy": {cat: float}, "overall_accuracy",
+    "counts": {cat: int}, "usage": {cat: [[float] * E] * L}, "mean_prob": {cat: [[float] * E] * L}, "confusion": [[int] * E] * E}."""
 
 
 @torch.no_grad()
@@ -94,7 +94,11 @@ def collect_routing_stats(
             probs_sum[:, layer].index_add_(0, tok_cat, pz)
     if was_training:
         model.train()
-    stats = RoutingStats(expert_names=list(expert_names), top_k=top_k)
+    from .models.hf_experts import current_experts_implementation
+
+    stats = RoutingStats(
+        expert_names=list(expert_names), top_k=top_k, experts_implementation=current_experts_implementation(model)
+    )
     present = [c for c in range(num_experts) if confusion[c].sum() > 0]
     stats["categories"] = [expert_names[c] for c in present]
     stats["counts"] = {expert_names[c]: int(confusion[c].sum()) for c in present}

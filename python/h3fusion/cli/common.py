@@ -104,3 +104,18 @@ def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace a previous h3fusion output in --out (other folders are never replaced)",
     )
+
+
+# the choices of h3fusion.models.hf_experts.EXPERTS_IMPLEMENTATIONS (spelt out: this module must not import torch)
+EXPERTS_IMPLEMENTATIONS = ("h3fusion", "grouped_mm", "eager")
+
+
+def add_experts_implementation_argument(parser: argparse.ArgumentParser) -> None:
+    """`--experts-implementation`: what runs the MoE blocks (default h3fusion: topk_route + moe_ffn)."""
+    parser.add_argument(
+        "--experts-implementation",
+        choices=EXPERTS_IMPLEMENTATIONS,
+        default="h3fusion",
+        help="what runs the MoE blocks: h3fusion (our topk_route + moe_ffn kernels), or transformers' grouped_mm "
+        "or eager (default: %(default)s)",
+    )

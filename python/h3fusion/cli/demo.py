@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_experts_implementation_argument
+
 HELP = "run H3Fusion end to end on tiny generated models and data (CPU, a few minutes, no downloads)"
 
 
@@ -13,11 +15,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a much smaller, faster run (smoke test)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_experts_implementation_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from h3fusion.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, quick=args.quick, progress=not args.no_progress, threads=args.threads)
+    run_demo(
+        args.out,
+        seed=args.seed,
+        quick=args.quick,
+        progress=not args.no_progress,
+        threads=args.threads,
+        experts_implementation=args.experts_implementation,
+    )
     print(f"report written to {args.out}/ (report.md, results.json, route_report.png, route_report.json)")
     return 0

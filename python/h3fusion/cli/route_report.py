@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_experts_implementation_argument
+
 HELP = "routing accuracy per category and per-layer expert-usage heatmaps of a fused model (PNG + JSON)"
 
 
@@ -37,16 +39,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    add_experts_implementation_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from h3fusion.models import set_experts_implementation
     from h3fusion.route_report import route_report
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
+    set_experts_implementation(model, args.experts_implementation)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     examples = load_data_arguments(args.data)
     stats = route_report(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_experts_implementation_argument
 from .route_report import add_data_arguments, load_data_arguments
 
 HELP = "train a fused MoE's routers and experts with the LM, gating and drift losses (H3Fusion)"
@@ -49,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="LoRA on the experts with this rank (default: train full expert weights)",
     )
     model.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    add_experts_implementation_argument(model)
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--lr", type=float, default=5e-4)
     opt.add_argument("--epochs", type=float, default=3.0)
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from h3fusion.data import InstructionCollator, InstructionDataset, expert_names_from_config
     from h3fusion.trainers import H3FusionTrainer
     from h3fusion.trainers.checkpoint import publish_staged_dir
+    from h3fusion.utils.files import atomic_write_json
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
@@ -121,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         expert_names=names,
+        experts_implementation=args.experts_implementation,
     )
     resume = args.resume
     if resume == "auto":
@@ -139,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
         with open(os.path.join(args.out, "train_log.json.tmp"), "w", encoding="utf-8") as f:
             json.dump(trainer.state.log_history, f, indent=2)
         os.replace(os.path.join(args.out, "train_log.json.tmp"), os.path.join(args.out, "train_log.json"))
+        # the run's settings, with the experts implementation that actually ran the MoE blocks
+        run_config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+        run_config["experts_implementation"] = trainer.experts_implementation
+        atomic_write_json(os.path.join(args.out, "run_config.json"), run_config)
         print(f"final model: {os.path.join(args.out, 'final')}")
     trainer.accelerator.wait_for_everyone()
     return 0
