@@ -94,6 +94,26 @@ def test_lm_loss_from_hidden_is_exact_in_fp64():
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
 
 
+def test_lm_loss_from_hidden_bf16_within_dtype_tolerance():
+    from conftest import assert_close_to_reference
+
+    hidden = torch.randn(4, 10, 32).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(64, 32) * 0.3).to(torch.bfloat16).requires_grad_()
+    labels = _labels_with_gaps(4, 10, 64)
+
+    def run(fn, dtype):
+        h, w = (t.detach().to(dtype).requires_grad_() for t in (hidden, weight))
+        loss = fn(h, w)
+        return [loss, *torch.autograd.grad(loss, (h, w))]
+
+    ours = run(lambda h, w: lm_loss_from_hidden(h, w, labels), torch.bfloat16)
+    lowp = run(lambda h, w: causal_lm_loss(h @ w.T, labels), torch.bfloat16)  # transformers' path in bf16
+    ref = run(lambda h, w: causal_lm_loss((h @ w.T).double(), labels), torch.float64)
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.bfloat16
+    for i, (a, lo, hi) in enumerate(zip(ours, lowp, ref, strict=True)):
+        assert_close_to_reference(a, lo, hi, factor=2 if i == 0 else 3, atol=1e-5, what=f"output #{i}")
+
+
 def test_lm_loss_from_hidden_without_labels_and_bad_shapes():
     hidden = torch.randn(2, 5, 4, requires_grad=True)
     weight = torch.randn(9, 4)
@@ -171,6 +191,27 @@ def test_train_runs_every_moe_block_and_the_lm_loss_on_our_ops(tmp_path, lora_ra
     if lora_rank:
         lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
         assert lora_b and all(p.abs().max() > 0 for p in lora_b)  # B starts at 0: our backward reached it
+
+
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_bf16_training_runs_on_our_ops(tmp_path, lora_rank):
+    steps = 2
+    model = tiny_fused().to(torch.bfloat16)
+    trainer = H3FusionTrainer(
+        model,
+        _args(tmp_path, steps, bf16=True),
+        train_dataset=separable_features(4 * steps, max_len=9),
+        data_collator=InstructionCollator(0),
+        lambda_gate=0.5,
+        gammas=0.01,
+        lora_rank=lora_rank,
+    )
+    with count_h3fusion_ops() as counts:
+        trainer.train()
+    assert counts["moe_ffn_backward"] == counts["topk_route_backward"] == LAYERS * steps, dict(counts)
+    assert counts["linear_logprob_backward"] == steps
+    logged = [h for h in trainer.state.log_history if "lm_loss" in h]
+    assert len(logged) == steps and all(0 < h["lm_loss"] < 10 and 0 < h["gate_loss"] < 10 for h in logged)
 
 
 def test_gradient_checkpointing_recomputes_on_our_ops(tmp_path):
