@@ -154,6 +154,19 @@ def test_compute_loss_equals_the_logits_path_in_value_and_gradients(tmp_path, lo
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7, msg=lambda m, p=p: f"{p.shape}: {m}")
 
 
+def test_sharded_parameters_take_the_logits_path(tmp_path, monkeypatch):
+    # FSDP / ZeRO-3 gather the lm_head weight only inside the model's forward: the loss must not read it outside
+    trainer = H3FusionTrainer(tiny_fused(), _args(tmp_path, 1), lambda_gate=0.3, gammas=0.0)
+    model = trainer.model.train()
+    batch = InstructionCollator(0)(separable_features(6, max_len=9))
+    expected = trainer.compute_loss(model, batch)
+    monkeypatch.setattr(trainer, "_params_sharded", lambda: True)
+    with count_h3fusion_ops() as counts:
+        loss = trainer.compute_loss(model, batch)
+    assert counts["linear_logprob_forward"] == 0 and counts["moe_ffn_forward"] == LAYERS
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+
+
 # ---- real train() runs, counted ----------------------------------------------------------------------------------
 
 

@@ -219,15 +219,18 @@ class H3FusionTrainer(Trainer):
         self._staging_root: str | None = None
         if self.args.should_save:
             clean_stale_staging(self.args.output_dir)
-        if self.reference_state and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+        if self.reference_state and self._params_sharded():
             # the drift term reads whole expert weights outside forward; sharded parameters (FSDP, ZeRO-3) are not
             # gathered there, so refuse rather than compute a wrong regularizer
-            stage = getattr(getattr(self.accelerator.state, "deepspeed_plugin", None), "zero_stage", 0)
-            if self.is_fsdp_enabled or stage == 3:
-                raise ValueError(
-                    "the drift regularizer (gammas > 0) is not supported with FSDP or DeepSpeed ZeRO-3 parameter "
-                    "sharding; use DDP / ZeRO-1/2, or set gammas=0"
-                )
+            raise ValueError(
+                "the drift regularizer (gammas > 0) is not supported with FSDP or DeepSpeed ZeRO-3 parameter "
+                "sharding; use DDP / ZeRO-1/2, or set gammas=0"
+            )
+
+    def _params_sharded(self) -> bool:
+        """FSDP or DeepSpeed ZeRO-3: parameters are whole only inside their module's forward."""
+        stage = getattr(getattr(self.accelerator.state, "deepspeed_plugin", None), "zero_stage", 0)
+        return bool(self.is_fsdp_enabled or (self.is_deepspeed_enabled and stage == 3))
 
     # ------------------------------------------------------------------------------------------------------------
     # loss
@@ -266,8 +269,13 @@ class H3FusionTrainer(Trainer):
         if attention_mask is None:
             attention_mask = torch.ones_like(inputs["input_ids"])
             inputs["attention_mask"] = attention_mask
-        outputs = self._forward_hidden(model, inputs)
-        lm = lm_loss_from_hidden(outputs.hidden_states[-1], _lm_head_weight(model), labels)
+        if self._params_sharded():
+            # the lm_head weight is gathered only inside the model's forward: take the logits path there
+            outputs = model(**inputs, output_router_logits=True, use_cache=False)
+            lm = causal_lm_loss(outputs.logits, labels)
+        else:
+            outputs = self._forward_hidden(model, inputs)
+            lm = lm_loss_from_hidden(outputs.hidden_states[-1], _lm_head_weight(model), labels)
         terms = {"lm_loss": lm}
         loss = lm
         router_logits = outputs.router_logits
