@@ -21,13 +21,15 @@ from .data.instructions import (
     expert_names_from_config,
 )
 from .losses.gating import mean_router_probs
+from .models.hf_experts import current_experts_implementation
 
 __all__ = ["RoutingStats", "collect_routing_stats", "plot_usage_heatmaps", "route_report", "write_report_json"]
 
 
 class RoutingStats(dict):
     """{"expert_names", "experts_implementation", "categories", "accuracy": {cat: float}, "overall_accuracy",
-    "counts": {cat: int}, "usage": {cat: [[float] * E] * L}, "mean_prob": {cat: [[float] * E] * L}, "confusion": [[int] * E] * E}."""
+    "counts": {cat: int}, "usage": {cat: [[float] * E] * L}, "mean_prob": {cat: [[float] * E] * L},
+    "confusion": [[int] * E] * E}; "experts_implementation" is what ran the MoE blocks ("h3fusion", "eager", ...)."""
 
 
 @torch.no_grad()
@@ -94,8 +96,6 @@ def collect_routing_stats(
             probs_sum[:, layer].index_add_(0, tok_cat, pz)
     if was_training:
         model.train()
-    from .models.hf_experts import current_experts_implementation
-
     stats = RoutingStats(
         expert_names=list(expert_names), top_k=top_k, experts_implementation=current_experts_implementation(model)
     )
