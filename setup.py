@@ -2,7 +2,10 @@
 
 Switches (environment):
   H3FUSION_CUDA=1|0|auto   force the CUDA kernels on (fail if impossible) or off; default auto.
-  TORCH_CUDA_ARCH_LIST     the one mechanism for architectures; default "8.0;9.0a".
+  TORCH_CUDA_ARCH_LIST     the one mechanism for architectures; default "8.0+PTX;9.0a" (sm_80 and sm_90a machine code,
+                           plus compute_80 PTX that newer GPUs JIT-compile, so they run the kernels too).
+  H3FUSION_SKIP_EXT=1      install the Python packages only (scripts/setup.sh then builds the extension in place with
+                           `setup.py build_ext --inplace`, incrementally: unchanged sources are not recompiled).
   MAX_JOBS                 parallel compile jobs (torch's own knob); default from free memory.
   H3FUSION_DEBUG=1         -O0 -g host code, -G device code.
 """
@@ -44,6 +47,10 @@ def _find_cuda_home() -> str | None:
     return None
 
 
+if os.environ.get("H3FUSION_SKIP_EXT") == "1":  # packages and entry points only; no torch needed here
+    setup()
+    sys.exit(0)
+
 _mode = os.environ.get("H3FUSION_CUDA", "auto").strip().lower()
 if _mode not in {"1", "0", "auto", "on", "off", "true", "false"}:
     sys.exit(f"H3FUSION_CUDA must be 1, 0 or auto, got {_mode!r}")
@@ -52,7 +59,7 @@ _want_cuda = {"1": True, "on": True, "true": True, "0": False, "off": False, "fa
 _cuda_home = _find_cuda_home()
 if _cuda_home and _want_cuda is not False:
     os.environ["CUDA_HOME"] = _cuda_home  # must be set before cpp_extension is imported
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
@@ -67,6 +74,9 @@ if _want_cuda is True and not _use_cuda:
 
 debug = os.environ.get("H3FUSION_DEBUG", "0") == "1"
 sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+# Headers too: setuptools skips an extension whose listed files are all older than the built library, so a changed
+# header must be listed to trigger a (ninja-incremental) rebuild.
+depends = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
 cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
 cxx_flags += ["-fopenmp"] if sys.platform != "darwin" else []  # the C++ standard is torch's choice
 include_dirs = [str(ROOT / "csrc" / "include")]
@@ -92,6 +102,7 @@ if _use_cuda:
     ext = CUDAExtension(
         "h3fusion_ext._C",
         sources,
+        depends=depends,
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
@@ -101,6 +112,7 @@ else:
     ext = CppExtension(
         "h3fusion_ext._C",
         sources,
+        depends=depends,
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},

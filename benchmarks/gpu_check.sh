@@ -1,84 +1,182 @@
 #!/usr/bin/env bash
-# GPU check: on a machine with an NVIDIA GPU, build from source, run the CUDA tests, run compute-sanitizer
-# (memcheck + racecheck) on a small forward+backward, run the benchmark runner; write everything under OUTDIR.
-#   usage: bash benchmarks/gpu_check.sh OUTDIR
-# Must finish within 10 minutes on an H100: every step runs under its own time limit, taken from what is left.
-# Outputs (few files, so they fit a device run's return limits): OUTDIR/gpu_check.log (everything printed),
-# OUTDIR/summary.json (per-step status and timings), OUTDIR/bench.json (benchmark runner), OUTDIR/junit.xml.
+# GPU check for a first run on an NVIDIA GPU (sized for an H200: under 6 minutes in all).
+#   usage: bash benchmarks/gpu_check.sh OUTDIR        (from anywhere; no network needed)
+# Steps, each under `timeout` with min(its own cap, the time left of GPU_CHECK_BUDGET_S, default 345 s):
+#   build      pip install --no-build-isolation --no-deps -e . for this GPU's architecture only
+#   resources  cuobjdump --dump-resource-usage of the built extension (registers, shared memory, stack per kernel)
+#   tests      the GPU tests only: pytest -m cuda (pytest-timeout per test, -rfE --durations=20, junit)
+#   bench      benchmarks/gpu_bench.py: moe_ffn with both GEMM backends vs transformers' grouped_mm and a dense mm
+#   profile    torch.profiler top-20 kernels of one Mixtral-shape forward+backward per backend
+#   sanitizer  benchmarks/sanitizer_case.py plainly, then under compute-sanitizer memcheck and racecheck
+#              (PYTORCH_NO_CUDA_MEMORY_CACHING=1 so memcheck sees each allocation; --print-limit bounds the report)
+# Outputs in OUTDIR (few files, so they fit a device run's return limits): gpu_check.log (everything printed),
+# summary.json (rewritten before and after every step, so a run cut short still reports), bench.json (rewritten
+# after every case), junit.xml, resources.txt, profile.txt, sanitizer.log.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-570}
+BUDGET=${GPU_CHECK_BUDGET_S:-345}
 T0=$(date +%s)
-STEPS=()
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+STEPS="$WORK/steps.tsv"   # name  status  rc  seconds  limit
+: > "$STEPS"
+
+# summary.json from $STEPS and $WORK/env.json, written atomically by h3fusion.utils.files (loaded by path: no
+# package import, no torch, so it costs milliseconds).
+cat > "$WORK/summary.py" <<'EOF'
+import importlib.util, json, os, sys, time
+spec = importlib.util.spec_from_file_location("files", os.path.join(sys.argv[1], "python/h3fusion/utils/files.py"))
+files = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(files)
+work, out, t0 = sys.argv[2], sys.argv[3], int(sys.argv[4])
+env = {}
+if os.path.exists(os.path.join(work, "env.json")):
+    with open(os.path.join(work, "env.json")) as f:
+        env = json.load(f)
+steps = []
+with open(os.path.join(work, "steps.tsv")) as f:
+    for line in f:
+        name, status, rc, secs, limit = line.rstrip("\n").split("\t")
+        steps.append({"step": name, "status": status, "rc": None if rc == "-" else int(rc),
+                      "seconds": int(secs), "limit_s": int(limit)})
+latest = {}
+for s in steps:  # a step's last line wins (running -> ok/failed/timeout)
+    latest[s["step"]] = s
+summary = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "elapsed_s": int(time.time()) - t0,
+           **env, "steps": list(latest.values()),
+           "all_ok": bool(latest) and all(s["status"] in ("ok", "skipped") for s in latest.values())}
+files.atomic_write_json(os.path.join(out, "summary.json"), summary)
+EOF
+write_summary() { "$PY" "$WORK/summary.py" "$ROOT" "$WORK" "$OUT" "$T0" || echo "(summary.json not written)"; }
 
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
-# run_step NAME MAX_SECONDS CMD...: runs CMD under min(MAX_SECONDS, time left), records status and seconds.
+# run_step NAME MAX_SECONDS CMD...: runs CMD under min(MAX_SECONDS, time left); records its status before and after.
 run_step() {
   local name=$1 max=$2; shift 2
-  local l; l=$(left)
-  local lim=$(( max < l ? max : l ))
-  if [ "$lim" -le 5 ]; then echo "== $name: SKIPPED (no time left)"; STEPS+=("$name skipped 0"); return 0; fi
-  echo "== $name (limit ${lim}s): $*"
-  local s; s=$(date +%s)
+  local l lim s rc d status
+  l=$(left)
+  lim=$(( max < l ? max : l ))
+  if [ "$lim" -le 5 ]; then
+    echo "== $name: SKIPPED (no time left)"
+    printf '%s\tskipped\t-\t0\t0\n' "$name" >> "$STEPS"; write_summary; return 0
+  fi
+  local cmd="$*"
+  echo "== $name (limit ${lim}s, $(( $(date +%s) - T0 ))s elapsed): ${cmd:0:300}"
+  printf '%s\trunning\t-\t0\t%s\n' "$name" "$lim" >> "$STEPS"; write_summary
+  s=$(date +%s)
   timeout --kill-after=10 "$lim" "$@"
-  local rc=$?
-  local d=$(( $(date +%s) - s ))
-  echo "== $name: rc=$rc in ${d}s"
-  STEPS+=("$name $rc $d")
+  rc=$?
+  d=$(( $(date +%s) - s ))
+  case $rc in 0) status=ok ;; 124|137) status=timeout ;; *) status=failed ;; esac
+  echo "== $name: $status (rc=$rc) in ${d}s"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$d" "$lim" >> "$STEPS"; write_summary
   return 0
 }
 
-echo "h3fusion gpu_check $(date -u +%FT%TZ) on $(hostname)"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+# ---- 0. what the machine has (recorded in summary.json) ----------------------------------------------------------
+echo "h3fusion gpu_check $(date -u +%FT%TZ) on $(hostname), budget ${BUDGET}s"
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -1)
+NVCC=$(command -v nvcc || ls /usr/local/cuda*/bin/nvcc 2>/dev/null | head -1)
+CUOBJDUMP=$(command -v cuobjdump || ls /usr/local/cuda*/bin/cuobjdump 2>/dev/null | head -1)
+nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total,clocks.max.sm --format=csv || nvidia-smi || true
+CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' ')
+[ -n "$CC" ] || CC=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+# this GPU only ("a" for Hopper, as CI's 9.0a); the full arch list is CI's job
+case $CC in 9.0) ARCH=9.0a ;; *) ARCH=$CC ;; esac
+export SAN NVCC ARCH
+"$PY" - "$WORK/env.json" <<'EOF'
+import json, os, subprocess, sys
+def sh(cmd):
+    try:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception as exc:  # noqa: BLE001
+        return f"unavailable: {exc}"
+import torch
+env = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+       "compute_capability": "%d.%d" % torch.cuda.get_device_capability() if torch.cuda.is_available() else None,
+       "arch_list": os.environ["ARCH"], "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+       "python": sys.version.split()[0],
+       "driver": sh("nvidia-smi --query-gpu=driver_version --format=csv,noheader"),
+       "nvcc": sh(f"{os.environ.get('NVCC') or 'nvcc'} --version | tail -2"),
+       "compute_sanitizer": sh(f"{os.environ.get('SAN') or 'compute-sanitizer'} --version | tail -1")}
+try:
+    import transformers
+    env["transformers"] = transformers.__version__
+except ImportError:
+    env["transformers"] = None
+json.dump(env, open(sys.argv[1], "w"))
+print(json.dumps(env, indent=1))
+EOF
+write_summary
 
-# 1. build from source, for this GPU's architecture only (the full arch list is CI's job)
-ARCH=$($PY -c "import torch; m,n=torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))")
-export TORCH_CUDA_ARCH_LIST=$ARCH H3FUSION_CUDA=1 H3FUSION_EXPECT_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# ---- 1. build for this GPU only ---------------------------------------------------------------------------------
+export TORCH_CUDA_ARCH_LIST=$ARCH H3FUSION_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
 build() {
-  $PY -m pip install --no-build-isolation --no-deps -e . && $PY -c "import h3fusion_ext" && return 0
+  "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . && return 0
   echo "pip install -e failed; falling back to an in-place build"
-  $PY setup.py build_ext --inplace
+  "$PY" setup.py build_ext --inplace
 }
-run_step build 300 bash -c "$(declare -f build); PY=$PY build"
-export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
-$PY -c "import h3fusion_ext; print('CUDA kernels compiled in:', h3fusion_ext.has_cuda_kernels())"
+run_step build 170 bash -c "$(declare -f build); PY=$PY build && $PY -c 'import h3fusion_ext as h; assert h.has_cuda_kernels(); print(\"CUDA kernels: yes\")'"
+export PYTHONPATH="$ROOT:$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
 
-# 2. the extension tests (CUDA ones included; CPU ones are quick), with a junit report for the summary
-run_step ext_tests 200 $PY -m pytest -q tests/h3fusion_ext tests/test_build.py tests/h3fusion/test_moe_block.py -p no:cacheprovider \
-  --junitxml="$OUT/junit.xml"
+# ---- 2. registers / shared memory / stack per kernel ----------------------------------------------------------
+resources() {
+  local so
+  so=$(ls h3fusion_ext/_C*.so 2>/dev/null | head -1)  # the editable / in-place build puts it here
+  [ -n "$so" ] || so=$("$PY" -c "import h3fusion_ext._C as c; print(c.__file__)") || return 1
+  echo "# cuobjdump --dump-resource-usage $so" > "$OUT/resources.txt"
+  "${CUOBJDUMP:-cuobjdump}" --dump-resource-usage "$so" >> "$OUT/resources.txt" || return 1
+  grep -c "Function" "$OUT/resources.txt" | sed 's/^/kernels: /'
+  grep -E "STACK:[1-9]|LOCAL:[1-9]" "$OUT/resources.txt" | head -20 | sed 's/^/uses stack or local memory: /'
+  return 0
+}
+run_step resources 20 bash -c "$(declare -f resources); PY=$PY OUT=$OUT CUOBJDUMP=$CUOBJDUMP resources"
 
-# 3. compute-sanitizer on a small forward+backward of every op
-SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+# ---- 3. the GPU tests ----------------------------------------------------------------------------------------------
+# only files that mark GPU tests (collecting the whole suite would import the training stack for nothing)
+mapfile -t CUDA_TESTS < <(grep -rlE "mark\.cuda|pytestmark = pytest\.mark\.cuda" tests --include='test_*.py' | sort)
+echo "GPU test files: ${CUDA_TESTS[*]}"
+PYTEST_EXTRA=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA=(--timeout=45) || echo "pytest-timeout missing: no per-test limit"
+# 4 workers share the GPU: the tests are small, their CPU-side references dominate
+"$PY" -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n 4)
+run_step tests 90 "$PY" -m pytest "${CUDA_TESTS[@]}" -m cuda -q -p no:cacheprovider --continue-on-collection-errors \
+  "${PYTEST_EXTRA[@]}" -rfE --durations=20 --junitxml="$OUT/junit.xml"
+
+# ---- 4. benchmarks: both backends vs transformers' grouped_mm and a dense mm (bench.json after every case) -------
+bench_budget=$(( $(left) > 110 ? 40 : 20 ))
+run_step bench 65 "$PY" -m benchmarks.gpu_bench --out "$OUT/bench.json" --budget-s "$bench_budget"
+
+# ---- 5. profiler kernel tables --------------------------------------------------------------------------------
+run_step profile 25 "$PY" -m benchmarks.gpu_bench --profile "$OUT/profile.txt"
+
+# ---- 6. sanitizer: once plainly, then memcheck and racecheck -----------------------------------------------------
+: > "$OUT/sanitizer.log"
+sanitize() {  # sanitize TOOL ARGS...: compute-sanitizer on the small case, its report appended to sanitizer.log
+  local tool=$1; shift
+  echo "### compute-sanitizer --tool $tool $*" >> "$OUT/sanitizer.log"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" --error-exitcode 3 --print-limit 20 "$@" \
+    "$PY" benchmarks/sanitizer_case.py --small 2>&1 | tee -a "$OUT/sanitizer.log"
+}
+run_step sanitizer_plain 25 bash -c "set -o pipefail; $PY benchmarks/sanitizer_case.py 2>&1 | tee -a '$OUT/sanitizer.log'"
 if [ -n "$SAN" ]; then
-  run_step memcheck 90 "$SAN" --tool memcheck --error-exitcode 3 --leak-check no $PY benchmarks/sanitizer_case.py
-  run_step racecheck 90 "$SAN" --tool racecheck --error-exitcode 3 $PY benchmarks/sanitizer_case.py --small
+  run_step memcheck 45 bash -c "set -o pipefail; $(declare -f sanitize); PY=$PY SAN=$SAN OUT=$OUT sanitize memcheck --leak-check no"
+  # racecheck only our kernels (names in namespace h3fusion): torch's CUTLASS kernels are not ours to fix
+  run_step racecheck 40 bash -c "set -o pipefail; $(declare -f sanitize); PY=$PY SAN=$SAN OUT=$OUT sanitize racecheck --kernel-name kns=h3fusion"
 else
-  echo "== compute-sanitizer not found"; STEPS+=("memcheck missing 0" "racecheck missing 0")
+  echo "== compute-sanitizer not found" | tee -a "$OUT/sanitizer.log"
+  printf 'memcheck\tmissing\t-\t0\t0\nracecheck\tmissing\t-\t0\t0\n' >> "$STEPS"; write_summary
 fi
 
-# 4. the benchmark runner
-run_step bench 200 $PY -m benchmarks.run --device cuda --out "$OUT/bench.json"
-
-# 5. summary
-printf '%s\n' "${STEPS[@]}" | $PY -c "
-import json, sys, time, torch
-steps = []
-for line in sys.stdin.read().split(chr(10)):
-    if line.strip():
-        name, rc, secs = line.split()
-        steps.append({'step': name, 'rc': rc, 'seconds': int(secs), 'ok': rc == '0'})
-summary = {'date': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), 'device': torch.cuda.get_device_name(0),
-           'torch': torch.__version__, 'arch': '$ARCH', 'steps': steps, 'all_ok': all(s['ok'] for s in steps)}
-json.dump(summary, open('$OUT/summary.json', 'w'), indent=2)
-print(json.dumps(summary, indent=2))
-"
-echo "gpu_check finished in $(( $(date +%s) - T0 ))s"
+write_summary
+echo "gpu_check finished in $(( $(date +%s) - T0 ))s; outputs in $OUT:"
+ls -la "$OUT"

@@ -9,6 +9,7 @@ Public ops (autograd-aware, `torch.compile`-traceable):
 
 from . import reference
 from ._library import has_cuda_kernels
+from .gemm_backend import moe_ffn_backend, moe_ffn_gemm_mode, set_moe_ffn_gemm_mode
 from .logprob import linear_logprob
 from .moe import moe_combine, moe_ffn, moe_gather, moe_route_plan
 from .routing import topk_route
@@ -18,9 +19,12 @@ __all__ = [
     "linear_logprob",
     "moe_combine",
     "moe_ffn",
+    "moe_ffn_backend",
+    "moe_ffn_gemm_mode",
     "moe_gather",
     "moe_route_plan",
     "reference",
+    "set_moe_ffn_gemm_mode",
     "topk_route",
 ]
 __version__ = "0.1.0"

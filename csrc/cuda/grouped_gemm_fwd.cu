@@ -11,8 +11,9 @@
 // WMMA 16x16x16 with fp32 accumulation, fp32 via a SIMT loop.
 // Known limits: element-wise global loads (no vectorisation, no cp.async, no pipelining): correct for any shape
 // and alignment but far from peak. fp64 is not supported on CUDA (clear error). N must be below 64 * 65535.
-// TODO(perf): a faster variant (mma.sync/wgmma with cp.async pipelines, or torch._grouped_mm for bf16 on sm90)
-// may replace these kernels only behind a benchmark on a real GPU; keep this one as the default and the oracle.
+// Where at::_grouped_mm has its device-side path (bf16 on sm_90/sm_100), moe_ffn runs that instead by default
+// (moe_ffn_torch_gemm.cu, moe_gemm_backend.h); these kernels are the fallback elsewhere and the tests' oracle.
+// TODO(perf): mma.sync/wgmma with cp.async pipelines, for the dtypes and GPUs at::_grouped_mm leaves to us.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>

@@ -15,6 +15,8 @@
 //             dX[r] = W_gu[e]^T dH[r]; grad_x[t] = sum_j dX[pair_rows[t*k+j]]           grouped GEMM + combine_rows
 // Tile shape of every GEMM: 64 x 64 per 128-thread block, reduction step 32 (grouped_gemm_core.cuh): WMMA for
 // bf16/fp16 with fp32 accumulation, a SIMT fp32 loop for fp32.
+// GEMM backend: these "own" kernels, or at::_grouped_mm around the same plan/gather/combine kernels
+// (moe_ffn_torch_gemm.cu); chosen per call after the argument checks (moe_gemm_backend.h: H3FUSION_GROUPED_GEMM).
 // Known limits: fp64 is CPU-only (a clear error here). Expert ids outside [0, E) cannot be checked without a
 // host sync; route_plan owns that (the GEMMs bounds-check every index they read, so a bad plan cannot read or
 // write out of bounds). Intermediates: h [T*k, 2F] (returned), act [T*k, F], o or dX [T*k, H] in x.dtype and
@@ -26,34 +28,16 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
 #include <tuple>
 
 #include "grouped_gemm.cuh"
 #include "h3fusion/checks.h"
 #include "launchers.cuh"
+#include "moe_ffn_torch_gemm.h"
+#include "moe_gemm_backend.h"
 
 namespace h3fusion::cuda {
 namespace {
-
-// The grouped-GEMM implementation, chosen by the environment variable H3FUSION_GROUPED_GEMM (read once).
-// Today only "simple" exists (the bounds-checked WMMA/SIMT kernels of grouped_gemm_*.cu), and it is the default.
-// TODO(perf): a faster variant (mma.sync/wgmma with cp.async pipelining, or torch._grouped_mm for bf16 on sm90)
-// plugs in here as a new value, and may become the default only after a benchmark on a real GPU shows it wins;
-// the simple kernels stay as the fallback and as the test oracle for the fast path.
-enum class GroupedGemmImpl { kSimple };
-
-GroupedGemmImpl grouped_gemm_impl() {
-  static const GroupedGemmImpl impl = [] {
-    const char* env = std::getenv("H3FUSION_GROUPED_GEMM");
-    const std::string value = env == nullptr ? "simple" : env;
-    TORCH_CHECK(value.empty() || value == "simple", "H3FUSION_GROUPED_GEMM must be \"simple\" (the only CUDA grouped "
-                "GEMM in this build), got \"", value, "\"");
-    return GroupedGemmImpl::kSimple;
-  }();
-  return impl;
-}
 
 struct MoeDims {
   int64_t T, H, k, E, F;
@@ -114,7 +98,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
   check_size(experts_in, "experts", 0, d.T, "x.shape[0]");
   check_size(experts_in, "experts", 1, d.k, "weights.shape[1]");
   const c10::cuda::CUDAGuard guard(x_in.device());
-  (void)grouped_gemm_impl();  // validates H3FUSION_GROUPED_GEMM; kSimple is the only implementation today
+  if (choose_moe_gemm_backend(x_in, gate_up_in, down_in) == MoeGemmBackend::kTorch) {
+    return moe_ffn_forward_torch_gemm(x_in, weights_in, experts_in, gate_up_in, down_in);
+  }
 
   const int64_t R = d.T * d.k;
   const auto idx_opts = experts_in.options().dtype(at::kInt);
@@ -167,7 +153,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cuda
   check_size(gate_up_out_in, "gate_up_out", 0, R, "x.shape[0] * k");
   check_size(gate_up_out_in, "gate_up_out", 1, 2 * d.F, "gate_up_proj.shape[1]");
   const c10::cuda::CUDAGuard guard(x_in.device());
-  (void)grouped_gemm_impl();  // validates H3FUSION_GROUPED_GEMM; kSimple is the only implementation today
+  if (choose_moe_gemm_backend(x_in, gate_up_in, down_in) == MoeGemmBackend::kTorch) {
+    return moe_ffn_backward_torch_gemm(grad_y_in, x_in, weights_in, gate_up_in, down_in, sorted_pairs_in,
+                                       pair_rows_in, offsets_in, gate_up_out_in, /*need_x=*/true,
+                                       /*need_weights=*/true, /*need_gate_up=*/true, /*need_down=*/true);
+  }
 
   if (d.T == 0) {  // no rows: every weight gradient is exactly zero, nothing to launch beyond the fills
     return {at::empty({0, d.H}, x_in.options()), at::empty({0, d.k}, weights_in.options()),

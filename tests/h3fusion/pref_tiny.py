@@ -42,7 +42,8 @@ def random_text(rng: random.Random, lo: int = 2, hi: int = 6) -> str:
 
 
 def random_records(n_prompts: int, sources=("alpha", "beta", "target"), per_source: int = 2, seed=None):
-    """Multi-source records {prompt, responses: [{text, source, reward}]} with random texts and rewards."""
+    """Multi-source records {prompt, responses: [{text, source, reward}]} with random texts and rewards (drawn from
+    torch's generator, which the suite seeds, unless `seed` is given)."""
     rng = random.Random(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
     records = []
     for i in range(n_prompts):
@@ -56,7 +57,8 @@ def random_records(n_prompts: int, sources=("alpha", "beta", "target"), per_sour
 
 
 def pref_training_args(tmp_path, max_steps: int, logging_steps: int = 1, **overrides):
-    """TrainingArguments for the preference trainers' CPU runs: batch 4, lr 5e-3 constant, no saving, a fresh seed."""
+    """TrainingArguments for the preference trainers' CPU runs: batch 4, lr 5e-3 constant, no saving, and the
+    suite's seed of this test (tests/conftest.py), so two trainers of one test shuffle alike."""
     from transformers import TrainingArguments
 
     kwargs = dict(
@@ -71,7 +73,7 @@ def pref_training_args(tmp_path, max_steps: int, logging_steps: int = 1, **overr
         logging_steps=logging_steps,
         save_strategy="no",
         disable_tqdm=True,
-        seed=int(torch.randint(0, 2**31, ()).item()),
+        seed=torch.initial_seed() % 2**31,
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)

@@ -7,9 +7,11 @@ import math
 
 import pytest
 import torch
-from h3fusion.data.preference import build_pairs, precompute_reference_logps, rloo_groups
+from h3fusion.data.preference import build_pairs, rloo_groups
+from h3fusion.data.tokens import IGNORE_INDEX
 from h3fusion.trainers.fuse_po import FusePOTrainer
-from h3fusion.trainers.sequence_logprobs import IGNORE_INDEX
+from h3fusion.trainers.reference_logps import precompute_reference_logps
+from h3fusion.trainers.sequence_logprobs import sequence_logprobs
 from pref_tiny import pref_training_args, random_records, tiny_llama, tiny_tokenizer
 
 LOSS_KWARGS = {
@@ -122,3 +124,37 @@ def test_bad_arguments(tmp_path):
     pairs = build_pairs(random_records(2), mode="per_source")  # no target_chosen
     with pytest.raises(ValueError, match="target_chosen"):
         FusePOTrainer(model, args=_args(tmp_path), train_dataset=pairs, processing_class=tok, loss="wrpo")
+
+
+@pytest.mark.parametrize("loss", ["dpo", "dpo_norm", "simpo", "wrpo"])
+def test_logged_rewards_are_the_losses_rewards(loss, tmp_path):
+    """The logged rewards are the implicit rewards of the loss (TRL's definitions), recomputed here from the
+    batch's log-probs: beta * (policy - reference) [/ |y|], SimPO's beta * policy / |y|, WRPO's fused chosen reward."""
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok))
+    ref = tiny_llama(len(tok))
+    data = build_pairs(random_records(4), mode="wrpo" if loss == "wrpo" else "per_source", target_source="target")
+    beta = 0.7
+    trainer = FusePOTrainer(model, ref, _args(tmp_path), data, None, tok, loss=loss, beta=beta, alpha_max=0.5)
+    trainer.current_alpha = lambda: 0.25
+    items = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    batch = trainer.data_collator(items)
+    model.train()
+    trainer.compute_loss(model, batch)
+    p = len(items)
+    with torch.no_grad():
+        out = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    lp, n = out.logps.double(), out.lengths.double()
+    rc = torch.tensor([it["ref_chosen_logp"] for it in items], dtype=torch.float64) if loss != "simpo" else 0
+    rr = torch.tensor([it["ref_rejected_logp"] for it in items], dtype=torch.float64) if loss != "simpo" else 0
+    chosen, rejected = lp[:p] - rc, lp[p : 2 * p] - rr
+    if loss in ("dpo_norm", "simpo"):
+        chosen, rejected = chosen / n[:p], rejected / n[p : 2 * p]
+    if loss == "wrpo":
+        rt = torch.tensor([it["ref_target_chosen_logp"] for it in items], dtype=torch.float64)
+        chosen = 0.25 * chosen + 0.75 * (lp[2 * p :] - rt)
+    logged = trainer._pref_metrics["train"]
+    assert logged["rewards/chosen"][-1] == pytest.approx((beta * chosen).mean().item(), rel=1e-4, abs=1e-5)
+    assert logged["rewards/rejected"][-1] == pytest.approx((beta * rejected).mean().item(), rel=1e-4, abs=1e-5)
+    want_acc = (beta * chosen > beta * rejected).double().mean().item()
+    assert logged["rewards/accuracies"][-1] == pytest.approx(want_acc)

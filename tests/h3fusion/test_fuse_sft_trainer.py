@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 from h3fusion.data.preference import sft_examples
+from h3fusion.data.tokens import IGNORE_INDEX
 from h3fusion.trainers.fuse_sft import FuseSFTTrainer
-from h3fusion.trainers.sequence_logprobs import IGNORE_INDEX
 from pref_tiny import pref_training_args, random_records, tiny_llama, tiny_tokenizer
 
 
@@ -48,4 +48,5 @@ def test_fuse_sft_loss_equals_weighted_formula_on_full_logits(tmp_path):
     lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, tgt.clamp_min(0)[..., None])[..., 0]
     per = -(lp * mask).sum(-1) / mask.sum(-1)
     w = torch.tensor([d["weight"] for d in data])
-    torch.testing.assert_close(loss, (w * per).sum() / w.sum(), rtol=1e-5, atol=1e-5)
+    assert w.mean().item() == pytest.approx(1.0, rel=1e-6)  # normalised over the dataset
+    torch.testing.assert_close(loss, (w * per).mean(), rtol=1e-5, atol=1e-5)  # the plain batch mean of w * l

@@ -221,24 +221,21 @@ def test_block_bf16_within_dtype_tolerance(kind):
 
 
 def test_lazy_registration_when_transformers_loads_later():
-    """register_lazily() imports nothing heavy; "h3fusion" appears once transformers loads its MoE integration."""
+    """`import h3fusion` imports nothing heavy; "h3fusion" appears once transformers loads its MoE integration."""
     import os
     import subprocess
     import sys
 
-    import h3fusion.models.hf_experts as hf_experts
-
-    code = f"""
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("hfx", {hf_experts.__file__!r})
-mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-mod.register_lazily()
-assert "transformers.integrations.moe" not in sys.modules
+    code = """
+import sys
+import h3fusion
+assert "torch" not in sys.modules and "transformers.integrations.moe" not in sys.modules
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-assert ALL_EXPERTS_FUNCTIONS["h3fusion"] is mod.h3fusion_experts_forward
+from h3fusion.models.hf_experts import h3fusion_experts_forward
+assert ALL_EXPERTS_FUNCTIONS["h3fusion"] is h3fusion_experts_forward
 print("ok")
 """
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=root)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "python")]))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

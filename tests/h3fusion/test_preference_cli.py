@@ -86,3 +86,49 @@ def test_cli_help_and_errors(model_and_data, tmp_path):
     model_dir, data = model_and_data
     with pytest.raises(SystemExit, match="target-source"):
         main(["fuse-po", *_common(model_dir, data, tmp_path / "x"), "--loss", "wrpo"])
+
+
+def _fails_with(argv, pattern, capsys) -> None:
+    """The command fails with a message matching `pattern`: raised (ValueError / SystemExit) or printed with a
+    non-zero exit status, whichever way the CLI reports errors."""
+    import re
+
+    try:
+        rc = main(argv)
+    except (ValueError, SystemExit) as exc:
+        assert re.search(pattern, str(exc)), str(exc)
+        return
+    captured = capsys.readouterr()
+    assert rc != 0 and re.search(pattern, captured.err + captured.out), (rc, captured)
+
+
+def test_fuse_sft_cli_tiny_temperature_trains(model_and_data, tmp_path):
+    model_dir, data = model_and_data
+    out = tmp_path / "cold"
+    args = [*_common(model_dir, data, out), "--temperature", "0.02", "--batch-size", "1"]
+    with pytest.warns(UserWarning, match="dropped"):  # rewards in [-2, 2]: exp(-gap / 0.02) is 0 in float32
+        assert main(["fuse-sft", *args]) == 0
+    log = _check_output(out, model_dir, "fuse-sft")
+    assert 6 <= log["items"] < 36
+
+
+def test_cli_data_errors_name_the_file_before_any_output(model_and_data, tmp_path, capsys):
+    model_dir, _ = model_and_data
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    latin = tmp_path / "latin.jsonl"
+    record = {"prompt": "caf\u00e9", "responses": [{"text": "a", "source": "s", "reward": 1.0}]}
+    latin.write_bytes(json.dumps(record, ensure_ascii=False).encode("latin-1") + b"\n")
+    for command in ("fuse-sft", "fuse-po"):
+        out = tmp_path / f"out-{command}"
+        _fails_with([command, *_common(model_dir, empty, out)], r"empty.jsonl: no records", capsys)
+        _fails_with([command, *_common(model_dir, latin, out)], r"latin.jsonl: not a UTF-8 text file", capsys)
+        assert not out.exists()  # nothing made before the data was read
+
+
+def test_cli_wrpo_names_a_missing_target_source(model_and_data, tmp_path, capsys):
+    model_dir, data = model_and_data
+    out = tmp_path / "wrpo"
+    argv = ["fuse-po", *_common(model_dir, data, out), "--loss", "wrpo", "--target-source", "tagret"]
+    _fails_with(argv, r"'tagret' has no responses.*sources present: \['alpha', 'beta', 'target'\]", capsys)
+    assert not out.exists()

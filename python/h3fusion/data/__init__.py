@@ -2,7 +2,6 @@
 
 from .instructions import (  # noqa: F401
     ALPACA_PROMPT,
-    IGNORE_INDEX,
     InstructionCollator,
     InstructionDataset,
     InstructionExample,
@@ -22,9 +21,9 @@ from .preference import (  # noqa: F401
     Response,
     build_pairs,
     load_records,
-    model_fingerprint,
-    precompute_reference_logps,
+    normalize_weights,
     rloo_groups,
     save_records,
     sft_examples,
 )
+from .tokens import IGNORE_INDEX, ensure_pad_token, pad_token_id, response_token_ids  # noqa: F401

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from .tokens import IGNORE_INDEX, response_token_ids
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -270,9 +270,7 @@ def tokenize_instruction(
         )
     prompt, chat = format_prompt(tokenizer, example, template)
     prompt_ids = list(tokenizer(prompt, add_special_tokens=not chat)["input_ids"])
-    response_ids = list(tokenizer(example.output, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is not None:
-        response_ids.append(int(tokenizer.eos_token_id))
+    response_ids = response_token_ids(tokenizer, example.output)  # one EOS, also when the output ends with it
     if len(prompt_ids) + len(response_ids) > max_length:
         prompt_budget = max(max_length - len(response_ids), max_length // 2)
         prompt_ids = prompt_ids[-prompt_budget:] if prompt_budget > 0 else []

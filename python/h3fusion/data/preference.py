@@ -1,5 +1,4 @@
-"""Multi-source preference data for FuseSFT / FusePO: records, JSONL IO, SFT weighting, pair building, reference
-log-prob precomputation and caching.
+"""Multi-source preference data for FuseSFT / FusePO: records, JSONL IO, SFT weighting, pair building.
 
 A record is one prompt with responses sampled from several source models, each scored by the user's reward model:
 
@@ -11,33 +10,42 @@ Derived items (plain dicts, so any `torch.utils.data.Dataset` or `datasets.Datas
     pair item  {prompt, chosen, rejected, weight, source, chosen_reward,
                 rejected_reward[, target_chosen, target_chosen_reward]}        (`build_pairs`)
     group item {prompt, responses: [str], rewards: [float], weights: [float]}  (`rloo_groups`)
+
+Weights are normalised over the dataset: the per-prompt weights (softmax(r / tau) over a prompt's responses or
+pairs) are scaled by one factor so that their mean over all items of the returned list is 1 — unit weights stay 1.
+The losses (`h3fusion.losses.preference`) take the plain batch mean of w * l, so a weight means the same at every
+batch size. Weights are computed in float64 log space; a response or pair whose weight is still 0 in float32 (tiny
+temperatures) is dropped, with a warning giving the count, instead of reaching the loss as a dead example.
+Subsetting a list (a train / eval split) changes its mean: pass the subset through `normalize_weights`.
+(Pair rows and reference fields: `h3fusion.data.pair_layout`; reference log-probs:
+`h3fusion.trainers.reference_logps`.)
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
+from ..utils.files import atomic_write_text
 
 __all__ = [
     "PreferenceRecord",
     "Response",
     "build_pairs",
     "load_records",
-    "model_fingerprint",
-    "precompute_reference_logps",
+    "normalize_weights",
     "rloo_groups",
     "save_records",
     "sft_examples",
 ]
+
+# A float64 weight at or below this rounds to 0 in float32 (half the smallest float32 subnormal, 2**-149).
+_FP32_ZERO = 2.0**-150
 
 
 @dataclass(frozen=True)
@@ -95,56 +103,113 @@ def _records(records: Iterable[PreferenceRecord | dict]) -> list[PreferenceRecor
     ]
 
 
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    # a crash mid-write must never leave a truncated file under the final name
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def load_records(path: str | os.PathLike, *, allow_empty: bool = False) -> list[PreferenceRecord]:
+    """Read records from a JSONL file (one record per non-empty line); errors name the file and line.
 
+    Args:
+        path: the JSONL file (UTF-8).
+        allow_empty: return [] for a file without records instead of raising.
 
-def load_records(path: str | os.PathLike) -> list[PreferenceRecord]:
-    """Read records from a JSONL file (one record per non-empty line); errors give the line number."""
+    Raises:
+        ValueError: not UTF-8, invalid JSON or a bad record (file:line and field named), or no records.
+    """
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            out.append(PreferenceRecord.from_dict(d, f"{path}:{lineno}"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+                out.append(PreferenceRecord.from_dict(d, f"{path}:{lineno}"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path}: not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} cannot be decoded); "
+            "save the data as UTF-8 JSONL"
+        ) from None
+    if not out and not allow_empty:
+        raise ValueError(f"{path}: no records (the file is empty); expected one JSON record per line")
     return out
 
 
 def save_records(records: Iterable[PreferenceRecord | dict], path: str | os.PathLike) -> None:
-    """Write records as JSONL (temp file, then rename)."""
+    """Write records as JSONL, atomically (`h3fusion.utils.files.atomic_write_text`)."""
     lines = [json.dumps(r.to_dict(), ensure_ascii=False) for r in _records(records)]
-    _atomic_write_text(path, "".join(line + "\n" for line in lines))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
-def _softmax(values: Sequence[float], temperature: float) -> list[float]:
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return torch.softmax(torch.tensor(values, dtype=torch.float64) / temperature, 0).tolist()
+def _log_softmax(values: Sequence[float], temperature: float) -> list[float]:
+    """log softmax(v / tau) in float64 log space: never an exp of a large number, and no division that overflows
+    (the gaps to the maximum are divided, so they are <= 0; -inf where a weight is exactly 0)."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    top = max(values)
+    z = [(v - top) / temperature for v in values]  # <= 0, one of them 0
+    lse = math.log(math.fsum(math.exp(v) for v in z))  # in [0, log K]
+    return [v - lse for v in z]
+
+
+def _weight_or_zero(log_w: float) -> float:
+    """exp(log_w), or exactly 0.0 when it would be 0 in float32 (the dtype the loss sees it in)."""
+    w = math.exp(log_w)
+    return 0.0 if w <= _FP32_ZERO else w
+
+
+def normalize_weights(items: Sequence[dict]) -> list[dict]:
+    """Scale the items' weights by one factor so that their mean over all items is 1 (the dataset normalisation).
+
+    SFT and pair items carry "weight" (1 when absent); group items carry "weights" (one per response; every response
+    counts as an item). Unit weights stay 1. Returns new dicts; an empty list stays empty.
+
+    Raises:
+        ValueError: a weight is negative or not finite, or all weights are 0.
+    """
+    flat: list[float] = []
+    for i, it in enumerate(items):
+        ws = it["weights"] if "weights" in it else [it.get("weight", 1.0)]
+        for w in ws:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
+                raise ValueError(f"items[{i}]: weights must be finite numbers >= 0, got {w!r}")
+            flat.append(float(w))
+    if not items:
+        return []
+    total = math.fsum(flat)
+    if total <= 0:
+        raise ValueError("all weights are 0: nothing to train on")
+    scale = len(flat) / total
+    out = []
+    for it in items:
+        it = dict(it)
+        if "weights" in it:
+            it["weights"] = [float(w) * scale for w in it["weights"]]
+        else:
+            it["weight"] = float(it.get("weight", 1.0)) * scale
+        out.append(it)
+    return out
+
+
+def _warn_dropped(where: str, what: str, dropped: int, total: int, temperature: float) -> None:
+    if dropped:
+        warnings.warn(
+            f"{where}: dropped {dropped} of {total} {what} whose weight softmax(r / tau) is 0 in float32 at "
+            f"temperature {temperature:g} (they would add nothing to the loss; a larger temperature keeps them)",
+            stacklevel=3,
+        )
 
 
 def sft_examples(
     records: Iterable[PreferenceRecord | dict], *, top_k: int | None = None, temperature: float = 1.0
 ) -> list[dict[str, Any]]:
-    """FuseSFT items: per prompt keep the top-k responses by reward, weight w_j = softmax(r_j / tau) over them.
+    """FuseSFT items: per prompt keep the top-k responses by reward, weighted by softmax(r_j / tau) over them.
 
-    The weights of one prompt sum to 1, so every prompt counts equally in `weighted_sft_loss`.
+        w_j = c * softmax_j(r_j / tau)   over the kept responses of the prompt,
+        c   = N / (number of prompts)    (per-prompt weights sum to 1: this makes mean_j w_j = 1 over all N items)
+
+    so every prompt carries the same total weight, and `weighted_sft_loss` (plain batch mean of w * l) is an
+    unbiased minibatch estimate of (1/N) sum_j w_j l_j. Responses whose softmax weight is 0 in float32 (tiny tau)
+    are dropped first (a warning gives the count); the normalisation is over the items returned.
 
     Args:
         records: records or their dicts.
@@ -156,14 +221,20 @@ def sft_examples(
     """
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    out = []
+    _log_softmax([0.0], temperature)  # validates tau even when there are no records
+    out, considered = [], 0
     for rec in _records(records):
         kept = sorted(rec.responses, key=lambda r: r.reward, reverse=True)[:top_k]
         if not kept:
             continue
-        for r, w in zip(kept, _softmax([r.reward for r in kept], temperature), strict=True):
-            out.append({"prompt": rec.prompt, "response": r.text, "weight": w, "source": r.source, "reward": r.reward})
-    return out
+        considered += len(kept)
+        for r, log_w in zip(kept, _log_softmax([r.reward for r in kept], temperature), strict=True):
+            w = _weight_or_zero(log_w)
+            if w > 0:  # the best response's weight is >= 1/k: every prompt keeps at least one
+                item = {"prompt": rec.prompt, "response": r.text, "weight": w, "source": r.source, "reward": r.reward}
+                out.append(item)
+    _warn_dropped("sft_examples", "responses", considered - len(out), considered, temperature)
+    return normalize_weights(out)
 
 
 def _pair(prompt, chosen: Response, rejected: Response, weight: float, source: str) -> dict[str, Any]:
@@ -192,7 +263,9 @@ def build_pairs(
     A pair is kept only when its reward gap r(chosen) - r(rejected) is > 0 and within [gap_min, gap_max].
 
     mode="per_source" (FuseChat-3.0): for each source, its best vs its worst response. Pair weights:
-        w_s = softmax over the prompt's kept sources of (best reward of s) / tau; they sum to 1 per prompt.
+        w_s = c * softmax over the prompt's kept sources of (best reward of s) / tau,
+        c   = P / (number of prompts with pairs), so that the mean weight over all P pairs is 1
+        (pairs whose softmax weight is 0 in float32 are dropped first, with a warning giving the count).
     mode="global": the prompt's best vs its worst response over all sources; weight 1.
     mode="wrpo": one triplet per prompt for `wrpo_loss`, weight 1, where `target_source` names the target model:
         target_chosen (y_wt) = the target's best response;
@@ -211,7 +284,11 @@ def build_pairs(
         target_source: the target model's source name (required for mode="wrpo").
 
     Returns:
-        list of pair dicts (see the module docstring).
+        list of pair dicts (see the module docstring); weights with mean 1 over the list.
+
+    Raises:
+        ValueError: bad arguments, or a `target_source` that no response of the data comes from (the message lists
+            the sources present).
     """
     if mode not in ("per_source", "global", "wrpo"):
         raise ValueError(f"mode must be 'per_source', 'global' or 'wrpo', got {mode!r}")
@@ -219,15 +296,22 @@ def build_pairs(
         raise ValueError(f"gap_min ({gap_min}) must be <= gap_max ({gap_max})")
     if mode == "wrpo" and target_source is None:
         raise ValueError("mode='wrpo' needs target_source (the name of the target model's source)")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _log_softmax([0.0], temperature)  # validates tau
+    records = _records(records)
+    if target_source is not None and records:
+        present = sorted({r.source for rec in records for r in rec.responses})
+        if target_source not in present:
+            raise ValueError(
+                f"target_source {target_source!r} has no responses in the data; sources present: {present}"
+            )
 
     def in_window(hi: Response, lo: Response) -> bool:
         gap = hi.reward - lo.reward
         return gap > 0 and gap_min <= gap <= gap_max
 
     out: list[dict[str, Any]] = []
-    for rec in _records(records):
+    considered = 0
+    for rec in records:
         target = [r for r in rec.responses if r.source == target_source] if target_source is not None else []
         target_best = max(target, key=lambda r: r.reward) if target else None
         if mode == "wrpo":
@@ -264,32 +348,47 @@ def build_pairs(
                 best, worst = max(rs, key=lambda r: r.reward), min(rs, key=lambda r: r.reward)
                 if len(rs) >= 2 and in_window(best, worst):
                     pairs.append((best, worst, source))
-            weights = _softmax([b.reward for b, _, _ in pairs], temperature) if pairs else []
+            log_w = _log_softmax([b.reward for b, _, _ in pairs], temperature) if pairs else []
+            weights = [_weight_or_zero(v) for v in log_w]
+        considered += len(pairs)
         for (best, worst, source), w in zip(pairs, weights, strict=True):
+            if w == 0:
+                continue
             p = _pair(rec.prompt, best, worst, w, source)
             if target_best is not None:
                 p["target_chosen"], p["target_chosen_reward"] = target_best.text, target_best.reward
             out.append(p)
-    return out
+    if mode == "per_source":
+        _warn_dropped("build_pairs", "pairs", considered - len(out), considered, temperature)
+    return normalize_weights(out)
 
 
 def rloo_groups(records: Iterable[PreferenceRecord | dict], *, temperature: float | None = None) -> list[dict]:
     """RLOO items: one group per prompt with two or more responses (a single response has no leave-one-out baseline).
 
+    Weights: 1 when `temperature` is None; else w_j = K * softmax(r_j / tau) over the K responses of the group
+    (mean 1 per group), then normalised to mean 1 over all responses of the list. A response whose weight is 0 (tiny
+    tau) stays in its group: its reward is part of the others' leave-one-out baseline; it adds 0 to the loss.
+
     Args:
         records: records or their dicts.
-        temperature: None for unit weights; else w_j = K * softmax(r_j / tau) over the group (mean weight 1).
+        temperature: None for unit weights, or tau > 0.
 
     Returns:
         list of {prompt, responses: [str], rewards: [float], weights: [float], sources: [str]}.
     """
+    if temperature is not None:
+        _log_softmax([0.0], temperature)  # validates tau
     out = []
     for rec in _records(records):
         if len(rec.responses) < 2:
             continue
         rewards = [r.reward for r in rec.responses]
         k = len(rewards)
-        weights = [1.0] * k if temperature is None else [k * w for w in _softmax(rewards, temperature)]
+        if temperature is None:
+            weights = [1.0] * k
+        else:
+            weights = [_weight_or_zero(math.log(k) + v) for v in _log_softmax(rewards, temperature)]
         out.append(
             {
                 "prompt": rec.prompt,
@@ -299,121 +398,4 @@ def rloo_groups(records: Iterable[PreferenceRecord | dict], *, temperature: floa
                 "sources": [r.source for r in rec.responses],
             }
         )
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Reference log-probs: computed once with the frozen reference model, cached on disk keyed by model + data.
-
-_REF_FIELDS = {"chosen": "ref_chosen_logp", "rejected": "ref_rejected_logp", "target_chosen": "ref_target_chosen_logp"}
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of a model's config and weights (name, shape, dtype, sum and abs-sum of every parameter)."""
-    h = hashlib.sha256()
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        h.update(cfg.to_json_string(use_diff=False).encode() if hasattr(cfg, "to_json_string") else repr(cfg).encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            stats = torch.stack([p.double().sum(), p.double().abs().sum()]).tolist()
-            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{stats[0]:.17g}|{stats[1]:.17g}".encode())
-    return h.hexdigest()
-
-
-def _text_key(prompt: str, response: str) -> str:
-    return hashlib.sha256(json.dumps([prompt, response]).encode()).hexdigest()
-
-
-def _pairs_of(items: Sequence[dict]) -> list[tuple[str, str]]:
-    texts = []
-    for i, it in enumerate(items):
-        if "prompt" not in it:
-            raise ValueError(f"items[{i}] has no 'prompt'")
-        if "responses" in it:
-            texts += [(it["prompt"], r) for r in it["responses"]]
-        elif "response" in it:
-            texts.append((it["prompt"], it["response"]))
-        else:
-            texts += [(it["prompt"], it[k]) for k in _REF_FIELDS if k in it]
-    return texts
-
-
-def precompute_reference_logps(
-    ref_model: torch.nn.Module,
-    tokenizer: Any,
-    items: Sequence[dict],
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 8,
-    encode_kwargs: dict | None = None,
-    model_id: str | None = None,
-) -> list[dict]:
-    """Add the reference model's summed log-probs to every item (pair, group or SFT item), using a disk cache.
-
-    Pair items get ref_chosen_logp, ref_rejected_logp (and ref_target_chosen_logp); group items get ref_logps
-    (one per response); SFT items get ref_logp. The cache file
-    `<cache_dir>/ref_logps-<sha256(model fingerprint, tokenisation, texts)[:20]>.json` is written atomically
-    (temp file, then rename) and reused when the model, the tokenisation settings and the texts are the same.
-
-    Args:
-        ref_model: the frozen reference causal LM.
-        tokenizer: its tokenizer.
-        items: dicts from `build_pairs`, `rloo_groups` or `sft_examples`.
-        cache_dir: where to cache (None: no cache).
-        batch_size: sequences per forward.
-        encode_kwargs: keyword arguments of `encode_example` (max_length, max_prompt_length, chat_template).
-        model_id: a stable identity of the model to hash instead of its weights (e.g. a checkpoint path+revision).
-
-    Returns:
-        new item dicts with the reference fields added (inputs untouched).
-    """
-    from h3fusion.trainers.sequence_logprobs import collate_examples, encode_example, sequence_logprobs
-
-    encode_kwargs = dict(encode_kwargs or {})
-    texts = _pairs_of(items)
-    unique = sorted({_text_key(p, r): (p, r) for p, r in texts}.items())
-    path = None
-    table: dict[str, float] = {}
-    if cache_dir is not None:
-        h = hashlib.sha256()
-        h.update((model_id or model_fingerprint(ref_model)).encode())
-        h.update(json.dumps(encode_kwargs, sort_keys=True).encode())
-        h.update(f"{type(tokenizer).__name__}|{len(tokenizer)}|{tokenizer.eos_token_id}".encode())
-        for k, _ in unique:
-            h.update(k.encode())
-        path = Path(cache_dir) / f"ref_logps-{h.hexdigest()[:20]}.json"
-        if path.exists():
-            table = json.loads(path.read_text(encoding="utf-8"))["logps"]
-    todo = [(k, pr) for k, pr in unique if k not in table]
-    if todo:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        device = next(ref_model.parameters()).device
-        was_training = ref_model.training
-        ref_model.eval()
-        try:
-            with torch.no_grad():
-                for s in range(0, len(todo), batch_size):
-                    chunk = todo[s : s + batch_size]
-                    enc = [encode_example(tokenizer, p, r, **encode_kwargs) for _, (p, r) in chunk]
-                    b = {k: v.to(device) for k, v in collate_examples(enc, pad).items()}
-                    logps = sequence_logprobs(ref_model, b["input_ids"], b["attention_mask"], b["labels"]).logps
-                    table.update(zip((k for k, _ in chunk), logps.tolist(), strict=True))
-        finally:
-            ref_model.train(was_training)
-        if path is not None:
-            _atomic_write_text(path, json.dumps({"version": 1, "logps": table}))
-    out = []
-    for it in items:
-        it = dict(it)
-        p = it["prompt"]
-        if "responses" in it:
-            it["ref_logps"] = [table[_text_key(p, r)] for r in it["responses"]]
-        elif "response" in it:
-            it["ref_logp"] = table[_text_key(p, it["response"])]
-        else:
-            for k, f in _REF_FIELDS.items():
-                if k in it:
-                    it[f] = table[_text_key(p, it[k])]
-        out.append(it)
-    return out
+    return normalize_weights(out)

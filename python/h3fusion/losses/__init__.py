@@ -11,6 +11,9 @@ from .gating import (  # noqa: F401
 )
 from .lm import causal_lm_loss, lm_loss_from_hidden  # noqa: F401
 from .preference import (  # noqa: F401
+    PreferenceLossOutput,
+    RLOOLossOutput,
+    WRPOLossOutput,
     rloo_advantages,
     rloo_loss,
     simpo_loss,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import h3fusion_ext
 
-from ..data.instructions import IGNORE_INDEX
+from ..data.tokens import IGNORE_INDEX
 
 __all__ = ["causal_lm_loss", "lm_loss_from_hidden"]
 

@@ -14,8 +14,7 @@ import hook that registers "h3fusion" the moment transformers loads that module 
 
 from __future__ import annotations
 
-import importlib.abc
-import sys
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +22,12 @@ from torch import nn
 
 import h3fusion_ext
 
+from .._lazy_registration import MOE_MODULE as _MOE_MODULE
+from .._lazy_registration import register_lazily  # noqa: F401  (re-exported)
+
 IMPLEMENTATION = "h3fusion"
 # What `set_experts_implementation` accepts: ours (router and experts on h3fusion_ext), or transformers' own.
 EXPERTS_IMPLEMENTATIONS = (IMPLEMENTATION, "grouped_mm", "eager")
-_MOE_MODULE = "transformers.integrations.moe"
 # Routers that compute softmax -> top-k -> (optional) renormalise, i.e. exactly `topk_route`.
 SUPPORTED_ROUTERS = ("MixtralTopKRouter", "Qwen3MoeTopKRouter", "Qwen2MoeTopKRouter", "OlmoeTopKRouter")
 
@@ -97,40 +98,6 @@ def register_experts_implementation() -> bool:
     if interface._global_mapping.get(IMPLEMENTATION) is not h3fusion_experts_forward:
         interface.register(IMPLEMENTATION, h3fusion_experts_forward)
     return True
-
-
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Registers "h3fusion" right after transformers executes its MoE integration module, then removes itself."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _MOE_MODULE:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None and spec.loader is not None:
-                break
-        else:
-            return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        original = spec.loader.exec_module
-
-        def exec_module(module):
-            original(module)
-            register_experts_implementation()
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-def register_lazily() -> None:
-    """Register now if transformers' MoE integration is loaded, else when it gets imported (costs nothing now)."""
-    if _MOE_MODULE in sys.modules:
-        register_experts_implementation()
-    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnImport())
 
 
 class H3FusionRouterMixin:

@@ -8,4 +8,5 @@ from .h3fusion_trainer import (  # noqa: F401
     is_trainable_h3fusion_param,
     prepare_h3fusion_model,
 )
+from .reference_logps import model_fingerprint, precompute_reference_logps  # noqa: F401
 from .sequence_logprobs import SequenceLogprobs, sequence_logprobs  # noqa: F401

@@ -9,7 +9,10 @@ The reference model (DPO, WRPO, RLOO with kl_coef > 0) is either
   * precomputed (default): the reference's log-probs are computed once before training — with `ref_model`, or with
     the initial policy when `ref_model` is None — cached under `ref_cache_dir`, and carried by the items; or
   * online: pass `ref_model` and `precompute_ref_logps=False`; it runs frozen, without gradients, every step.
-Items that already carry reference log-probs (`h3fusion.data.precompute_reference_logps`) are used as they are.
+Items that already carry reference log-probs (`h3fusion.trainers.precompute_reference_logps`) are used as they are.
+
+Every loss is the plain batch mean of w * l with weights normalised over the dataset (`h3fusion.data`); the logged
+rewards are the ones the loss returns (`PreferenceLossOutput`), not a second copy of its formula.
 """
 
 from __future__ import annotations
@@ -19,26 +22,21 @@ from typing import Any
 import torch
 import transformers
 
-from ..data.preference import precompute_reference_logps
-from ..losses.preference import (
-    rloo_advantages,
-    rloo_loss,
-    simpo_loss,
-    weighted_dpo_loss,
-    wrpo_alpha,
-    wrpo_loss,
+from ..data.pair_layout import GROUP_REF_FIELD, REF_BATCH_KEY, has_pair_refs, pair_fields, split_pair_rows
+from ..losses.preference import rloo_loss, simpo_loss, weighted_dpo_loss, wrpo_alpha, wrpo_loss
+from .preference_common import (
+    PreferenceCollator,
+    PreferenceTrainerMixin,
+    as_dataset,
+    check_dataset,
+    training_args_for_preference,
 )
-from .preference_common import PreferenceCollator, PreferenceTrainerMixin, as_dataset, training_args_for_preference
+from .reference_logps import precompute_reference_logps
 from .sequence_logprobs import sequence_logprobs
 
 __all__ = ["FUSE_PO_LOSSES", "FusePOTrainer"]
 
 FUSE_PO_LOSSES = ("dpo", "dpo_norm", "simpo", "wrpo", "rloo")
-_PAIR_REF_FIELDS = {
-    "chosen": "ref_chosen_logp",
-    "rejected": "ref_rejected_logp",
-    "target_chosen": "ref_target_chosen_logp",
-}
 
 
 class FusePOTrainer(PreferenceTrainerMixin, transformers.Trainer):
@@ -106,6 +104,7 @@ class FusePOTrainer(PreferenceTrainerMixin, transformers.Trainer):
         kind = "group" if loss == "rloo" else "pair"
         for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             for sub, part in ds.items() if isinstance(ds, dict) else [("", ds)]:
+                check_dataset(part, name + (f"[{sub!r}]" if sub else ""))
                 self._check_items(part, name + (f"[{sub!r}]" if sub else ""))
         collator = data_collator or PreferenceCollator(processing_class, kind, self.encode_kwargs, loss == "wrpo")
         super().__init__(
@@ -138,9 +137,9 @@ class FusePOTrainer(PreferenceTrainerMixin, transformers.Trainer):
         if self.loss_type == "rloo":
             required, hint = ["prompt", "responses", "rewards"], "group items come from h3fusion.data.rloo_groups"
         else:
-            required, hint = ["prompt", "chosen", "rejected"], "pair items come from h3fusion.data.build_pairs"
+            required = ["prompt", *pair_fields(with_target=self.loss_type == "wrpo")]
+            hint = "pair items come from h3fusion.data.build_pairs"
             if self.loss_type == "wrpo":
-                required.append("target_chosen")
                 hint = "WRPO pairs come from build_pairs(mode='wrpo', target_source=...)"
         columns = getattr(dataset, "column_names", None)
         rows = [(0, dict.fromkeys(columns))] if columns is not None else enumerate(dataset)
@@ -153,9 +152,8 @@ class FusePOTrainer(PreferenceTrainerMixin, transformers.Trainer):
 
     def _has_ref(self, item: dict) -> bool:
         if self.loss_type == "rloo":
-            return "ref_logps" in item
-        fields = ["chosen", "rejected"] + (["target_chosen"] if self.loss_type == "wrpo" else [])
-        return all(_PAIR_REF_FIELDS[f] in item for f in fields)
+            return GROUP_REF_FIELD in item
+        return has_pair_refs(item, with_target=self.loss_type == "wrpo")
 
     def _with_ref(self, dataset: Any, ref: Any, cache_dir: str | None) -> Any:
         if dataset is None or len(dataset) == 0:
@@ -177,10 +175,9 @@ class FusePOTrainer(PreferenceTrainerMixin, transformers.Trainer):
     def _ref_logps(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Reference log-probs [rows] in the batch's row order: from the items, else from the online ref model."""
         if self.loss_type == "rloo":
-            stored = inputs.get("ref_logps")
+            stored = inputs.get(GROUP_REF_FIELD)
         else:
-            fields = ["chosen", "rejected"] + (["target_chosen"] if self.loss_type == "wrpo" else [])
-            parts = [inputs.get(f"ref_{f}_logps") for f in fields]
+            parts = [inputs.get(REF_BATCH_KEY[f]) for f in pair_fields(self.loss_type == "wrpo")]
             stored = None if any(p is None for p in parts) else torch.cat(parts)
         if stored is not None:
             return stored
@@ -209,28 +206,31 @@ class FusePOTrainer(PreferenceTrainerMixin, transformers.Trainer):
         return (loss, {"logps": logps.detach()}) if return_outputs else loss
 
     def _pairwise(self, logps, lengths, weights, ref):
+        wrpo = self.loss_type == "wrpo"
         p = weights.shape[0]
-        pc, pr = logps[:p], logps[p : 2 * p]
-        lc, lr = lengths[:p], lengths[p : 2 * p]
+        lp = split_pair_rows(logps, p, wrpo)
+        n = split_pair_rows(lengths, p, wrpo)
+        rf = split_pair_rows(ref, p, wrpo) if ref is not None else None
+        pc, pr = lp["chosen"], lp["rejected"]
         metrics: dict[str, Any] = {"logps/chosen": pc.detach(), "logps/rejected": pr.detach(), "weights/mean": weights}
         if self.loss_type == "simpo":
-            loss = simpo_loss(pc, pr, lc, lr, beta=self.beta, gamma=self.gamma, weights=weights)
-            rc, rr = self.beta * pc.detach() / lc, self.beta * pr.detach() / lr
-        elif self.loss_type == "wrpo":
+            out = simpo_loss(pc, pr, n["chosen"], n["rejected"], beta=self.beta, gamma=self.gamma, weights=weights)
+        elif wrpo:
             alpha = self.current_alpha()
-            pt, reft = logps[2 * p :], ref[2 * p :]
-            loss = wrpo_loss(pc, pt, pr, ref[:p], reft, ref[p : 2 * p], beta=self.beta, alpha=alpha, weights=weights)
-            rws = self.beta * (pc.detach() - ref[:p])
-            rwt = self.beta * (pt.detach() - reft)
-            rc, rr = alpha * rws + (1 - alpha) * rwt, self.beta * (pr.detach() - ref[p : 2 * p])
-            metrics.update({"alpha": alpha, "rewards/target_chosen": rwt, "rewards/source_chosen": rws})
+            out = wrpo_loss(
+                pc, lp["target_chosen"], pr, rf["chosen"], rf["target_chosen"], rf["rejected"],
+                beta=self.beta, alpha=alpha, weights=weights,
+            )  # fmt: skip
+            metrics.update(
+                {"alpha": alpha, "rewards/target_chosen": out.target_chosen_rewards,
+                 "rewards/source_chosen": out.source_chosen_rewards}
+            )  # fmt: skip
         else:
-            norm = {"chosen_lengths": lc, "rejected_lengths": lr} if self.loss_type == "dpo_norm" else {}
-            loss = weighted_dpo_loss(pc, pr, ref[:p], ref[p : 2 * p], beta=self.beta, weights=weights, **norm)
-            dc, dr = pc.detach() - ref[:p], pr.detach() - ref[p : 2 * p]
-            if norm:
-                dc, dr = dc / lc, dr / lr
-            rc, rr = self.beta * dc, self.beta * dr
+            norm = {}
+            if self.loss_type == "dpo_norm":
+                norm = {"chosen_lengths": n["chosen"], "rejected_lengths": n["rejected"]}
+            out = weighted_dpo_loss(pc, pr, rf["chosen"], rf["rejected"], beta=self.beta, weights=weights, **norm)
+        rc, rr = out.chosen_rewards, out.rejected_rewards
         metrics.update(
             {
                 "rewards/chosen": rc,
@@ -240,7 +240,7 @@ class FusePOTrainer(PreferenceTrainerMixin, transformers.Trainer):
             }
         )
         self._record(metrics)
-        return loss
+        return out.loss
 
     def _rloo(self, inputs, logps, lengths, weights, ref):
         rewards, groups = inputs["rewards"], inputs["group_ids"]
@@ -248,14 +248,14 @@ class FusePOTrainer(PreferenceTrainerMixin, transformers.Trainer):
         if ref is not None:
             # a non-negative per-sequence divergence, minimal where the policy matches the reference on the data
             kl = 0.5 * ((logps - ref) / lengths) ** 2
-        loss = rloo_loss(logps, rewards, groups, weights, lengths=lengths, kl=kl, kl_coef=self.kl_coef)
+        out = rloo_loss(logps, rewards, groups, weights, lengths=lengths, kl=kl, kl_coef=self.kl_coef)
         metrics = {
             "rloo/reward": rewards,
-            "rloo/advantage_abs": rloo_advantages(rewards, groups).abs(),
+            "rloo/advantage_abs": out.advantages.abs(),
             "rloo/logp_per_token": logps.detach() / lengths,
             "weights/mean": weights,
         }
         if kl is not None:
             metrics["rloo/kl"] = kl.detach()
         self._record(metrics)
-        return loss
+        return out.loss

@@ -6,18 +6,27 @@ from typing import Any
 
 import transformers
 
+from ..data.tokens import IGNORE_INDEX
 from ..losses.preference import weighted_sft_loss
-from .preference_common import PreferenceCollator, PreferenceTrainerMixin, as_dataset, training_args_for_preference
-from .sequence_logprobs import IGNORE_INDEX, sequence_logprobs
+from .preference_common import (
+    PreferenceCollator,
+    PreferenceTrainerMixin,
+    as_dataset,
+    check_dataset,
+    training_args_for_preference,
+)
+from .sequence_logprobs import sequence_logprobs
 
 __all__ = ["FuseSFTTrainer"]
 
 
 class FuseSFTTrainer(PreferenceTrainerMixin, transformers.Trainer):
-    """`transformers.Trainer` for FuseSFT: L = -sum_j w_j mean_t log pi(y_jt | x, y_j<t) / sum_j w_j.
+    """`transformers.Trainer` for FuseSFT: L = -(1/B) sum_j w_j mean_t log pi(y_jt | x, y_j<t) over a batch of B.
 
-    Datasets hold SFT items {prompt, response, weight} (`h3fusion.data.sft_examples`); token log-probs come from the
-    model's last hidden states and lm_head through `h3fusion_ext.linear_logprob`, never from full logits.
+    Datasets hold SFT items {prompt, response, weight} (`h3fusion.data.sft_examples`) whose weights are normalised
+    over the dataset (mean 1; a warning says when they are not), so the batch loss is an unbiased estimate of the
+    full objective at any batch size. Token log-probs come from the model's last hidden states and lm_head through
+    `h3fusion_ext.linear_logprob`, never from full logits.
     Logged per step: the loss, sft/weight (mean weight), sft/logp_per_token, sft/tokens.
 
     Args:
@@ -50,6 +59,9 @@ class FuseSFTTrainer(PreferenceTrainerMixin, transformers.Trainer):
         if reduction not in ("token_mean", "sum"):
             raise ValueError(f"reduction must be 'token_mean' or 'sum', got {reduction!r}")
         self.reduction = reduction
+        check_dataset(train_dataset, "train_dataset")
+        for sub, part in eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]:
+            check_dataset(part, "eval_dataset" + (f"[{sub!r}]" if sub else ""))
         encode = {"max_length": max_length, "max_prompt_length": max_prompt_length, "chat_template": chat_template}
         super().__init__(
             model=model,

@@ -1,12 +1,16 @@
-"""Shared pieces of the FuseSFT / FusePO trainers: the list dataset, the batch collator, per-step metrics.
+"""Shared pieces of the FuseSFT / FusePO trainers: the list dataset, the batch collator, per-step metrics, the
+dataset checks (not empty; weights normalised over the dataset).
 
 The collator tokenises on the fly (`encode_example`), so datasets are plain item dicts from `h3fusion.data`:
 SFT items, pair items or group items. Every batch it builds is a dict of tensors, which the default
-`transformers.Trainer` machinery (device placement, accelerate, torchrun) handles unchanged.
+`transformers.Trainer` machinery (device placement, accelerate, torchrun) handles unchanged. The row layout of pair
+batches and the reference fields come from `h3fusion.data.pair_layout`.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -14,9 +18,14 @@ from typing import Any
 import torch
 import transformers
 
+from ..data.pair_layout import GROUP_REF_FIELD, REF_BATCH_KEY, REF_ITEM_FIELD, pair_fields
+from ..data.tokens import pad_token_id
 from .sequence_logprobs import collate_examples, encode_example
 
-__all__ = ["ItemDataset", "PreferenceCollator", "PreferenceTrainerMixin"]
+__all__ = ["ItemDataset", "PreferenceCollator", "PreferenceTrainerMixin", "check_dataset"]
+
+# |mean weight - 1| above this draws a warning: the weights were not normalised over this dataset.
+_WEIGHT_MEAN_TOLERANCE = 1e-3
 
 
 class ItemDataset(torch.utils.data.Dataset):
@@ -41,11 +50,52 @@ def as_dataset(data: Any) -> Any:
     return ItemDataset(list(data))
 
 
+def _weights_of(dataset: Any) -> list[float]:
+    """Every item's weight ("weight", 1 when absent; the "weights" of group items), from a list or a dataset."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None:  # a Hugging Face dataset: read the columns, not the rows
+        if "weights" in columns:
+            return [float(w) for ws in dataset["weights"] for w in ws]
+        return [float(w) for w in dataset["weight"]] if "weight" in columns else [1.0] * len(dataset)
+    out: list[float] = []
+    for i in range(len(dataset)):
+        it = dataset[i]
+        out += [float(w) for w in it["weights"]] if "weights" in it else [float(it.get("weight", 1.0))]
+    return out
+
+
+def check_dataset(dataset: Any, name: str) -> None:
+    """Refuse an empty dataset; warn when its weights are not normalised over it (mean weight not 1).
+
+    The losses take the plain batch mean of w * l, so a mean weight m scales every step by m (like the learning
+    rate): `h3fusion.data.normalize_weights` rescales a list, e.g. after a train / eval split.
+
+    Raises:
+        ValueError: the dataset has no items, or a weight is negative or not finite.
+    """
+    if dataset is None or not hasattr(dataset, "__len__"):
+        return  # an iterable (streamed) dataset cannot be checked up front
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty: no items to train or evaluate on (check the data file and the filters)")
+    weights = _weights_of(dataset)
+    bad = [w for w in weights if not (math.isfinite(w) and w >= 0)]
+    if bad:
+        raise ValueError(f"{name}: weights must be finite and >= 0, got {bad[0]!r}")
+    mean = math.fsum(weights) / len(weights)
+    if abs(mean - 1.0) > _WEIGHT_MEAN_TOLERANCE:
+        warnings.warn(
+            f"{name}: the mean weight is {mean:.6g}, not 1; the losses average w * l per batch, so weights should "
+            "be normalised over the dataset (h3fusion.data.normalize_weights)",
+            stacklevel=3,
+        )
+
+
 class PreferenceCollator:
     """Turns item dicts into one padded batch.
 
     kind="sft":   rows = the items' responses;                         + weights [B]
-    kind="pair":  rows = chosen (P), rejected (P)[, target_chosen (P)]; + weights [P], ref_* [P] when present
+    kind="pair":  rows = chosen (P), rejected (P)[, target_chosen (P)]; + weights [P], ref_*_logps [P] when present
+                  (the row layout of `h3fusion.data.pair_layout`)
     kind="group": rows = every response of every group;                 + rewards, weights, group_ids [N], ref_logps
 
     Args:
@@ -62,10 +112,7 @@ class PreferenceCollator:
         self.kind = kind
         self.encode_kwargs = dict(encode_kwargs or {})
         self.with_target = with_target
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad is None:
-            raise ValueError("tokenizer has neither a pad_token_id nor an eos_token_id to pad with")
-        self.pad_token_id = int(pad)
+        self.pad_token_id = pad_token_id(tokenizer)
 
     def _encode(self, prompt: str, response: str) -> dict:
         return encode_example(self.tokenizer, prompt, response, **self.encode_kwargs)
@@ -84,7 +131,7 @@ class PreferenceCollator:
             batch["weights"] = self._floats(items, "weight", 1.0)
             return batch
         if self.kind == "pair":
-            fields = ["chosen", "rejected"] + (["target_chosen"] if self.with_target else [])
+            fields = pair_fields(self.with_target)
             for i, it in enumerate(items):
                 missing = [f for f in fields if f not in it]
                 if missing:
@@ -95,12 +142,12 @@ class PreferenceCollator:
             batch = collate_examples(enc, self.pad_token_id)
             batch["weights"] = self._floats(items, "weight", 1.0)
             for f in fields:
-                ref = self._floats(items, f"ref_{f}_logp")
+                ref = self._floats(items, REF_ITEM_FIELD[f])
                 if ref is not None:
-                    batch[f"ref_{f}_logps"] = ref
+                    batch[REF_BATCH_KEY[f]] = ref
             return batch
         enc, rewards, weights, groups, refs = [], [], [], [], []
-        have_ref = all("ref_logps" in it for it in items)
+        have_ref = all(GROUP_REF_FIELD in it for it in items)
         for g, it in enumerate(items):
             k = len(it["responses"])
             if len(it["rewards"]) != k:
@@ -110,13 +157,13 @@ class PreferenceCollator:
             weights += [float(w) for w in it.get("weights", [1.0] * k)]
             groups += [g] * k
             if have_ref:
-                refs += [float(v) for v in it["ref_logps"]]
+                refs += [float(v) for v in it[GROUP_REF_FIELD]]
         batch = collate_examples(enc, self.pad_token_id)
         batch["rewards"] = torch.tensor(rewards, dtype=torch.float32)
         batch["weights"] = torch.tensor(weights, dtype=torch.float32)
         batch["group_ids"] = torch.tensor(groups, dtype=torch.long)
         if have_ref:
-            batch["ref_logps"] = torch.tensor(refs, dtype=torch.float32)
+            batch[GROUP_REF_FIELD] = torch.tensor(refs, dtype=torch.float32)
         return batch
 
 

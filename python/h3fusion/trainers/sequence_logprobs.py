@@ -5,7 +5,7 @@ one, and `h3fusion_ext.linear_logprob(hidden, lm_head.weight, targets)` gives ea
 Only the response tokens go through the vocabulary projection, in the op's chunks.
 
 Tokenisation: `encode_example` turns (prompt, response) into `input_ids` and `labels` (prompt and padding
-labelled -100), `collate_examples` right-pads a batch.
+labelled `IGNORE_INDEX`, -100, defined in `h3fusion.data.tokens`), `collate_examples` right-pads a batch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 import h3fusion_ext
 
-IGNORE_INDEX = -100
+from ..data.tokens import IGNORE_INDEX, response_token_ids
 
 __all__ = [
     "IGNORE_INDEX",
@@ -51,7 +51,8 @@ def encode_example(
     """Tokenise prompt + response; only the response tokens (and the EOS) carry labels.
 
     The prompt is tokenised with the tokenizer's special tokens (e.g. BOS), or through its chat template as one user
-    turn with the generation prompt when `chat_template`; the response without special tokens, then EOS. Too long
+    turn with the generation prompt when `chat_template`; the response without special tokens, then one EOS (none
+    added when the response text already ends with it: `h3fusion.data.tokens.response_token_ids`). Too long
     examples keep the prompt's last `max_prompt_length` tokens and cut the response's tail to fit `max_length`.
 
     Args:
@@ -60,7 +61,7 @@ def encode_example(
         max_length: total token budget (None: unlimited).
         max_prompt_length: prompt token budget (None: max_length // 2 when max_length is set).
         chat_template: format the prompt with `tokenizer.apply_chat_template`.
-        add_eos: append `tokenizer.eos_token_id` to the response (when the tokenizer has one).
+        add_eos: end the response with `tokenizer.eos_token_id` (when the tokenizer has one).
 
     Returns:
         {"input_ids": list[int], "labels": list[int]} of equal length; labels are -100 on the prompt.
@@ -74,9 +75,7 @@ def encode_example(
         prompt_ids = list(prompt_ids)
     else:
         prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-    if add_eos and tokenizer.eos_token_id is not None:
-        response_ids.append(int(tokenizer.eos_token_id))
+    response_ids = response_token_ids(tokenizer, response, add_eos=add_eos)
     if max_length is not None:
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
