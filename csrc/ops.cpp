@@ -23,18 +23,23 @@ TORCH_LIBRARY(h3fusion, m) {
   // experts[T,k] int32 -> sorted_pairs[T*k] int32 (row -> pair, stable counting sort by expert),
   //                       pair_rows[T*k] int32 (pair -> row, the inverse permutation),
   //                       expert_offsets[E+1] int64 (rows of expert e are [offsets[e], offsets[e+1])).
+  // Expert ids outside [0, E): the CPU raises; CUDA (no host sync) puts those pairs in rows [offsets[E], T*k).
   m.def("moe_route_plan(Tensor experts, int num_experts) -> (Tensor sorted_pairs, Tensor pair_rows, "
         "Tensor expert_offsets)");
   // x[T,H], sorted_pairs[T*k] -> x_sorted[T*k,H] with x_sorted[r] = x[sorted_pairs[r] // k].
+  // sorted_pairs must be a permutation of [0, T*k) (the backward uses its inverse): checked on the CPU only.
   m.def("moe_gather(Tensor x, Tensor sorted_pairs, int k) -> Tensor");
   // rows[T*k,H] (expert-sorted), weights[T,k], pair_rows[T*k] -> y[T,H], y[t] = sum_j w[t,j] rows[pair_rows[t*k+j]].
-  // Each token sums its own k rows in a fixed order: no floating-point atomics.
+  // Each token sums its own k rows in a fixed order: no floating-point atomics. pair_rows must be a permutation
+  // (checked on the CPU only).
   m.def("moe_combine(Tensor rows, Tensor weights, Tensor pair_rows) -> Tensor");
 
   // ---- fused expert FFN -----------------------------------------------------------------------------------------
   // x[T,H], weights[T,k] (fp32 or x.dtype), experts[T,k] int32, gate_up_proj[E,2F,H], down_proj[E,H,F]
   //   -> y[T,H] (x.dtype), and what backward needs: sorted_pairs, pair_rows, expert_offsets (as moe_route_plan),
   //      gate_up_out[T*k,2F] (x.dtype, expert-sorted rows, pre-activation).
+  // Expert ids outside [0, E): the CPU raises; on CUDA (no host sync) such a pair contributes zero to y and gets
+  // zero gradient (its gate_up_out row is zero), as reference.moe_ffn, which skips it.
   m.def("moe_ffn_forward(Tensor x, Tensor weights, Tensor experts, Tensor gate_up_proj, Tensor down_proj) -> "
         "(Tensor y, Tensor sorted_pairs, Tensor pair_rows, Tensor expert_offsets, Tensor gate_up_out)");
   // -> grad_x[T,H], grad_weights[T,k] (weights.dtype), grad_gate_up_proj[E,2F,H], grad_down_proj[E,H,F].

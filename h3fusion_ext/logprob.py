@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ._arguments import check_same_device, int_arg
+from ._autograd import check_no_forward_ad_or_func_grad, once_differentiable
 from ._library import ops
 
 __all__ = ["linear_logprob"]
@@ -19,6 +21,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("h3fusion::linear_logprob_forward")
 def _forward_fake(hidden, weight, targets, ignore_index):
+    check_same_device("linear_logprob", "hidden", hidden, weight=weight, targets=targets)
     n = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
     return hidden.new_empty((n,), dtype=acc), hidden.new_empty((n,), dtype=acc)
@@ -26,6 +29,16 @@ def _forward_fake(hidden, weight, targets, ignore_index):
 
 @torch.library.register_fake("h3fusion::linear_logprob_backward")
 def _backward_fake(grad_logp, grad_lse, hidden, weight, targets, lse, ignore_index):
+    check_same_device(
+        "linear_logprob_backward",
+        "hidden",
+        hidden,
+        grad_logp=grad_logp,
+        grad_lse=grad_lse,
+        weight=weight,
+        targets=targets,
+        lse=lse,
+    )
     return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(
         weight, memory_format=torch.contiguous_format
     )
@@ -38,6 +51,7 @@ def _setup_context(ctx, inputs, output):
     ctx.ignore_index = ignore_index
 
 
+@once_differentiable("linear_logprob")
 def _backward(ctx, grad_logp, grad_lse):
     hidden, weight, targets, lse = ctx.saved_tensors
     # An output that did not reach the loss has no gradient; it contributes nothing.
@@ -89,21 +103,30 @@ def linear_logprob(
         hidden: ``[N, H]`` float32, bfloat16, float16 or float64 hidden states.
         weight: ``[V, H]`` output-projection (unembedding) weight, same dtype and device as ``hidden``.
         targets: ``[N]`` int64 (or int32) target ids in ``[0, V)`` or ``ignore_index``.
-        ignore_index: target value whose row gives 0 and no gradient through ``logp``.
+        ignore_index: target value whose row gives 0 and no gradient through ``logp``; an integer that fits int64
+            (a float, a bool or a value outside int64 raises, naming ignore_index).
         return_lse: also return the per-row logsumexp.
 
     Returns:
         ``logp``: ``[N]`` float32 (float64 for float64 inputs); with ``return_lse``, ``(logp, lse)`` where ``lse`` is
-        ``[N]`` of the same dtype. Differentiable with respect to ``hidden`` and ``weight``.
+        ``[N]`` of the same dtype. Differentiable with respect to ``hidden`` and ``weight`` (once: a second derivative
+        raises).
+
+    Raises:
+        TypeError: a non-tensor ``hidden``/``weight``/``targets`` or a non-integer ``ignore_index``.
+        ValueError: ``ignore_index`` outside int64.
+        RuntimeError: bad shapes, dtypes or devices (the message names the argument), or (CPU) targets out of range.
     """
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("hidden and weight must be tensors")
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+    ignore_index = int_arg(ignore_index, "ignore_index", "linear_logprob")
+    check_no_forward_ad_or_func_grad("linear_logprob", hidden, weight)
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # Like F.linear under autocast: both operands in the autocast dtype (the op itself has no autocast kernel).
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
-    logp, lse = ops.linear_logprob_forward(hidden, weight, targets, int(ignore_index))
+    logp, lse = ops.linear_logprob_forward(hidden, weight, targets, ignore_index)
     return (logp, lse) if return_lse else logp

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ._arguments import check_same_device, int_arg
+from ._autograd import check_no_forward_ad_or_func_grad, once_differentiable
 from ._library import ops
 
 __all__ = ["moe_combine", "moe_ffn", "moe_gather", "moe_route_plan"]
@@ -16,9 +18,13 @@ __all__ = ["moe_combine", "moe_ffn", "moe_gather", "moe_route_plan"]
 def moe_route_plan(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort the (token, slot) pairs by expert, stably (pairs of one expert stay in ascending order).
 
+    Expert ids outside ``[0, num_experts)`` raise on the CPU. On CUDA they cannot be checked without a host-device
+    sync; such pairs are placed after every real expert, in rows ``[offsets[E], T*k)`` in ascending pair order, so
+    ``sorted_pairs`` and ``pair_rows`` are still permutations and ``offsets[E]`` counts the valid pairs only.
+
     Args:
         experts: [T, k] int32 expert ids in [0, num_experts).
-        num_experts: E >= 1.
+        num_experts: E >= 1, a Python integer (a float or bool raises a TypeError naming num_experts).
 
     Returns:
         sorted_pairs: [T*k] int32, row r -> pair p.
@@ -26,41 +32,56 @@ def moe_route_plan(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
         expert_offsets: [E+1] int64, the rows of expert e are [offsets[e], offsets[e+1]).
 
     Raises:
-        RuntimeError: `experts` not 2-D int32, or an id outside [0, num_experts).
+        RuntimeError: `experts` not 2-D int32, num_experts < 1, or (CPU) an id outside [0, num_experts).
+        TypeError: `num_experts` not an integer.
     """
-    return ops.moe_route_plan(experts, int(num_experts))
+    return ops.moe_route_plan(experts, int_arg(num_experts, "num_experts", "moe_route_plan"))
 
 
 def moe_gather(x: torch.Tensor, sorted_pairs: torch.Tensor, k: int) -> torch.Tensor:
     """Copy token rows into expert-sorted order: x_sorted[r] = x[sorted_pairs[r] // k].
 
-    Differentiable with respect to `x` (the backward sums each token's k rows, in slot order).
+    Differentiable with respect to `x` (the backward sums each token's k rows, in slot order, through the inverse
+    permutation). Contract: `sorted_pairs` is a permutation of [0, T*k), as `moe_route_plan` returns. On the CPU
+    this is checked (O(T*k)); on CUDA it is the caller's contract, since checking would need a host-device sync:
+    there an entry outside [0, T*k) gives a zero row, and a repeated entry gives a wrong gradient of `x`.
 
     Args:
         x: [T, H] float.
-        sorted_pairs: [T*k] int32 from `moe_route_plan`.
-        k: experts per token.
+        sorted_pairs: [T*k] int32 permutation of [0, T*k), from `moe_route_plan`.
+        k: experts per token, a Python integer >= 1.
 
     Returns:
         x_sorted: [T*k, H], x.dtype.
+
+    Raises:
+        RuntimeError: bad shapes/dtypes/devices, or (CPU) `sorted_pairs` not a permutation of [0, T*k).
+        TypeError: `k` not an integer.
     """
-    return ops.moe_gather(x, sorted_pairs, int(k))
+    check_no_forward_ad_or_func_grad("moe_gather", x)
+    return ops.moe_gather(x, sorted_pairs, int_arg(k, "k", "moe_gather"))
 
 
 def moe_combine(rows: torch.Tensor, weights: torch.Tensor, pair_rows: torch.Tensor) -> torch.Tensor:
     """Weighted sum of each token's k expert-sorted rows: y[t] = sum_j w[t,j] rows[pair_rows[t*k+j]].
 
     Summed in slot order with fp32 accumulation (fp64 for fp64), no atomics. Differentiable with respect to `rows`
-    and `weights`.
+    and `weights`. Contract: `pair_rows` is a permutation of [0, T*k) (the backward reads through its inverse);
+    checked on the CPU, the caller's contract on CUDA (no host-device sync), where an entry outside [0, T*k)
+    contributes nothing.
 
     Args:
         rows: [T*k, H] float, expert-sorted.
         weights: [T, k] float32 or rows.dtype.
-        pair_rows: [T*k] int32 from `moe_route_plan`.
+        pair_rows: [T*k] int32 permutation of [0, T*k), from `moe_route_plan`.
 
     Returns:
         y: [T, H], rows.dtype.
+
+    Raises:
+        RuntimeError: bad shapes/dtypes/devices, or (CPU) `pair_rows` not a permutation of [0, T*k).
     """
+    check_no_forward_ad_or_func_grad("moe_combine", rows, weights)
     return ops.moe_combine(rows, weights, pair_rows)
 
 
@@ -74,7 +95,12 @@ def moe_ffn(
     """The routed expert FFN: y_t = sum_j w_tj W_down[e_tj] (silu(W_gate[e_tj] x_t) * W_up[e_tj] x_t).
 
     Weight layout of transformers' `MixtralExperts`. Differentiable with respect to x, weights, gate_up_proj and
-    down_proj; deterministic (bitwise the same run to run).
+    down_proj (once: a second derivative raises); deterministic (bitwise the same run to run).
+
+    Expert ids outside [0, E): the CPU raises a RuntimeError naming `experts`. CUDA cannot check them without a
+    host-device sync, so there such a (token, slot) pair contributes exactly zero to y and gets zero gradient
+    (its grad_weights entry is 0, and it adds nothing to grad_x or the weight gradients), like
+    `h3fusion_ext.reference.moe_ffn`, which skips it.
 
     Args:
         x: [T, H] float32/bfloat16/float16/float64.
@@ -87,8 +113,10 @@ def moe_ffn(
         y: [T, H], x.dtype.
 
     Raises:
-        RuntimeError: a wrong rank/shape/dtype/device (the message names the argument), or an expert id outside [0, E).
+        RuntimeError: a wrong rank/shape/dtype/device (the message names the argument), or (CPU) an expert id
+            outside [0, E).
     """
+    check_no_forward_ad_or_func_grad("moe_ffn", x, weights, gate_up_proj, down_proj)
     return ops.moe_ffn_forward(x, weights, experts, gate_up_proj, down_proj)[0]
 
 
@@ -107,16 +135,21 @@ def _moe_route_plan_fake(experts, num_experts):
 
 @torch.library.register_fake("h3fusion::moe_gather")
 def _moe_gather_fake(x, sorted_pairs, k):
+    check_same_device("moe_gather", "x", x, sorted_pairs=sorted_pairs)
     return x.new_empty((sorted_pairs.shape[0], x.shape[1]))
 
 
 @torch.library.register_fake("h3fusion::moe_combine")
 def _moe_combine_fake(rows, weights, pair_rows):
+    check_same_device("moe_combine", "rows", rows, weights=weights, pair_rows=pair_rows)
     return rows.new_empty((weights.shape[0], rows.shape[1]))
 
 
 @torch.library.register_fake("h3fusion::moe_ffn_forward")
 def _moe_ffn_forward_fake(x, weights, experts, gate_up_proj, down_proj):
+    check_same_device(
+        "moe_ffn", "x", x, weights=weights, experts=experts, gate_up_proj=gate_up_proj, down_proj=down_proj
+    )
     P = experts.shape[0] * experts.shape[1]
     return (
         torch.empty_like(x),
@@ -129,6 +162,19 @@ def _moe_ffn_forward_fake(x, weights, experts, gate_up_proj, down_proj):
 
 @torch.library.register_fake("h3fusion::moe_ffn_backward")
 def _moe_ffn_backward_fake(grad_y, x, weights, gate_up_proj, down_proj, sorted_pairs, pair_rows, offsets, gate_up_out):
+    check_same_device(
+        "moe_ffn_backward",
+        "x",
+        x,
+        grad_y=grad_y,
+        weights=weights,
+        gate_up_proj=gate_up_proj,
+        down_proj=down_proj,
+        sorted_pairs=sorted_pairs,
+        pair_rows=pair_rows,
+        expert_offsets=offsets,
+        gate_up_out=gate_up_out,
+    )
     return torch.empty_like(x), torch.empty_like(weights), torch.empty_like(gate_up_proj), torch.empty_like(down_proj)
 
 
@@ -142,6 +188,7 @@ def _moe_ffn_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weights, gate_up_proj, down_proj, sorted_pairs, pair_rows, offsets, gate_up_out)
 
 
+@once_differentiable("moe_ffn")
 def _moe_ffn_backward(ctx, grad_y, *_unused):
     if grad_y is None:
         return None, None, None, None, None
@@ -160,7 +207,9 @@ torch.library.register_autograd("h3fusion::moe_ffn_forward", _moe_ffn_backward, 
 
 
 def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
-    inv = torch.empty_like(perm)
+    # -1 where `perm` misses a value (only possible on CUDA, where the permutation contract is not checked): the
+    # combine then skips that entry instead of reading an uninitialised index.
+    inv = torch.full_like(perm, -1)
     inv[perm.long()] = torch.arange(perm.numel(), dtype=perm.dtype, device=perm.device)
     return inv
 
@@ -172,6 +221,7 @@ def _moe_gather_setup(ctx, inputs, output):
     ctx.num_tokens = x.shape[0]
 
 
+@once_differentiable("moe_gather")
 def _moe_gather_backward(ctx, grad_rows):
     # The adjoint of a gather is a unit-weight combine: each token sums its own k rows (no atomics).
     (sorted_pairs,) = ctx.saved_tensors
@@ -187,6 +237,7 @@ def _moe_combine_setup(ctx, inputs, output):
     ctx.save_for_backward(rows, weights, pair_rows)
 
 
+@once_differentiable("moe_combine")
 def _moe_combine_backward(ctx, grad_y):
     rows, weights, pair_rows = ctx.saved_tensors
     T, k = weights.shape

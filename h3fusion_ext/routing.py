@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ._arguments import check_same_device, int_arg
+from ._autograd import check_no_forward_ad_or_func_grad, once_differentiable
 from ._library import ops
 
 __all__ = ["topk_route"]
@@ -17,11 +19,11 @@ def topk_route(logits: torch.Tensor, k: int, renormalize: bool = True) -> tuple[
 
     Softmax over the experts in fp32 (fp64 for fp64 logits), the k largest probabilities with equal values going
     to the lower expert id first, in descending order; optionally rescaled to sum to 1 over the k (Mixtral's rule).
-    Differentiable with respect to `logits`.
+    Differentiable with respect to `logits` (once: a second derivative raises).
 
     Args:
         logits: [T, E] router logits, float32/bfloat16/float16/float64; must be finite.
-        k: experts per token, 1 <= k <= E.
+        k: experts per token, an integer with 1 <= k <= E (a float such as 1.7, or a bool, raises a TypeError).
         renormalize: rescale the k kept probabilities to sum to 1.
 
     Returns:
@@ -29,9 +31,13 @@ def topk_route(logits: torch.Tensor, k: int, renormalize: bool = True) -> tuple[
         experts: [T, k] int32 expert ids.
 
     Raises:
-        RuntimeError: bad shape/dtype of `logits`, `k` outside [1, E], or non-finite `logits`.
+        RuntimeError: bad shape/dtype of `logits`, `k` outside [1, E], or (CPU) non-finite `logits`; on CUDA that
+            cannot be checked without a host-device sync, and such a token gets NaN weights (k distinct valid ids).
+        TypeError: `k` not an integer.
     """
-    return ops.topk_route(logits, int(k), bool(renormalize))
+    k = int_arg(k, "k", "topk_route")
+    check_no_forward_ad_or_func_grad("topk_route", logits)
+    return ops.topk_route(logits, k, bool(renormalize))
 
 
 @torch.library.register_fake("h3fusion::topk_route")
@@ -43,6 +49,7 @@ def _topk_route_fake(logits, k, renormalize):
 
 @torch.library.register_fake("h3fusion::topk_route_backward")
 def _topk_route_backward_fake(grad_weights, logits, experts, renormalize):
+    check_same_device("topk_route_backward", "logits", logits, grad_weights=grad_weights, experts=experts)
     return torch.empty_like(logits)
 
 
@@ -52,6 +59,7 @@ def _topk_route_setup(ctx, inputs, output):
     ctx.renormalize = renormalize
 
 
+@once_differentiable("topk_route")
 def _topk_route_backward(ctx, grad_weights, _grad_experts):
     logits, experts = ctx.saved_tensors
     if grad_weights is None:

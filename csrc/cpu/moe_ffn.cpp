@@ -211,7 +211,16 @@ template <typename scalar_t>
 constexpr bool kAtenSigmoid = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
 // sig[r, f] = sigmoid(h[r, f]) over the gate half of a block of pre-activation rows h[n, 2F].
-void sigmoid_of_gate(const at::Tensor& h, at::Tensor sig) { at::sigmoid_out(sig, h.narrow(1, 0, h.size(1) / 2)); }
+// Threads split the rows here, never inside a row: left to itself, TensorIterator cuts the element range wherever
+// the thread count says, and an element in a vectorised chunk and in a scalar tail can differ in the last bit, so
+// y would depend on torch.get_num_threads(). Inside a parallel region each call below runs on one thread.
+void sigmoid_of_gate(const at::Tensor& h, at::Tensor sig) {
+  const int64_t n = h.size(0), F = h.size(1) / 2;
+  at::parallel_for(0, n, std::max<int64_t>(1, 8192 / std::max<int64_t>(F, 1)), [&](int64_t b, int64_t e) {
+    at::Tensor out = sig.narrow(0, b, e - b);
+    at::sigmoid_out(out, h.narrow(0, b, e - b).narrow(1, 0, F));
+  });
+}
 
 // act[r, f] = silu(h[r, f]) * h[r, F + f] for a block of n rows; for kAtenSigmoid types `act` already holds
 // sigmoid(h[r, f]).

@@ -10,6 +10,7 @@
 #include <h3fusion/checks.h>
 
 #include <atomic>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -18,7 +19,8 @@ namespace h3fusion::cpu {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_plan(const at::Tensor& experts_in, int64_t num_experts) {
   check_dim(experts_in, "experts", 2);
   check_dtype(experts_in, "experts", at::kInt);
-  TORCH_CHECK(num_experts >= 1, "num_experts must be >= 1, got ", num_experts);
+  TORCH_CHECK(num_experts >= 1 && num_experts < INT32_MAX, "num_experts must be in [1, 2^31 - 1), got ",
+              num_experts);
   const at::Tensor experts = experts_in.contiguous();
   const int64_t P = experts.numel();
   TORCH_CHECK(P < (int64_t(1) << 31), "experts has ", P, " entries; at most 2^31 - 1 (token, slot) pairs fit int32");
@@ -137,10 +139,45 @@ at::Tensor combine_rows(const at::Tensor& rows_in, const at::Tensor& weights_in,
 
 namespace {
 
+// The public moe_gather / moe_combine take an index tensor from the caller, and their backward reads through
+// its inverse (h3fusion_ext/moe.py), which is only defined for a permutation: a repeated entry leaves rows of the
+// inverse unset and the gradient would read them. One serial O(T*k) pass, cheap next to the copy itself.
+// (moe_ffn's plan comes from route_plan and is a permutation by construction, so it calls the unchecked pieces.)
+void check_permutation(const at::Tensor& perm_in, const char* name) {
+  check_dim(perm_in, name, 1);
+  check_dtype(perm_in, name, at::kInt);
+  const at::Tensor perm = perm_in.contiguous();
+  const int64_t n = perm.numel();
+  const int32_t* v = perm.const_data_ptr<int32_t>();
+  std::vector<uint8_t> seen(n, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = v[i];
+    TORCH_CHECK(r >= 0 && r < n, name, " must be a permutation of [0, ", n, "), found ", r, " at position ", i);
+    TORCH_CHECK(!seen[r], name, " must be a permutation of [0, ", n, "), found ", r, " twice (again at position ", i,
+                ")");
+    seen[r] = 1;
+  }
+}
+
+at::Tensor moe_gather(const at::Tensor& x, const at::Tensor& sorted_pairs, int64_t k) {
+  check_dim(x, "x", 2);
+  check_same_device(sorted_pairs, "sorted_pairs", x, "x");
+  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
+  check_dim(sorted_pairs, "sorted_pairs", 1);
+  check_size(sorted_pairs, "sorted_pairs", 0, x.size(0) * k, "x.shape[0] * k");
+  check_permutation(sorted_pairs, "sorted_pairs");
+  return gather_rows(x, sorted_pairs, k);
+}
+
 at::Tensor moe_combine(const at::Tensor& rows, const at::Tensor& weights, const at::Tensor& pair_rows) {
   check_dim(weights, "weights", 2);
   const int64_t k = weights.size(1);
   TORCH_CHECK(k >= 1, "weights.shape[1] (k) must be >= 1, got ", k);
+  check_dim(rows, "rows", 2);
+  check_same_device(pair_rows, "pair_rows", rows, "rows");
+  check_dim(pair_rows, "pair_rows", 1);
+  check_size(pair_rows, "pair_rows", 0, rows.size(0), "rows.shape[0]");
+  check_permutation(pair_rows, "pair_rows");
   return combine_rows(rows, weights, pair_rows, k);
 }
 
@@ -149,6 +186,6 @@ at::Tensor moe_combine(const at::Tensor& rows, const at::Tensor& weights, const 
 
 TORCH_LIBRARY_IMPL(h3fusion, CPU, m) {
   m.impl("moe_route_plan", &h3fusion::cpu::route_plan);
-  m.impl("moe_gather", &h3fusion::cpu::gather_rows);
+  m.impl("moe_gather", &h3fusion::cpu::moe_gather);
   m.impl("moe_combine", &h3fusion::cpu::moe_combine);
 }

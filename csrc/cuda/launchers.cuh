@@ -11,6 +11,10 @@ namespace h3fusion::cuda {
 // moe_plan.cu: experts[T,k] int32 -> (sorted_pairs[T*k] int32, pair_rows[T*k] int32, expert_offsets[E+1] int64).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_plan(const at::Tensor& experts, int64_t num_experts);
 
+// moe_plan.cu: rows[N, ...] (contiguous, any dtype) <- 0 for rows [expert_offsets[E], N): the rows route_plan
+// gives to pairs whose expert id is outside [0, E) and that no grouped GEMM writes. Reads offsets on the device.
+void zero_unrouted_rows(const at::Tensor& rows, const at::Tensor& expert_offsets);
+
 // moe_plan.cu: x[T,H] -> x_sorted[T*k,H], x_sorted[r] = x[sorted_pairs[r] / k].
 at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& sorted_pairs, int64_t k);
 

@@ -18,9 +18,11 @@
 // GEMM backend: these "own" kernels, or at::_grouped_mm around the same plan/gather/combine kernels
 // (moe_ffn_torch_gemm.cu); chosen per call after the argument checks (moe_gemm_backend.h: H3FUSION_GROUPED_GEMM).
 // Known limits: fp64 is CPU-only (a clear error here). Expert ids outside [0, E) cannot be checked without a
-// host sync; route_plan owns that (the GEMMs bounds-check every index they read, so a bad plan cannot read or
-// write out of bounds). Intermediates: h [T*k, 2F] (returned), act [T*k, F], o or dX [T*k, H] in x.dtype and
-// U [T*k, F] fp32 in backward.
+// host sync; their contract is that such a pair contributes zero and gets zero gradient: route_plan puts it in
+// a row >= offsets[E] that no grouped GEMM writes, and zero_unrouted_rows zeroes those rows of h and o (forward)
+// and of U and dX (backward), so y, grad_x and grad_weights get exact zeros from them (the GEMMs also
+// bounds-check every index they read, so a bad plan cannot read or write out of bounds).
+// Intermediates: h [T*k, 2F] (returned), act [T*k, F], o or dX [T*k, H] in x.dtype and U [T*k, F] fp32 in backward.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
@@ -118,8 +120,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
   at::Tensor h = at::empty({R, 2 * d.F}, x.options());
   at::Tensor act = at::empty({R, d.F}, x.options());
   grouped_gate_up_swiglu(x, sorted_pairs, d.k, gate_up, offsets, tile_starts, h, act);
+  zero_unrouted_rows(h, offsets);  // pairs with an expert id outside [0, E): saved for backward as zeros
   at::Tensor o = at::empty({R, d.H}, x.options());
   grouped_linear(act, down, offsets, tile_starts, o);
+  zero_unrouted_rows(o, offsets);  // ... and they contribute zero to y
   at::Tensor y = combine_rows(o, weights, pair_rows);
   return {y, sorted_pairs, pair_rows, offsets, h};
 }
@@ -177,6 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cuda
   const at::Tensor tile_starts = grouped_tile_starts(offsets);
   at::Tensor u_grad = at::empty({R, d.F}, x.options().dtype(at::kFloat));
   grouped_linear_t(grad_y, sorted_pairs, d.k, down, offsets, tile_starts, u_grad);
+  zero_unrouted_rows(u_grad, offsets);  // with h zero there too: grad_w = 0 and dh = 0 for unrouted pairs
 
   at::Tensor dh = at::empty({R, 2 * d.F}, x.options());
   at::Tensor act = at::empty({R, d.F}, x.options());
@@ -191,6 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cuda
 
   at::Tensor dx_rows = at::empty({R, d.H}, x.options());
   grouped_linear_t(dh, at::Tensor(), 1, gate_up, offsets, tile_starts, dx_rows);
+  zero_unrouted_rows(dx_rows, offsets);  // unrouted pairs add nothing to grad_x
   const at::Tensor unit = at::ones({d.T, d.k}, x.options().dtype(at::kFloat));
   at::Tensor grad_x = combine_rows(dx_rows, unit, pair_rows);
   at::Tensor grad_weights = grad_w_f32.view({d.T, d.k}).to(weights_in.scalar_type());

@@ -278,7 +278,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
   // [E,2F,H] viewed as [E,H,2F] is column-major per expert: x_sorted[r] . gate_up[e][n] for every n
   const at::Tensor h = grouped_mm(gather_rows(x, sorted_pairs, k), gate_up.transpose(1, 2), ends);
   TORCH_INTERNAL_ASSERT(h.size(0) == R && h.size(1) == 2 * F);
+  // rows >= offsets[E] (pairs with an expert id outside [0, E)) belong to no group: no GEMM writes them, so they
+  // are zeroed (saved as zeros for backward, contributing zero to y), as in the "own" backend
+  zero_unrouted_rows(h, offsets);
   const at::Tensor o = grouped_mm(swiglu_forward(h, F), down.transpose(1, 2), ends);
+  zero_unrouted_rows(o, offsets);
   at::Tensor y = combine_rows(o, weights, pair_rows);
   return {y, sorted_pairs, pair_rows, offsets, h};
 }
@@ -313,7 +317,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_torc
 
   at::Tensor gy_sorted = gather_rows(grad_y_in.to(x_in.scalar_type()), sorted_pairs, k);  // [R,H]
   at::Tensor u_grad;
-  if (need_u) u_grad = grouped_mm(gy_sorted, down_in.contiguous(), ends);  // [R,F]: gy[t(r)] . down[e][:, f]
+  if (need_u) {
+    u_grad = grouped_mm(gy_sorted, down_in.contiguous(), ends);  // [R,F]: gy[t(r)] . down[e][:, f]
+    zero_unrouted_rows(u_grad, offsets);  // with h zero there too: grad_w = 0 and dh = 0 for unrouted pairs
+  }
   at::Tensor dh = need_dh ? at::empty({R, 2 * F}, opts) : at::Tensor();
   at::Tensor act_w = need_down ? at::empty({R, F}, opts) : at::Tensor();
   at::Tensor grad_w_f32 = need_weights ? at::empty({R}, opts.dtype(at::kFloat)) : at::Tensor();
@@ -327,6 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_torc
                                                     offsets);  // [E,2F,H]
   if (need_x) {
     const at::Tensor dx_rows = grouped_mm(dh, gate_up_in.contiguous(), ends);  // [R,H]: dH[r] . gate_up[e][:, i]
+    zero_unrouted_rows(dx_rows, offsets);  // unrouted pairs add nothing to grad_x
     grad_x = combine_rows(dx_rows, at::ones({T, k}, opts.dtype(at::kFloat)), pair_rows);
   }
   if (need_weights) grad_weights = grad_w_f32.view({T, k}).to(weights_in.scalar_type());

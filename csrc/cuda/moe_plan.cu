@@ -12,12 +12,15 @@
 //               pair_rows[p] = row.
 //   Only integer arithmetic and no atomics: bitwise deterministic, and pairs of one expert stay in ascending pair
 //   order (stable), exactly what reference.moe_route_plan gives.
-//   Expert ids outside [0, E) cannot raise here without a device->host sync. They are treated as a bug in the
-//   caller (the Python wrapper validates ids when they are on the CPU), but memory stays safe: such pairs go to
-//   an extra bucket after all real experts, i.e. rows [offsets[E], N) in ascending pair order, so sorted_pairs and
-//   pair_rows are always full permutations of [0, N) and offsets[E] is the number of valid pairs.
+//   Expert ids outside [0, E) cannot raise here without a device->host sync (the CPU op raises; nothing checks
+//   CUDA ids on the host). Their contract instead: such pairs go to an extra bucket after all real experts, i.e.
+//   rows [offsets[E], N) in ascending pair order, so sorted_pairs and pair_rows are always full permutations of
+//   [0, N) and offsets[E] is the number of valid pairs. moe_ffn makes those "unrouted" rows contribute zero and
+//   get zero gradient by zeroing them in its row buffers (zero_unrouted_rows below): no grouped GEMM writes them.
 //   Limits: temporary memory 4 * (E+1) * ceil(N/256) bytes for the counts plus 4*N for the ranks (8 MB for
 //   E = 512, N = 10^6); N = T*k must fit in int32 (the index outputs are int32).
+// zero_unrouted_rows: zeroes rows [offsets[E], N) of a contiguous [N, ...] buffer, reading offsets[E] on the
+//   device (a fixed grid, grid-stride over the bytes of that tail; no work at all when every id was valid).
 // gather_rows: one warp per output row, a plain byte copy with the widest vector (16/8/4/2 bytes) that the row
 //   size and the pointers' alignment allow, so any H works. A pair index outside [0, T*k) gives a zero row.
 // combine_rows: one warp per token; each lane owns a slice of H and sums the token's k rows in slot order
@@ -33,6 +36,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <tuple>
@@ -126,6 +130,19 @@ __global__ void plan_scatter_kernel(const int32_t* __restrict__ experts, const i
   if (row >= 0 && row < N) {  // always true by construction; kept so that no write can leave the outputs
     sorted_pairs[row] = static_cast<int32_t>(p);
     pair_rows[p] = static_cast<int32_t>(row);
+  }
+}
+
+// Zero the bytes [offsets[E] * row_words, N * row_words) of `rows`, as word_t words (row_words per row).
+template <typename word_t>
+__global__ void zero_unrouted_rows_kernel(const int64_t* __restrict__ offsets, int64_t E, int64_t N,
+                                          int64_t row_words, word_t* __restrict__ rows) {
+  const int64_t valid = offsets[E];  // rows [valid, N) hold the pairs whose expert id was outside [0, E)
+  const int64_t begin = (valid < 0 ? 0 : (valid > N ? N : valid)) * row_words;
+  const int64_t end = N * row_words;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = begin + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < end; i += stride) {
+    rows[i] = word_t{};
   }
 }
 
@@ -243,6 +260,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_plan(const at::Tensor& expe
       pair_rows.mutable_data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {sorted_pairs, pair_rows, offsets};
+}
+
+void zero_unrouted_rows(const at::Tensor& rows, const at::Tensor& expert_offsets) {
+  TORCH_CHECK(rows.is_cuda() && rows.is_contiguous() && rows.dim() >= 1,
+              "zero_unrouted_rows: rows must be a contiguous CUDA tensor, got shape ", rows.sizes());
+  TORCH_CHECK(expert_offsets.is_cuda() && expert_offsets.scalar_type() == at::kLong && expert_offsets.dim() == 1 &&
+                  expert_offsets.numel() >= 1 && expert_offsets.is_contiguous(),
+              "zero_unrouted_rows: expert_offsets must be a contiguous 1-D int64 CUDA tensor");
+  const int64_t N = rows.size(0);
+  if (rows.numel() == 0) return;
+  const int64_t E = expert_offsets.numel() - 1;
+  const int64_t row_bytes = rows.numel() / N * static_cast<int64_t>(rows.element_size());
+  const c10::cuda::CUDAGuard guard(rows.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto launch = [&](auto word) {
+    using word_t = decltype(word);
+    const int64_t row_words = row_bytes / static_cast<int64_t>(sizeof(word_t));
+    const int64_t blocks = std::min<int64_t>(ceil_div(N * row_words, 256), 1024);
+    zero_unrouted_rows_kernel<word_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+        expert_offsets.const_data_ptr<int64_t>(), E, N, row_words, static_cast<word_t*>(rows.mutable_data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  const void* base = rows.const_data_ptr();
+  if (row_bytes % 16 == 0 && aligned(base, 16)) {
+    launch(uint4{});
+  } else if (row_bytes % 4 == 0 && aligned(base, 4)) {
+    launch(uint32_t{});
+  } else if (row_bytes % 2 == 0 && aligned(base, 2)) {
+    launch(uint16_t{});
+  } else {
+    launch(uint8_t{});
+  }
 }
 
 at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& sorted_pairs, int64_t k) {

@@ -12,7 +12,7 @@
 // Limits: cost is O((k + 2) * E) per token, which is fine for router sizes (E in the tens to hundreds, small k).
 // Non-finite logits are NOT checked on CUDA (checking would need a device->host sync); a NaN probability is
 // ordered below every finite one, so the k picked experts are always k distinct ids in [0, E) (memory safe for
-// the ops downstream) but their weights are NaN. The Python wrapper may check finiteness when it is asked to.
+// the ops downstream) but their weights are NaN. Nothing checks them on the host either (the CPU op raises).
 // No host-device synchronisation; everything runs on the current stream (CUDA-graph capturable).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>

@@ -38,6 +38,8 @@ _EXPORTS: dict[str, str] = {
     "weighted_sft_loss": "h3fusion.losses.preference",
     "wrpo_alpha": "h3fusion.losses.preference",
     "wrpo_loss": "h3fusion.losses.preference",
+    # evaluation
+    "evaluate": "h3fusion.evaluation",
     # models
     "H3FusionMoE": "h3fusion.models.moe_block",
     "fuse_models": "h3fusion.models.fuse",
@@ -81,6 +83,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         save_records,
         sft_examples,
     )
+    from .evaluation import evaluate
     from .losses.gating import drift_regularization, gating_loss, load_balancing_loss
     from .losses.preference import rloo_loss, simpo_loss, weighted_dpo_loss, weighted_sft_loss, wrpo_alpha, wrpo_loss
     from .models.fuse import fuse_models, save_fused_model

@@ -340,6 +340,12 @@ def _run(out_dir, seed, quick, progress, echo, t0, experts_implementation):
     best_aligned = {c: min(rows[f"aligned-{k}"][c] for k in names) for c in names}
     margin = {c: rows["fused (H3Fusion)"][c] - best_aligned[c] for c in names}
     table = _format_table(rows, names)
+    from .evaluation.demo_eval import run_demo_evaluation  # helpful / harmless / honest with tiny judges
+
+    eval_models = {"base": base, **{f"aligned-{c}": aligned[c] for c in names}, "soup (uniform avg)": soup}
+    evaluation, eval_table, eval_cmd = run_demo_evaluation(
+        {**eval_models, "fused (H3Fusion)": fused}, tok, data, out_dir, template=DEMO_TEMPLATE, seed=seed,
+        quick=quick, fused="fused (H3Fusion)", experts=[f"aligned-{c}" for c in names], progress=progress)
     acc = " | ".join(f"{c} {routing['accuracy'].get(c, float('nan')):.1%}" for c in names)
     elapsed = time.time() - t0
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -367,6 +373,9 @@ def _run(out_dir, seed, quick, progress, echo, t0, experts_implementation):
         "",
         "Heatmaps of per-layer expert usage by category: route_report.png (data in route_report.json); before "
         "training: route_report_untrained.png.",
+        "",
+        eval_table.replace("# H3Fusion evaluation", "## Helpful / harmless / honest (tiny judges; eval/)", 1),
+        f"Reproduce with: `{eval_cmd}`",
     ]
     report = "\n".join(summary) + "\n"
     results = {
@@ -382,6 +391,7 @@ def _run(out_dir, seed, quick, progress, echo, t0, experts_implementation):
         "routing_accuracy": routing["accuracy"],
         "routing_overall_accuracy": routing["overall_accuracy"],
         "train_log": trainer.state.log_history,
+        "evaluation": evaluation,
     }
     for name, text in (("report.md", report), ("results.json", json.dumps(results, indent=2))):
         tmp = os.path.join(out_dir, f".{name}.tmp")

@@ -238,6 +238,40 @@ def test_repeated_experts_per_token(dtype, E, k, backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("api", ["ops", "autograd"])
+def test_unrouted_pairs_contribute_zero(dtype, api, backend):
+    # Expert ids outside [0, E) cannot raise on CUDA without a host sync (the CPU op raises). The contract: such a
+    # pair contributes exactly zero to y and gets zero gradient, as reference.moe_ffn (which skips it) computes.
+    T, H, F, E, k = 2048, 160, 80, 5, 2  # every row buffer > 1 MB, so it comes from the poisoned large pool
+    x, w, e, gu, dp = make_inputs(T, H, F, E, k, dtype)
+    # poison the caching allocator: rows that no kernel writes would then hold NaN rather than stale zeros
+    torch.full((16 << 20,), float("nan"), device="cuda").view(-1)
+    bad = torch.rand(T, k, device="cuda") < 0.3
+    bad[0] = True  # one token with no valid pair at all
+    bad_ids = torch.tensor([-1, E, 2**31 - 1, -(2**31)], device="cuda", dtype=torch.int32)
+    e = torch.where(bad, bad_ids[torch.randint(0, 4, (T, k), device="cuda")], e)
+    inputs = (x, w, e, gu, dp)
+    skip_unless_taken(inputs)
+    grad_y = torch.randn_like(x)
+    if api == "ops":
+        y, plan, grads = ours(inputs, grad_y)
+        assert plan[2][E] == (~bad).sum()  # offsets[E] counts the valid pairs; the unrouted ones come after
+    else:
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, gu, dp)]
+        y = h3fusion_ext.moe_ffn(leaves[0], leaves[1], e, leaves[2], leaves[3])
+        grads = list(torch.autograd.grad(y, leaves, grad_y))
+    ref_y, ref_grads = reference_with_grads(inputs, grad_y)
+    hi_y, hi_grads = reference_with_grads(inputs, grad_y, torch.float64)
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+    assert y[0].abs().max() == 0 and grads[0][0].abs().max() == 0  # token 0: every pair unrouted
+    assert (grads[1][bad] == 0).all()
+    atol = 2e-5 if dtype == torch.float32 else 1e-5
+    assert_close_to_reference(y, ref_y, hi_y, factor=2.0, atol=atol, what="y")
+    for name, g, g_lp, g_hp in zip(GRAD_NAMES, grads, ref_grads, hi_grads, strict=True):
+        assert_close_to_reference(g, g_lp, g_hp, factor=3.0, atol=atol, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_tokens(dtype, backend):
     T, H, F, E, k = 0, 24, 16, 4, 2
     x, w, e, gu, dp = inputs = make_inputs(T, H, F, E, k, dtype)

@@ -22,6 +22,11 @@ SUBCOMMANDS: dict[str, str] = {
     "fuse-po": "fuse_po",
     "route-report": "route_report",
     "bench": "bench",
+    "sample": "sample",
+    "score": "score",
+    "build-data": "build_data",
+    "fuserl": "fuserl",
+    "eval": "eval",
 }
 
 
