@@ -44,8 +44,11 @@ _EXPORTS: dict[str, str] = {
     "H3FusionMoE": "h3fusion.models.moe_block",
     "fuse_models": "h3fusion.models.fuse",
     "save_fused_model": "h3fusion.models.fuse",
+    "current_experts_implementation": "h3fusion.models.hf_experts",
     "register_experts_implementation": "h3fusion.models.hf_experts",
     "replace_moe_blocks": "h3fusion.models.hf_experts",
+    "restore_moe_blocks": "h3fusion.models.hf_experts",
+    "set_experts_implementation": "h3fusion.models.hf_experts",
     # reports and trainers
     "route_report": "h3fusion.route_report",
     "FusePOTrainer": "h3fusion.trainers.fuse_po",
@@ -84,7 +87,13 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .losses.gating import drift_regularization, gating_loss, load_balancing_loss
     from .losses.preference import rloo_loss, simpo_loss, weighted_dpo_loss, weighted_sft_loss, wrpo_alpha, wrpo_loss
     from .models.fuse import fuse_models, save_fused_model
-    from .models.hf_experts import register_experts_implementation, replace_moe_blocks
+    from .models.hf_experts import (
+        current_experts_implementation,
+        register_experts_implementation,
+        replace_moe_blocks,
+        restore_moe_blocks,
+        set_experts_implementation,
+    )
     from .models.moe_block import H3FusionMoE
     from .route_report import route_report
     from .trainers.fuse_po import FusePOTrainer

@@ -168,6 +168,7 @@ def run_demo(
     progress: bool = True,
     threads: int | None = 1,
     echo=print,
+    experts_implementation: str = "h3fusion",
 ) -> dict[str, Any]:
     """Runs the whole demo and writes its report to `out_dir`.
 
@@ -180,6 +181,8 @@ def run_demo(
             synchronisation, and on a busy machine OpenMP spin-waiting makes 2 threads up to 50x slower); None
             keeps torch's setting.
         echo: where the table goes (print by default).
+        experts_implementation: what runs the fused model's MoE blocks: "h3fusion" (our `topk_route` + `moe_ffn`),
+            "grouped_mm" or "eager" (transformers' own); recorded in results.json.
 
     Returns:
         the results dict written to results.json.
@@ -190,15 +193,16 @@ def run_demo(
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        return _run(out_dir, seed, quick, progress, echo, t0)
+        return _run(out_dir, seed, quick, progress, echo, t0, experts_implementation)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(out_dir, seed, quick, progress, echo, t0):
+def _run(out_dir, seed, quick, progress, echo, t0, experts_implementation):
     from transformers import LlamaForCausalLM, TrainingArguments
 
     from .models.fuse import fuse_models
+    from .models.hf_experts import set_experts_implementation
     from .route_report import route_report
     from .trainers.h3fusion_trainer import H3FusionTrainer
     from .utils.files import atomic_write_json, atomic_write_text
@@ -274,6 +278,7 @@ def _run(out_dir, seed, quick, progress, echo, t0):
         tokenizer=tok,
         progress=progress,
     )
+    experts_implementation = set_experts_implementation(fused, experts_implementation)
     soup = uniform_soup(list(aligned.values()))
     before = evaluate_categories(fused, test_feats)
     test_examples = [e for c in names for e in data["test"][c]]
@@ -313,6 +318,7 @@ def _run(out_dir, seed, quick, progress, echo, t0):
         lambda_gate=0.1,
         gammas=[1e-2, 1e-2, 1e-2],
         top_k=2,
+        experts_implementation=experts_implementation,
     )
     if progress:
         echo("3/4 H3Fusion training (router + experts; attention, norms, embeddings frozen)")
@@ -346,7 +352,8 @@ def _run(out_dir, seed, quick, progress, echo, t0):
     summary = [
         "# H3Fusion demo",
         "",
-        f"seed {seed}{', quick' if quick else ''}; {elapsed:.0f} s on {torch.get_num_threads()} threads.",
+        f"seed {seed}{', quick' if quick else ''}; {elapsed:.0f} s on {torch.get_num_threads()} threads; "
+        f"MoE blocks on {trainer.experts_implementation}.",
         "",
         "Held-out per-category loss (response-token NLL, lower is better):",
         "",
@@ -374,6 +381,7 @@ def _run(out_dir, seed, quick, progress, echo, t0):
     results = {
         "seed": seed,
         "quick": quick,
+        "experts_implementation": trainer.experts_implementation,
         "seconds": elapsed,
         "categories": names,
         "losses": rows,

@@ -21,14 +21,16 @@ from .data.instructions import (
     expert_names_from_config,
 )
 from .losses.gating import mean_router_probs
+from .models.hf_experts import current_experts_implementation
 from .utils.files import atomic_write_bytes, atomic_write_json
 
 __all__ = ["RoutingStats", "collect_routing_stats", "plot_usage_heatmaps", "route_report", "write_report_json"]
 
 
 class RoutingStats(dict):
-    """{"expert_names", "categories", "accuracy": {cat: float}, "overall_accuracy", "counts": {cat: int},
-    "usage": {cat: [[float] * E] * L}, "mean_prob": {cat: [[float] * E] * L}, "confusion": [[int] * E] * E}."""
+    """{"expert_names", "experts_implementation", "categories", "accuracy": {cat: float}, "overall_accuracy",
+    "counts": {cat: int}, "usage": {cat: [[float] * E] * L}, "mean_prob": {cat: [[float] * E] * L},
+    "confusion": [[int] * E] * E}; "experts_implementation" is what ran the MoE blocks ("h3fusion", "eager", ...)."""
 
 
 @torch.no_grad()
@@ -100,7 +102,9 @@ def collect_routing_stats(
             probs_sum[:, layer].index_add_(0, tok_cat, pz)
     if was_training:
         model.train()
-    stats = RoutingStats(expert_names=list(expert_names), top_k=top_k)
+    stats = RoutingStats(
+        expert_names=list(expert_names), top_k=top_k, experts_implementation=current_experts_implementation(model)
+    )
     present = [c for c in range(num_experts) if confusion[c].sum() > 0]
     stats["categories"] = [expert_names[c] for c in present]
     stats["counts"] = {expert_names[c]: int(confusion[c].sum()) for c in present}

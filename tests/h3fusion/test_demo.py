@@ -35,6 +35,9 @@ def test_quick_demo_writes_report(tmp_path):
         assert (tmp_path / name).exists(), name
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["seed"] == seed and saved["categories"] == list(CATEGORIES)
+    # the fused model ran on our kernels (the default), and the route report says so
+    assert saved["experts_implementation"] == "h3fusion"
+    assert json.loads((tmp_path / "route_report.json").read_text())["experts_implementation"] == "h3fusion"
     rows = saved["losses"]
     expected_rows = {"base", "soup (uniform avg)", "fused (untrained)", "fused (H3Fusion)"}
     expected_rows |= {f"aligned-{c}" for c in CATEGORIES}

@@ -124,6 +124,29 @@ def test_from_pretrained_with_h3fusion_experts(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "olmoe"])
+def test_set_experts_implementation_round_trip(kind):
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts, MixtralTopKRouter
+
+    eager = _model(kind)
+    model = copy.deepcopy(eager)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    assert h3fusion.set_experts_implementation(model, "h3fusion") == "h3fusion"
+    assert h3fusion.current_experts_implementation(model) == "h3fusion"
+    swapped = [n for n, m in model.named_modules() if type(m) is not classes[n]]
+    assert len(swapped) == 2 * LAYERS  # every router and every experts module, nothing else
+    ids = torch.randint(0, VOCAB, (2, 8))
+    ref = _logits_and_grads(eager, ids)
+    _assert_same(_logits_and_grads(model, ids), ref)
+    assert h3fusion.set_experts_implementation(model, "eager") == "eager"
+    assert {n: type(m) for n, m in model.named_modules()} == classes  # transformers' classes are back
+    assert h3fusion.restore_moe_blocks(model) == 0
+    _assert_same(_logits_and_grads(model, ids), ref)
+    if kind == "mixtral":
+        assert type(model.model.layers[0].mlp.experts) is MixtralExperts
+        assert type(model.model.layers[0].mlp.gate) is MixtralTopKRouter
+
+
 class _OddRouter(nn.Module):
     def __init__(self):
         super().__init__()

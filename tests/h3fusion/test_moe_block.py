@@ -123,3 +123,19 @@ def test_from_hf_block_shares_parameters():
     x = torch.randn(7, 16)
     with torch.no_grad():
         torch.testing.assert_close(ours(x)[0], hf(x.unsqueeze(0))[0], rtol=1e-5, atol=1e-6)
+
+
+def test_from_hf_block_refuses_a_peft_wrapped_block():
+    peft = pytest.importorskip("peft")
+
+    class Holder(torch.nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.mlp = block
+
+    model = Holder(_mixtral_block(16, 24, 3, 2))
+    cfg = peft.LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"])
+    wrapped = peft.get_peft_model(model, cfg).base_model.model.mlp
+    # sharing the raw parameters would silently drop the adapters' BA
+    with pytest.raises(ValueError, match="merge the adapters"):
+        H3FusionMoE.from_hf_block(wrapped)

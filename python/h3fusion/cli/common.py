@@ -319,3 +319,18 @@ def load_data_arguments(specs: list[tuple[str | None, str]]):
             raise ValueError(f"--data: {path} {what}; expected a JSON or JSONL file{hint}")
         examples.extend(load_instructions(path, category=category))
     return examples
+
+
+# the choices of h3fusion.models.hf_experts.EXPERTS_IMPLEMENTATIONS (spelt out: this module must not import torch)
+EXPERTS_IMPLEMENTATIONS = ("h3fusion", "grouped_mm", "eager")
+
+
+def add_experts_implementation_argument(parser: argparse.ArgumentParser) -> None:
+    """`--experts-implementation`: what runs the MoE blocks (default h3fusion: topk_route + moe_ffn)."""
+    parser.add_argument(
+        "--experts-implementation",
+        choices=EXPERTS_IMPLEMENTATIONS,
+        default="h3fusion",
+        help="what runs the MoE blocks: h3fusion (our topk_route + moe_ffn kernels), or transformers' grouped_mm "
+        "or eager (default: %(default)s)",
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_overwrite_argument, positive_int
+from .common import add_experts_implementation_argument, add_overwrite_argument, positive_int
 
 HELP = "run H3Fusion end to end on tiny generated models and data (CPU, a few minutes, no downloads)"
 
@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a much smaller, faster run (smoke test)")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_experts_implementation_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,6 +33,13 @@ def run(args: argparse.Namespace) -> int:
     from h3fusion.demo import run_demo
 
     with claim_output_dir(args.out, kind="demo", overwrite=args.overwrite) as out:
-        run_demo(str(out), seed=args.seed, quick=args.quick, progress=not args.no_progress, threads=args.threads)
+        run_demo(
+            str(out),
+            seed=args.seed,
+            quick=args.quick,
+            progress=not args.no_progress,
+            threads=args.threads,
+            experts_implementation=args.experts_implementation,
+        )
     print(f"report written to {args.out}/ (report.md, results.json, route_report.png, route_report.json)")
     return 0

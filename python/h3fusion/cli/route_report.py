@@ -7,6 +7,7 @@ import argparse
 from .common import (
     add_data_arguments,
     add_device_argument,
+    add_experts_implementation_argument,
     add_overwrite_argument,
     load_data_arguments,
     load_pretrained,
@@ -34,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=positive_int, default=300, help="tokens per example")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="examples per forward")
     add_device_argument(parser)
+    add_experts_implementation_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,9 +51,11 @@ def run(args: argparse.Namespace) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from h3fusion.models import set_experts_implementation
     from h3fusion.route_report import route_report
 
     model = load_pretrained(AutoModelForCausalLM, args.model, "model").to(device)
+    set_experts_implementation(model, args.experts_implementation)
     tokenizer = load_pretrained(AutoTokenizer, args.tokenizer or args.model, "--tokenizer")
     with claim_output_dir(args.out, kind="route-report", overwrite=args.overwrite, inputs=inputs) as out:
         stats = route_report(

@@ -12,6 +12,7 @@ import argparse
 from .common import (
     add_data_arguments,
     add_device_argument,
+    add_experts_implementation_argument,
     add_overwrite_argument,
     comma_floats,
     int_or_minus_one,
@@ -68,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="LoRA on the experts with this rank (default: train full expert weights)",
     )
     model.add_argument("--lora-alpha", type=positive_float, default=None, help="LoRA alpha (default: 2 x rank)")
+    add_experts_implementation_argument(model)
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--lr", type=positive_float, default=5e-4)
     opt.add_argument("--epochs", type=positive_float, default=3.0)
@@ -182,6 +184,7 @@ def _train(args, model, tokenizer, dataset, names, gammas, resume, device) -> No
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         expert_names=names,
+        experts_implementation=args.experts_implementation,
     )
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
@@ -193,5 +196,9 @@ def _train(args, model, tokenizer, dataset, names, gammas, resume, device) -> No
         tokenizer.save_pretrained(staged)
         publish_staged_dir(staged, os.path.join(args.out, "final"))
         atomic_write_json(os.path.join(args.out, "train_log.json"), trainer.state.log_history)
+        # the run's settings, with the experts implementation that actually ran the MoE blocks
+        run_config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+        run_config["experts_implementation"] = trainer.experts_implementation
+        atomic_write_json(os.path.join(args.out, "run_config.json"), run_config)
         print(f"final model: {os.path.join(args.out, 'final')}")
     trainer.accelerator.wait_for_everyone()

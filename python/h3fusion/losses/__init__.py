@@ -9,6 +9,7 @@ from .gating import (  # noqa: F401
     load_balancing_loss,
     mean_router_probs,
 )
+from .lm import causal_lm_loss, lm_loss_from_hidden  # noqa: F401
 from .preference import (  # noqa: F401
     PreferenceLossOutput,
     RLOOLossOutput,

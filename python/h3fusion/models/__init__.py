@@ -1,7 +1,15 @@
 """h3fusion.models."""
 
 from .fuse import fuse_models, save_fused_model  # noqa: F401
-from .hf_experts import register_experts_implementation, register_lazily, replace_moe_blocks  # noqa: F401
+from .hf_experts import (  # noqa: F401
+    EXPERTS_IMPLEMENTATIONS,
+    current_experts_implementation,
+    register_experts_implementation,
+    register_lazily,
+    replace_moe_blocks,
+    restore_moe_blocks,
+    set_experts_implementation,
+)
 from .moe_block import H3FusionMoE  # noqa: F401
 
 # "h3fusion" joins transformers' ExpertsInterface as soon as transformers loads it (cheap: no import here).

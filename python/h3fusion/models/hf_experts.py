@@ -3,7 +3,10 @@
 transformers (>= 5) stores MoE experts as `gate_up_proj[E, 2F, H]` + `down_proj[E, H, F]` and dispatches their
 forward through `ExpertsInterface` by `config._experts_implementation`. Registering "h3fusion" there lets
 `from_pretrained(..., experts_implementation="h3fusion")` run the experts on `h3fusion_ext.moe_ffn`.
-`replace_moe_blocks` goes one step further and also routes with `h3fusion_ext.topk_route` (fp32 logits).
+`replace_moe_blocks` goes one step further and also routes with `h3fusion_ext.topk_route` (fp32 logits), and
+`set_experts_implementation` switches a model between that and transformers' own implementations (`grouped_mm`,
+`eager`); both see through PEFT's wrappers (LoRA on the expert weights via `target_parameters`, routers in
+`modules_to_save`), so LoRA experts run on our kernels with their effective weights W + BA.
 
 Importing transformers' MoE integration costs seconds, so importing `h3fusion` does not: it installs a one-shot
 import hook that registers "h3fusion" the moment transformers loads that module (or at once if it already has).
@@ -23,6 +26,8 @@ from .._lazy_registration import MOE_MODULE as _MOE_MODULE
 from .._lazy_registration import register_lazily  # noqa: F401  (re-exported)
 
 IMPLEMENTATION = "h3fusion"
+# What `set_experts_implementation` accepts: ours (router and experts on h3fusion_ext), or transformers' own.
+EXPERTS_IMPLEMENTATIONS = (IMPLEMENTATION, "grouped_mm", "eager")
 # Routers that compute softmax -> top-k -> (optional) renormalise, i.e. exactly `topk_route`.
 SUPPORTED_ROUTERS = ("MixtralTopKRouter", "Qwen3MoeTopKRouter", "Qwen2MoeTopKRouter", "OlmoeTopKRouter")
 
@@ -117,6 +122,7 @@ class H3FusionExpertsMixin:
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
+_ORIGINALS: dict[type, type] = {}  # our subclass -> the class it replaced
 
 
 def _swap_class(module: nn.Module, mixin: type) -> None:
@@ -127,6 +133,7 @@ def _swap_class(module: nn.Module, mixin: type) -> None:
     sub = _SUBCLASSES.get((cls, mixin))
     if sub is None:
         sub = _SUBCLASSES[(cls, mixin)] = type(f"H3Fusion{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
+        _ORIGINALS[sub] = cls
     module.__class__ = sub
 
 
@@ -137,6 +144,31 @@ def _router_name(gate: nn.Module) -> str | None:
     return None
 
 
+def _routers(gate: nn.Module) -> list[nn.Module]:
+    """The router modules behind a block's `.gate`: itself, or the routers inside a wrapper (PEFT's
+    `modules_to_save` keeps the original and a trainable copy; either may be the one that runs)."""
+    if _router_name(gate) is not None:
+        return [gate]
+    return [m for m in gate.modules() if m is not gate and _router_name(m) is not None]
+
+
+def _base_experts(experts: nn.Module) -> nn.Module:
+    """The experts module behind a block's `.experts`. PEFT's `target_parameters` wraps it in (nested) ParamWrappers
+    whose forward parametrises `gate_up_proj` / `down_proj` to W + BA and then calls this module's forward, so our
+    forward receives the effective weights."""
+    while isinstance(getattr(experts, "base_layer", None), nn.Module):
+        experts = experts.base_layer
+    return experts
+
+
+def _moe_blocks(model: nn.Module) -> list[nn.Module]:
+    return [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "gate", None), nn.Module) and isinstance(getattr(m, "experts", None), nn.Module)
+    ]
+
+
 def check_block(block: nn.Module) -> None:
     """Validate that `block` (with `.gate` and `.experts`) has a layout our ops run exactly.
 
@@ -144,16 +176,16 @@ def check_block(block: nn.Module) -> None:
         ValueError: unsupported router or inconsistent shapes (the message names the class and the problem).
         NotImplementedError: unsupported experts layout.
     """
-    gate, experts = block.gate, block.experts
-    if _router_name(gate) is None:
+    routers, experts = _routers(block.gate), _base_experts(block.experts)
+    if not routers:
         raise ValueError(
-            f"{type(block).__name__}: router {type(gate).__name__} is not supported by h3fusion "
+            f"{type(block).__name__}: router {type(block.gate).__name__} is not supported by h3fusion "
             f"(supported: {', '.join(SUPPORTED_ROUTERS)}); its routing rule may differ from softmax top-k"
         )
     if isinstance(experts, nn.ModuleList):
         raise ValueError(f"{type(block).__name__}: experts stored as a ModuleList (pre-v5 layout) are not supported")
     _check_experts_layout(experts)
-    w, gu, dp = gate.weight, experts.gate_up_proj, experts.down_proj
+    w, gu, dp = routers[0].weight, experts.gate_up_proj, experts.down_proj
     E, H = w.shape
     if gu.dim() != 3 or dp.dim() != 3 or gu.shape[0] != E or gu.shape[2] != H or dp.shape != (E, H, gu.shape[1] // 2):
         raise ValueError(
@@ -167,7 +199,8 @@ def replace_moe_blocks(model: nn.Module) -> int:
 
     Works in place and keeps all parameters (no copies), the block's own forward (so Qwen2-MoE's shared expert
     and Mixtral's jitter still apply) and `output_router_logits`. Supported: Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE
-    (and models built from their blocks, such as the fused H3Fusion model).
+    (and models built from their blocks, such as the fused H3Fusion model), bare or wrapped by PEFT (LoRA on the
+    expert weights, routers in `modules_to_save`). `restore_moe_blocks` undoes it.
 
     Args:
         model: any nn.Module; blocks are submodules with both `.gate` and `.experts`.
@@ -178,14 +211,83 @@ def replace_moe_blocks(model: nn.Module) -> int:
     Raises:
         ValueError / NotImplementedError: a block with an unsupported router or experts layout (nothing is changed).
     """
-    blocks = [
-        m
-        for m in model.modules()
-        if isinstance(getattr(m, "gate", None), nn.Module) and isinstance(getattr(m, "experts", None), nn.Module)
-    ]
+    blocks = _moe_blocks(model)
     for block in blocks:  # validate all first, so a refusal leaves the model untouched
         check_block(block)
     for block in blocks:
-        _swap_class(block.gate, H3FusionRouterMixin)
-        _swap_class(block.experts, H3FusionExpertsMixin)
+        for router in _routers(block.gate):
+            _swap_class(router, H3FusionRouterMixin)
+        _swap_class(_base_experts(block.experts), H3FusionExpertsMixin)
     return len(blocks)
+
+
+def restore_moe_blocks(model: nn.Module) -> int:
+    """Undo `replace_moe_blocks`: every router and experts module gets its transformers class back.
+
+    Returns:
+        The number of modules restored.
+    """
+    restored = 0
+    for module in model.modules():
+        original = _ORIGINALS.get(type(module))
+        if original is not None:
+            module.__class__ = original
+            restored += 1
+    return restored
+
+
+def _pretrained_model(model: nn.Module) -> nn.Module:
+    # DDP / DeepSpeed / torch.compile keep the model in `.module` / `._orig_mod`; PEFT in `.get_base_model()`.
+    while True:
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            inner = model.get_base_model()
+        else:
+            inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module) or inner is model:
+            return model
+        model = inner
+
+
+def set_experts_implementation(model: nn.Module, implementation: str) -> str:
+    """Choose what runs the MoE blocks of a transformers model (bare or PEFT-wrapped), in place.
+
+    "h3fusion": routers on `h3fusion_ext.topk_route` and experts on `h3fusion_ext.moe_ffn` (`replace_moe_blocks`);
+    "grouped_mm" / "eager": transformers' own routers and experts implementation (any replacement is undone first).
+
+    Args:
+        model: a transformers model, possibly wrapped (PEFT, DDP).
+        implementation: one of `EXPERTS_IMPLEMENTATIONS`.
+
+    Returns:
+        The implementation now in use (`current_experts_implementation(model)`).
+
+    Raises:
+        ValueError: an unknown implementation, or one this model cannot run (the message names it).
+        NotImplementedError: "h3fusion" on a block layout our ops do not support.
+    """
+    if implementation not in EXPERTS_IMPLEMENTATIONS:
+        raise ValueError(
+            f"experts_implementation must be one of {', '.join(EXPERTS_IMPLEMENTATIONS)}, got {implementation!r}"
+        )
+    if implementation == IMPLEMENTATION:
+        replace_moe_blocks(model)
+    else:
+        restore_moe_blocks(model)
+        pretrained = _pretrained_model(model)
+        if not hasattr(pretrained, "set_experts_implementation"):
+            raise ValueError(
+                f"{type(pretrained).__name__} has no transformers experts interface: "
+                f"experts_implementation={implementation!r} needs transformers >= 5"
+            )
+        pretrained.set_experts_implementation(implementation)
+    return current_experts_implementation(model)
+
+
+def current_experts_implementation(model: nn.Module) -> str | None:
+    """What runs the MoE blocks of `model` now: "h3fusion" when they are replaced (or the config names it), else
+    the config's transformers implementation ("grouped_mm", "eager", ...); None for a model without a config."""
+    blocks = _moe_blocks(model)
+    if blocks and all(isinstance(_base_experts(b.experts), H3FusionExpertsMixin) for b in blocks):
+        return IMPLEMENTATION
+    config = getattr(_pretrained_model(model), "config", None)
+    return getattr(config, "_experts_implementation", None)

@@ -108,12 +108,15 @@ class H3FusionMoE(nn.Module):
         sharing (not copying) its parameters.
 
         Raises:
-            ValueError: the block's layout is not Mixtral's.
+            ValueError: the block's layout is not Mixtral's, or its router/experts are wrapped (PEFT).
         """
-        from .hf_experts import check_block
+        from .hf_experts import _base_experts, _routers, check_block
 
         check_block(block)
         gate, experts = block.gate, block.experts
+        if _routers(gate) != [gate] or _base_experts(experts) is not experts:
+            # a PEFT-wrapped block computes its weights in forward (W + BA); sharing its raw parameters would drop BA
+            raise ValueError(f"{type(block).__name__}: wrapped (e.g. PEFT) router or experts; merge the adapters first")
         E, twoF, H = experts.gate_up_proj.shape
         if renormalize is None:
             renormalize = bool(getattr(gate, "norm_topk_prob", True))

@@ -8,6 +8,10 @@ attention, norms, embeddings and lm_head are frozen. Each loss term is logged se
 `drift_loss`, `balance_loss`). Checkpoints are written into a staging folder and renamed into place, so an
 interrupted save never corrupts the last good checkpoint; the fusion-time expert snapshot θ⁽⁰⁾ is saved with each
 checkpoint and restored on resume.
+
+It runs on the h3fusion_ext kernels by default: every MoE block routes with `topk_route` and runs its experts with
+`moe_ffn` (`experts_implementation="h3fusion"`; "grouped_mm" / "eager" choose transformers' own), and the LM loss
+comes from `linear_logprob` on the final hidden states and the lm_head weight, never from `[B, S, V]` logits.
 """
 
 from __future__ import annotations
@@ -19,11 +23,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..data.instructions import IGNORE_INDEX, expert_names_from_config
+from ..data.instructions import expert_names_from_config
 from ..losses.gating import (
     canonical_param_name,
     drift_regularization,
@@ -31,7 +34,10 @@ from ..losses.gating import (
     gating_loss,
     load_balancing_loss,
 )
+from ..losses.lm import causal_lm_loss, lm_loss_from_hidden
+from ..models.hf_experts import IMPLEMENTATION, current_experts_implementation, set_experts_implementation
 from .checkpoint import clean_stale_staging, publish_staged_dir, staging_dir_for
+from .sequence_logprobs import _lm_head_weight
 
 __all__ = ["H3FusionTrainer", "causal_lm_loss", "is_trainable_h3fusion_param", "prepare_h3fusion_model"]
 
@@ -65,23 +71,29 @@ def prepare_h3fusion_model(
     top_k: int | None = None,
     lora_rank: int | None = None,
     lora_alpha: float | None = None,
+    experts_implementation: str | None = IMPLEMENTATION,
 ) -> torch.nn.Module:
     """Freezes everything but routers and experts; optionally LoRA-adapts the experts through PEFT.
 
     With `lora_rank`, the 3-D expert weights get PEFT LoRA adapters (`target_parameters`), the routers are trained
-    in full (as `modules_to_save`), and the base expert weights are frozen.
+    in full (as `modules_to_save`), and the base expert weights are frozen. The experts implementation is chosen
+    before PEFT wraps the model, so LoRA experts run on it too with their effective weights W + BA.
 
     Args:
         model: a fused MoE causal LM (e.g. `MixtralForCausalLM` from `fuse_models`).
         top_k: experts per token (None keeps the config's).
         lora_rank: LoRA rank for the experts (None: train full expert weights).
         lora_alpha: LoRA alpha (default 2 × rank).
+        experts_implementation: "h3fusion" (routers on `topk_route`, experts on `moe_ffn`), "grouped_mm" or
+            "eager" (transformers' own); None leaves the model's as it is.
 
     Returns:
         the model to train (a `peft.PeftModel` when `lora_rank` is set).
     """
     if top_k is not None:
         _set_top_k(model, top_k)
+    if experts_implementation is not None:
+        set_experts_implementation(model, experts_implementation)
     if lora_rank:
         import peft
 
@@ -109,25 +121,6 @@ def prepare_h3fusion_model(
     return model
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token-mean NLL of next-token prediction over labelled positions (labels -100 are ignored).
-
-    Args:
-        logits: [B, S, V] (any float dtype; computed in fp32).
-        labels: int64 [B, S]; position s is predicted from positions < s.
-
-    Returns:
-        fp32 scalar (0 with a graph when no position is labelled).
-    """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
-    if not bool((shift_labels != IGNORE_INDEX).any()):
-        return shift_logits.sum() * 0.0
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
-    )
-
-
 class H3FusionTrainer(Trainer):
     """`transformers.Trainer` for H3Fusion alignment fusion.
 
@@ -145,6 +138,9 @@ class H3FusionTrainer(Trainer):
             passed to the model, the trainer computes every term itself).
         squared_drift: use ‖ΔW‖² in the drift term.
         top_k, lora_rank, lora_alpha: see `prepare_h3fusion_model`.
+        experts_implementation: what runs the MoE blocks: "h3fusion" (default: `topk_route` + `moe_ffn`),
+            "grouped_mm" or "eager" (transformers' own); None keeps the model's. Applied with `prepare=False` too.
+            The implementation in use is `self.experts_implementation`.
         expert_names: category names in expert order (default: from the model config); stored for reports.
         **kwargs: passed to `transformers.Trainer` (train_dataset, data_collator, callbacks, ...).
     """
@@ -166,6 +162,7 @@ class H3FusionTrainer(Trainer):
         lora_alpha: float | None = None,
         expert_names: Sequence[str] | None = None,
         prepare: bool = True,
+        experts_implementation: str | None = IMPLEMENTATION,
         **kwargs: Any,
     ):
         config = model.config
@@ -202,9 +199,19 @@ class H3FusionTrainer(Trainer):
                 from transformers import set_seed
 
                 set_seed(args.seed)
-            model = prepare_h3fusion_model(model, top_k=top_k, lora_rank=lora_rank, lora_alpha=lora_alpha)
-        elif top_k is not None:
-            _set_top_k(model, top_k)
+            model = prepare_h3fusion_model(
+                model,
+                top_k=top_k,
+                lora_rank=lora_rank,
+                lora_alpha=lora_alpha,
+                experts_implementation=experts_implementation,
+            )
+        else:
+            if top_k is not None:
+                _set_top_k(model, top_k)
+            if experts_implementation is not None:
+                set_experts_implementation(model, experts_implementation)
+        self.experts_implementation = current_experts_implementation(model)
         args.remove_unused_columns = False
         super().__init__(model=model, args=args, **kwargs)
         self._term_sums: dict[str, torch.Tensor] = {}
@@ -212,15 +219,18 @@ class H3FusionTrainer(Trainer):
         self._staging_root: str | None = None
         if self.args.should_save:
             clean_stale_staging(self.args.output_dir)
-        if self.reference_state and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+        if self.reference_state and self._params_sharded():
             # the drift term reads whole expert weights outside forward; sharded parameters (FSDP, ZeRO-3) are not
             # gathered there, so refuse rather than compute a wrong regularizer
-            stage = getattr(getattr(self.accelerator.state, "deepspeed_plugin", None), "zero_stage", 0)
-            if self.is_fsdp_enabled or stage == 3:
-                raise ValueError(
-                    "the drift regularizer (gammas > 0) is not supported with FSDP or DeepSpeed ZeRO-3 parameter "
-                    "sharding; use DDP / ZeRO-1/2, or set gammas=0"
-                )
+            raise ValueError(
+                "the drift regularizer (gammas > 0) is not supported with FSDP or DeepSpeed ZeRO-3 parameter "
+                "sharding; use DDP / ZeRO-1/2, or set gammas=0"
+            )
+
+    def _params_sharded(self) -> bool:
+        """FSDP or DeepSpeed ZeRO-3: parameters are whole only inside their module's forward."""
+        stage = getattr(getattr(self.accelerator.state, "deepspeed_plugin", None), "zero_stage", 0)
+        return bool(self.is_fsdp_enabled or (self.is_deepspeed_enabled and stage == 3))
 
     # ------------------------------------------------------------------------------------------------------------
     # loss
@@ -235,6 +245,20 @@ class H3FusionTrainer(Trainer):
                     self.reference_state[key] = ref.to(p.device)
         return self.reference_state
 
+    @staticmethod
+    def _forward_hidden(model, inputs):
+        """The model's forward with router logits and hidden states but no logits (`logits_to_keep` selects no
+        position, so the lm_head projects nothing). The whole wrapped model runs, not just its decoder, so DDP /
+        DeepSpeed see a normal forward and synchronise gradients."""
+        no_positions = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+        kwargs = dict(inputs, output_router_logits=True, output_hidden_states=True, use_cache=False, return_dict=True)
+        try:
+            return model(**kwargs, logits_to_keep=no_positions)
+        except TypeError as exc:
+            if "logits_to_keep" not in str(exc):
+                raise
+            return model(**kwargs)  # a model without logits_to_keep computes its logits; they are not used
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
@@ -245,8 +269,13 @@ class H3FusionTrainer(Trainer):
         if attention_mask is None:
             attention_mask = torch.ones_like(inputs["input_ids"])
             inputs["attention_mask"] = attention_mask
-        outputs = model(**inputs, output_router_logits=True, use_cache=False)
-        lm = causal_lm_loss(outputs.logits, labels)
+        if self._params_sharded():
+            # the lm_head weight is gathered only inside the model's forward: take the logits path there
+            outputs = model(**inputs, output_router_logits=True, use_cache=False)
+            lm = causal_lm_loss(outputs.logits, labels)
+        else:
+            outputs = self._forward_hidden(model, inputs)
+            lm = lm_loss_from_hidden(outputs.hidden_states[-1], _lm_head_weight(model), labels)
         terms = {"lm_loss": lm}
         loss = lm
         router_logits = outputs.router_logits
