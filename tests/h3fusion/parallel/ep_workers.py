@@ -142,7 +142,8 @@ def check_training(rank, world, ep_size, num_experts, seed, steps=3):
         opt.step()
         mean = loss.detach().clone()
         dist.all_reduce(mean)
-        assert abs(mean.item() / world - ref_losses[step]) < 1e-10, (step, mean.item() / world, ref_losses[step])
+        # Adam-amplified fp64 noise reaches ~1e-9 by step 3 (see below); a real error is ~1e-3
+        assert abs(mean.item() / world - ref_losses[step]) < 1e-7, (step, mean.item() / world, ref_losses[step])
 
     start, stop = expert_partition(num_experts, ep_size)[dist.get_rank(ep_group)]
     ref_params = dict(ref.named_parameters())
