@@ -17,7 +17,7 @@ sys.path[:0] = [os.path.dirname(HERE)]  # tests/h3fusion: pref_tiny, fusion_tiny
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--trainer", choices=["sft", "dpo"], required=True)
+    parser.add_argument("--trainer", choices=["sft", "dpo", "h3fusion"], required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--ga", type=int, default=1)
@@ -46,13 +46,30 @@ def main() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         kwargs["ddp_backend"] = "gloo"
     if a.fsdp:
-        kwargs.update(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+        layer = "MixtralDecoderLayer" if a.trainer == "h3fusion" else "LlamaDecoderLayer"
+        kwargs.update(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": [layer]})
     args = TrainingArguments(**kwargs)
     if a.trainer == "sft":
         from h3fusion.trainers.fuse_sft import FuseSFTTrainer
 
         data = sft_examples(records, top_k=2, temperature=0.5)[:16]
         trainer = FuseSFTTrainer(model, args, data, None, tok, max_length=20, max_prompt_length=10)
+    elif a.trainer == "h3fusion":
+        from h3fusion.data.instructions import InstructionCollator
+        from h3fusion.trainers.h3fusion_trainer import H3FusionTrainer
+        from training_tiny import tiny_fused
+
+        torch.manual_seed(a.seed)
+        model = tiny_fused()
+        g = torch.Generator().manual_seed(a.seed)
+        data = []
+        for i in range(16):  # equal lengths: a per-rank token mean then equals the global one
+            ids = (torch.randint(0, 10, (6,), generator=g) + 10 * (i % 3) + 1).tolist()
+            data.append({"input_ids": ids, "labels": [-100, -100, *ids[2:]], "category_labels": i % 3})
+        trainer = H3FusionTrainer(
+            model, args, train_dataset=data, data_collator=InstructionCollator(0), lambda_gate=0.5,
+            gammas=[0.05, 0.1, 0.2],
+        )  # fmt: skip
     else:
         from h3fusion.trainers.fuse_po import FusePOTrainer
 

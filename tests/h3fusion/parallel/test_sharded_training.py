@@ -1,4 +1,4 @@
-"""FuseSFT / FusePO (DPO) under DDP and FSDP2 (`fully_shard` through the Trainer's fsdp_config) on 2 gloo CPU
+"""FuseSFT / FusePO (DPO) / H3Fusion (with the drift regularizer on sharded experts) under DDP and FSDP2 (`fully_shard` through the Trainer's fsdp_config) on 2 gloo CPU
 processes equal the single-process run for the same global batch: every step's loss and all final parameters
 (design.md §9). Gradient accumulation is in the mix: the loss is the global item mean over ranks and micro-steps."""
 
@@ -70,8 +70,8 @@ def _assert_same(got, want):
 
 @pytest.mark.parametrize(
     "trainer,batch,ga,fsdp",
-    [("sft", 1, 2, False), ("sft", 2, 1, True), ("dpo", 1, 2, True)],
-    ids=["sft-ddp-grad-accum", "sft-fsdp2", "dpo-fsdp2-grad-accum"],
+    [("sft", 1, 2, False), ("sft", 2, 1, True), ("dpo", 1, 2, True), ("h3fusion", 2, 1, True)],
+    ids=["sft-ddp-grad-accum", "sft-fsdp2", "dpo-fsdp2-grad-accum", "h3fusion-drift-fsdp2"],
 )
 def test_two_processes_equal_single_process(tmp_path, single, seed, trainer, batch, ga, fsdp):
     got = _run(tmp_path / "two", trainer, 2, batch=batch, ga=ga, fsdp=fsdp, seed=seed)
