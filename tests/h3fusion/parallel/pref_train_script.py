@@ -38,10 +38,12 @@ def main() -> None:
     torch.manual_seed(a.seed)
     model = tiny_llama(len(tok), hidden=16)
     records = random_records(8, seed=a.seed)
+    # plain SGD: parameters are linear in the gradients, so fp32 noise stays at noise level (Adam turns noise in a
+    # near-zero gradient entry into a full lr-sized step) and a wrong loss scale (accumulation, ranks) shows
     kwargs = dict(
         output_dir=os.path.join(a.out, "run"), use_cpu=True, report_to="none", per_device_train_batch_size=a.batch,
-        gradient_accumulation_steps=a.ga, max_steps=a.steps, learning_rate=1e-2, lr_scheduler_type="constant",
-        logging_steps=1, save_strategy="no", disable_tqdm=True, seed=a.seed,
+        gradient_accumulation_steps=a.ga, max_steps=a.steps, learning_rate=0.2, optim="sgd",
+        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", disable_tqdm=True, seed=a.seed,
     )  # fmt: skip
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         kwargs["ddp_backend"] = "gloo"
