@@ -8,9 +8,8 @@ import sys
 
 
 def main() -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
-
     from h3fusion.trainers.fuse_sft import FuseSFTTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
     fused, data_path, out = sys.argv[1:4]
     with open(data_path, encoding="utf-8") as f:

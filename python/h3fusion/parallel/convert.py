@@ -19,9 +19,7 @@ def _is_hf_block(module: nn.Module) -> bool:
     )
 
 
-def convert_to_expert_parallel(
-    model: nn.Module, group: dist.ProcessGroup | None = None, grad_divisor: int = 1
-) -> int:
+def convert_to_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None, grad_divisor: int = 1) -> int:
     """Shard the experts of every MoE layer of `model` over `group`, in place.
 
     Handles `H3FusionMoE` layers and transformers MoE blocks (`.gate` router + `.experts` with

@@ -44,7 +44,7 @@ def expert_partition(num_experts: int, world_size: int) -> list[tuple[int, int]]
     base, extra = divmod(num_experts, world_size)
     sizes = [base + (r < extra) for r in range(world_size)]
     starts = [sum(sizes[:r]) for r in range(world_size)]
-    return [(s, s + n) for s, n in zip(starts, sizes)]
+    return [(s, s + n) for s, n in zip(starts, sizes, strict=True)]
 
 
 class _ScaleGrad(torch.autograd.Function):

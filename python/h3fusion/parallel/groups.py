@@ -32,9 +32,7 @@ def build_expert_parallel_groups(ep_size: int) -> tuple[dist.ProcessGroup, dist.
     if ep_size < 1 or world % ep_size:
         raise ValueError(f"ep_size={ep_size} must be >= 1 and divide the world size {world}")
     ep_group, _ = dist.new_subgroups_by_enumeration([list(range(b, b + ep_size)) for b in range(0, world, ep_size)])
-    expert_dp_group, _ = dist.new_subgroups_by_enumeration(
-        [list(range(i, world, ep_size)) for i in range(ep_size)]
-    )
+    expert_dp_group, _ = dist.new_subgroups_by_enumeration([list(range(i, world, ep_size)) for i in range(ep_size)])
     return ep_group, expert_dp_group
 
 

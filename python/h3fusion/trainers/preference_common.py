@@ -185,9 +185,9 @@ class PreferenceTrainerMixin:
 
     def _global_item_mean(self, batch_mean: torch.Tensor, inputs: dict, num_items_in_batch) -> torch.Tensor:
         """Turn this micro-batch's item mean into its share of the GLOBAL item mean over ranks and accumulation
-        steps: Σ_local w·ℓ / N_global, times the rank count because DDP/FSDP average gradients over ranks. The Trainer
-        then neither divides by the accumulation steps nor weights ranks by their batch size. Unchanged (the plain
-        batch mean) when no count is given (evaluation, or a batch without weights)."""
+        steps: Σ_local w·ℓ / N_global, times the rank count because DDP/FSDP average gradients over ranks. The
+        Trainer then neither divides by the accumulation steps nor weights ranks by their batch size. Unchanged (the
+        plain batch mean) when no count is given (evaluation, or a batch without weights)."""
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         if num_items_in_batch is None:
             return batch_mean

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import torch
-
 from h3fusion.losses.gating import canonical_param_name, drift_regularization, expert_reference_state
 from h3fusion.losses.sharded_drift import is_sharded, shard_reference_state
 

@@ -7,8 +7,6 @@ import copy
 
 import torch
 import torch.distributed as dist
-
-import h3fusion_ext
 from h3fusion.models import replace_moe_blocks
 from h3fusion.models.moe_block import H3FusionMoE
 from h3fusion.parallel import (
@@ -20,12 +18,14 @@ from h3fusion.parallel import (
     sync_expert_gradients,
 )
 
+import h3fusion_ext
+
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
 def _slices(world, counts):
     starts = [sum(counts[:r]) for r in range(world)]
-    return [slice(s, s + c) for s, c in zip(starts, counts)]
+    return [slice(s, s + c) for s, c in zip(starts, counts, strict=True)]
 
 
 def check_layer(rank, world, ep_size, num_experts, seed):
@@ -57,7 +57,7 @@ def check_layer(rank, world, ep_size, num_experts, seed):
         y = expert_parallel_ffn(xs, ws, e[mine], gus, dps, num_experts, ep_group)
         (y * dy[mine]).sum().backward()
         outs.append((y.detach(), xs.grad, ws.grad, gus.grad, dps.grad))
-    for a, b in zip(*outs):
+    for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b), "expert_parallel_ffn is not deterministic"
     y, gx, gw, ggu, gdp = outs[0]
     torch.testing.assert_close(y, ref.detach()[mine], **TOL)

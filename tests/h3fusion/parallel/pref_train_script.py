@@ -84,7 +84,8 @@ def main() -> None:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "step" in h]
         with open(os.path.join(a.out, "losses.json"), "w") as f:
             json.dump(losses, f)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(a.out, "final.safetensors"))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_file(tensors, os.path.join(a.out, "final.safetensors"))
 
 
 if __name__ == "__main__":

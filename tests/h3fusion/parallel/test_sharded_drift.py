@@ -22,4 +22,3 @@ def test_plain_tensors_pass_through():
 @pytest.mark.slow
 def test_fsdp2_drift_matches_single_process(tmp_path):
     run_ranks(check_sharded_drift, 2, tmp_path, random.randint(0, 10_000))
-

@@ -1,6 +1,7 @@
-"""FuseSFT / FusePO (DPO) / H3Fusion (with the drift regularizer on sharded experts) under DDP and FSDP2 (`fully_shard` through the Trainer's fsdp_config) on 2 gloo CPU
-processes equal the single-process run for the same global batch: every step's loss and all final parameters
-(design.md §9). Gradient accumulation is in the mix: the loss is the global item mean over ranks and micro-steps."""
+"""FuseSFT / FusePO (DPO) / H3Fusion (drift regularizer on sharded experts) under DDP and FSDP2 (`fully_shard`
+through the Trainer's fsdp_config) on 2 gloo CPU processes equal the single-process run for the same global batch:
+every step's loss and all final parameters (design.md §9). Gradient accumulation is in the mix: the loss is the
+global item mean over ranks and micro-steps."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def _run(out, trainer, nproc, batch, ga=1, fsdp=False, seed=0):
         OMP_NUM_THREADS="1",
         CUDA_VISIBLE_DEVICES="",
     )
-    args = [SCRIPT, "--trainer", trainer, "--out", str(out), "--batch", str(batch), "--ga", str(ga), "--seed", str(seed)]
+    args = [SCRIPT, "--trainer", trainer, "--out", str(out), "--batch", str(batch), "--ga", str(ga)]
+    args += ["--seed", str(seed)]
     args += ["--fsdp"] if fsdp else []
     if nproc > 1:
         port = str(random.randint(20000, 40000))
