@@ -5,6 +5,7 @@ from .expert_parallel import ExpertParallelExperts, HFExpertParallelExperts, exp
 from .groups import (
     build_expert_parallel_groups,
     expert_parameter_names,
+    full_state_dict,
     ignore_expert_parameters_in_ddp,
     sync_expert_gradients,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "expert_parallel_ffn",
     "expert_parameter_names",
     "expert_partition",
+    "full_state_dict",
     "ignore_expert_parameters_in_ddp",
     "sync_expert_gradients",
 ]

@@ -159,6 +159,26 @@ class ExpertParallelExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(gate_up_proj.detach()[start:stop].clone())
         self.down_proj = nn.Parameter(down_proj.detach()[start:stop].clone())
 
+    # transformers' flag for expert-parallel experts: `replace_moe_blocks` / the "h3fusion" experts implementation
+    # then refuse this module instead of running its local weights with global expert ids
+    _is_expert_parallel = True
+
+    @torch.no_grad()
+    def full_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All experts' weights gathered from the group: (gate_up_proj[E, 2F, H], down_proj[E, H, F]), for saving a
+        standard checkpoint. Every rank of the group must call it together."""
+        world = dist.get_world_size(self.group)
+        blocks = expert_partition(self.num_experts, world)
+        most = max(stop - start for start, stop in blocks)
+        out = []
+        for local in (self.gate_up_proj, self.down_proj):
+            padded = local.new_zeros((most, *local.shape[1:]))
+            padded[: local.shape[0]] = local
+            parts = [torch.empty_like(padded) for _ in range(world)]
+            dist.all_gather(parts, padded, group=self.group)
+            out.append(torch.cat([p[: b - a] for p, (a, b) in zip(parts, blocks, strict=True)]))
+        return out[0], out[1]
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x[T, H], weights[T, k], experts[T, k] (global ids) -> y[T, H] in x.dtype."""
         gate_up, down = self.gate_up_proj, self.down_proj

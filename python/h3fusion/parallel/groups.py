@@ -66,3 +66,16 @@ def sync_expert_gradients(model: nn.Module, expert_dp_group: dist.ProcessGroup |
             for p in module.parameters(recurse=False):
                 if p.grad is not None:
                     dist.all_reduce(p.grad, group=expert_dp_group)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every expert-parallel layer's experts gathered back to [E, ...]: what a
+    single-process model would hold (save it from one rank with `save_pretrained(state_dict=...)`). Every rank of
+    the expert-parallel groups must call it together."""
+    state = dict(model.state_dict())
+    for prefix, module in model.named_modules():
+        if isinstance(module, ExpertParallelExperts):
+            gate_up, down = module.full_weights()
+            state[f"{prefix}.gate_up_proj" if prefix else "gate_up_proj"] = gate_up
+            state[f"{prefix}.down_proj" if prefix else "down_proj"] = down
+    return state

@@ -14,6 +14,7 @@ from h3fusion.parallel import (
     convert_to_expert_parallel,
     expert_parallel_ffn,
     expert_partition,
+    full_state_dict,
     ignore_expert_parameters_in_ddp,
     sync_expert_gradients,
 )
@@ -131,6 +132,11 @@ def check_training(rank, world, ep_size, num_experts, seed, steps=3):
         ref_losses.append(loss.item())
 
     assert convert_to_expert_parallel(model, ep_group, grad_divisor=world) == 2
+    try:  # the transformers drop-in must not run local expert weights with global ids
+        replace_moe_blocks(model)
+        raise AssertionError("replace_moe_blocks accepted expert-parallel experts")
+    except NotImplementedError as exc:
+        assert "expert parallelism" in str(exc)
     ignore_expert_parameters_in_ddp(model)
     ddp = DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -154,6 +160,12 @@ def check_training(rank, world, ep_size, num_experts, seed, steps=3):
         # Adam divides by sqrt(v): fp64 summation-order noise in near-zero gradients grows to ~1e-9 here, while
         # any real error (a missing gradient divisor, a misrouted row) moves parameters by ~lr = 1e-2
         torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-8, msg=lambda m, n=name: f"{n}: {m}")
+    # a standard checkpoint again: all experts gathered, the single-process model's keys and shapes
+    full = full_state_dict(model)
+    ref_state = ref.state_dict()
+    assert set(full) == set(ref_state)
+    for name, t in full.items():
+        torch.testing.assert_close(t, ref_state[name], rtol=1e-6, atol=1e-8, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def check_all(rank, world, ep_size, num_experts, seed):
