@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .sharded_drift import per_expert_squared_norm, reference_like
+
 __all__ = [
     "canonical_param_name",
     "drift_regularization",
@@ -212,12 +214,12 @@ def expert_drift_norms(
         ref = reference_state[key]
         if ref.shape != p.shape:
             raise ValueError(f"reference_state[{key!r}] has shape {tuple(ref.shape)}, the model's {tuple(p.shape)}")
-        delta = (p - ref.to(p.device)) if p.requires_grad else None
+        delta = (p - reference_like(ref, p)) if p.requires_grad else None  # DTensor under FSDP2 (design.md §9)
         if key in lora:
             delta = lora[key] if delta is None else delta + lora[key]
         if delta is None:
             continue  # frozen and not adapted: no drift possible
-        sq = delta.float().pow(2).flatten(1).sum(dim=1)  # [E]
+        sq = per_expert_squared_norm(delta)  # [E], per-shard partial sums gathered when sharded
         layer = int(_LAYER_RE.search(key).group(1)) if _LAYER_RE.search(key) else -1
         per_layer[layer] = per_layer[layer] + sq if layer in per_layer else sq
     missing = set(reference_state) - seen

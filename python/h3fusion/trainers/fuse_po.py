@@ -203,6 +203,7 @@ class FusePOTrainer(PreferenceTrainerMixin, transformers.Trainer):
             loss = self._rloo(inputs, logps, lengths, weights, ref)
         else:
             loss = self._pairwise(logps, lengths, weights, ref)
+        loss = self._global_item_mean(loss, inputs, num_items_in_batch)
         return (loss, {"logps": logps.detach()}) if return_outputs else loss
 
     def _pairwise(self, logps, lengths, weights, ref):

@@ -79,6 +79,7 @@ class FuseSFTTrainer(PreferenceTrainerMixin, transformers.Trainer):
         mask = inputs["labels"][:, 1:] != IGNORE_INDEX
         weights = inputs.get("weights")
         loss = weighted_sft_loss(out.token_logps, mask, weights, reduction=self.reduction)
+        loss = self._global_item_mean(loss, inputs, num_items_in_batch)
         lengths = out.lengths.clamp_min(1).float()
         self._record(
             {

@@ -36,6 +36,7 @@ from ..losses.gating import (
 )
 from ..losses.lm import causal_lm_loss, lm_loss_from_hidden
 from ..models.hf_experts import IMPLEMENTATION, current_experts_implementation, set_experts_implementation
+from ..losses.sharded_drift import full_reference_state, shard_reference_state
 from .checkpoint import clean_stale_staging, publish_staged_dir, staging_dir_for
 from .sequence_logprobs import _lm_head_weight
 
@@ -219,13 +220,14 @@ class H3FusionTrainer(Trainer):
         self._staging_root: str | None = None
         if self.args.should_save:
             clean_stale_staging(self.args.output_dir)
-        if self.reference_state and self._params_sharded():
-            # the drift term reads whole expert weights outside forward; sharded parameters (FSDP, ZeRO-3) are not
-            # gathered there, so refuse rather than compute a wrong regularizer
-            raise ValueError(
-                "the drift regularizer (gammas > 0) is not supported with FSDP or DeepSpeed ZeRO-3 parameter "
-                "sharding; use DDP / ZeRO-1/2, or set gammas=0"
-            )
+        if self.reference_state and self.is_deepspeed_enabled:
+            # FSDP2 is handled (sharded drift, design.md §9); ZeRO-3 parameters are empty placeholders outside forward
+            stage = getattr(getattr(self.accelerator.state, "deepspeed_plugin", None), "zero_stage", 0)
+            if stage == 3:
+                raise ValueError(
+                    "the drift regularizer (gammas > 0) is not supported with DeepSpeed ZeRO-3 parameter sharding; "
+                    "use FSDP2, DDP or ZeRO-1/2, or set gammas=0"
+                )
 
     def _params_sharded(self) -> bool:
         """FSDP or DeepSpeed ZeRO-3: parameters are whole only inside their module's forward."""
@@ -237,12 +239,8 @@ class H3FusionTrainer(Trainer):
 
     def _reference_on_device(self) -> dict[str, torch.Tensor]:
         # move θ⁽⁰⁾ next to the parameters once (the model may have been moved after __init__)
-        if self.reference_state:
-            params = {canonical_param_name(n): p for n, p in self.model.named_parameters()}
-            for key, ref in self.reference_state.items():
-                p = params.get(key)
-                if p is not None and ref.device != p.device:
-                    self.reference_state[key] = ref.to(p.device)
+        if self.reference_state:  # under FSDP2, also re-held in the parameters' sharding (design.md §9)
+            shard_reference_state(self.model, self.reference_state, canonical_param_name)
         return self.reference_state
 
     @staticmethod
@@ -330,13 +328,11 @@ class H3FusionTrainer(Trainer):
         finally:
             self._staging_root = None
         staged = os.path.join(staging, name)
-        if self.args.should_save and self.reference_state:
+        reference = full_reference_state(self.reference_state)  # every rank: gathers a sharded θ⁽⁰⁾
+        if self.args.should_save and reference:
             from safetensors.torch import save_file
 
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in self.reference_state.items()},
-                os.path.join(staged, REFERENCE_FILE),
-            )
+            save_file(reference, os.path.join(staged, REFERENCE_FILE))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             final = os.path.join(run_dir, name)

@@ -175,6 +175,25 @@ class PreferenceTrainerMixin:
         self.model_accepts_loss_kwargs = False
         self._pref_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        # transformers' num_items_in_batch, counted in OUR items: one weight per loss term (an SFT response, a pair,
+        # an RLOO response), summed over the accumulation micro-batches and over all ranks (design.md §9).
+        if not batch_samples or any("weights" not in b for b in batch_samples):
+            return None
+        n = torch.tensor(sum(int(b["weights"].shape[0]) for b in batch_samples), device=device)
+        return self.accelerator.gather(n).sum() if self.args.world_size > 1 else n
+
+    def _global_item_mean(self, batch_mean: torch.Tensor, inputs: dict, num_items_in_batch) -> torch.Tensor:
+        """Turn this micro-batch's item mean into its share of the GLOBAL item mean over ranks and accumulation
+        steps: Σ_local w·ℓ / N_global, times the rank count because DDP/FSDP average gradients over ranks. The
+        Trainer then neither divides by the accumulation steps nor weights ranks by their batch size. Unchanged (the
+        plain batch mean) when no count is given (evaluation, or a batch without weights)."""
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        if num_items_in_batch is None:
+            return batch_mean
+        n_local = inputs["weights"].shape[0]
+        return batch_mean * (n_local * self.accelerator.num_processes) / num_items_in_batch
+
     def _record(self, metrics: dict[str, float | torch.Tensor]) -> None:
         split = "train" if self.model.training else "eval"
         for k, v in metrics.items():

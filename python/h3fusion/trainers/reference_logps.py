@@ -58,6 +58,15 @@ def _texts_of(items: Sequence[dict]) -> list[tuple[str, str]]:
     return texts
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) when torch.distributed is not initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _read_cache(path: Path) -> dict[str, float]:
     """The cached {text key: log-prob} table, or {} (with a warning) when the file is unreadable or malformed, so
     a corrupted cache (a crash of another writer, a disk error, a hand edit) is rebuilt rather than fatal."""
@@ -92,6 +101,9 @@ def precompute_reference_logps(
     reused when the model, the tokenisation settings and the texts are the same; a corrupted one is recomputed (with
     a warning) and rewritten.
 
+    Under torch.distributed (torchrun / accelerate), EVERY rank must call this with the same items: the texts to
+    compute are split over the ranks and the results gathered once (`all_gather_object`); rank 0 writes the cache.
+
     Args:
         ref_model: the frozen reference causal LM.
         tokenizer: its tokenizer.
@@ -119,6 +131,12 @@ def precompute_reference_logps(
         if path.exists():
             table = _read_cache(path)
     todo = [(k, pr) for k, pr in unique if k not in table]
+    rank, world = _rank_and_world()
+    if world > 1:
+        # split over ranks (strided, so every rank gets a similar mix of lengths), gathered once below; the gather
+        # is also the point every rank passes only after all have read the cache (none sees this call's write)
+        todo = todo[rank::world]
+    computed: dict[str, float] = {}
     if todo:
         pad = pad_token_id(tokenizer)
         device = next(ref_model.parameters()).device
@@ -131,11 +149,18 @@ def precompute_reference_logps(
                     enc = [encode_example(tokenizer, p, r, **encode_kwargs) for _, (p, r) in chunk]
                     b = {k: v.to(device) for k, v in collate_examples(enc, pad).items()}
                     logps = sequence_logprobs(ref_model, b["input_ids"], b["attention_mask"], b["labels"]).logps
-                    table.update(zip((k for k, _ in chunk), logps.tolist(), strict=True))
+                    computed.update(zip((k for k, _ in chunk), logps.tolist(), strict=True))
         finally:
             ref_model.train(was_training)
-        if path is not None:
-            atomic_write_json(path, {"version": _CACHE_VERSION, "logps": table}, indent=None)
+    if world > 1:
+        import torch.distributed as dist
+
+        parts: list[dict[str, float] | None] = [None] * world
+        dist.all_gather_object(parts, computed)
+        computed = {k: v for part in parts for k, v in (part or {}).items()}
+    table.update(computed)
+    if computed and path is not None and rank == 0:
+        atomic_write_json(path, {"version": _CACHE_VERSION, "logps": table}, indent=None)
     out = []
     for it in items:
         it = dict(it)

@@ -1,0 +1,34 @@
+"""Run a function on W gloo CPU processes (torch.multiprocessing spawn, file:// rendezvous) for the parallel tests."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank, world, init_file, fn, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, tmp_path, *args, timeout: float = 300.0) -> None:
+    """Run fn(rank, world, *args) on `world` processes; an exception in any rank fails the caller (with its traceback)
+    and the other ranks are terminated; so is every rank after `timeout` seconds (a hung collective)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    init_file = str(tmp_path / "rendezvous")
+    ctx = mp.spawn(_entry, args=(world, init_file, fn, args), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            raise TimeoutError(f"{world} ranks did not finish in {timeout:.0f} s")
