@@ -88,6 +88,14 @@ def nonneg_float(text: str) -> float:
     return value
 
 
+def top_p(text: str) -> float:
+    """argparse type: a nucleus mass in (0, 1]."""
+    value = finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def int_or_minus_one(text: str) -> int:
     """argparse type: an integer >= 1, or -1 for "no limit" (e.g. --max-steps)."""
     try:

@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_device_argument, add_overwrite_argument, nonneg_int, positive_int, unit_interval
+from .common import (
+    add_device_argument,
+    add_overwrite_argument,
+    nonneg_float,
+    nonneg_int,
+    positive_int,
+    top_p,
+    unit_interval,
+)
 
 HELP = "evaluate models for helpfulness, harmlessness and honesty (TruthfulQA, moderation, reward win rate)"
 
@@ -17,22 +25,6 @@ def _suites(text: str) -> list[str]:
     if bad or not names:
         raise argparse.ArgumentTypeError(f"expected a comma-separated subset of helpful,harmless,honest, got {text!r}")
     return names
-
-
-def _temperature(text: str) -> float:
-    from .common import finite_float
-
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _top_p(text: str) -> float:
-    value = unit_interval(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected a number in (0, 1], got 0")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     judges.add_argument("--judge-model", help="causal LM choosing the better of two responses (A/B)")
     gen = parser.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=positive_int, default=256)
-    gen.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=_top_p, default=1.0)
+    gen.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=top_p, default=1.0)
     gen.add_argument("--seed", type=nonneg_int, default=0)
     gen.add_argument("--batch-size", type=positive_int, default=8)
     gen.add_argument("--prompt-template", help="text with {prompt} used instead of the chat template")

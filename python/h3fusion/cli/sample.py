@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .common import add_device_argument, add_overwrite_argument, nonneg_int, positive_int
+from .common import add_device_argument, add_overwrite_argument, nonneg_float, nonneg_int, positive_int, top_p
 
 HELP = "sample K responses per prompt from each source model (FuseRL data, reproducible and resumable)"
 
@@ -16,24 +16,6 @@ def _source(spec: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"--model expects NAME=DIR, got {spec!r}")
     return name, path
-
-
-def _temperature(text: str) -> float:
-    from .common import finite_float
-
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a temperature >= 0, got {text!r}")
-    return value
-
-
-def _top_p(text: str) -> float:
-    from .common import finite_float
-
-    value = finite_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", required=True, help="JSONL with a 'prompt' string or chat 'messages' per line")
     parser.add_argument("--n", type=positive_int, default=4, help="samples per prompt per source (default 4)")
     parser.add_argument("--out", required=True, help="output JSONL (records: prompt + responses with source, text)")
-    parser.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy (default 0.8)")
-    parser.add_argument("--top-p", type=_top_p, default=0.95, help="nucleus mass (default 0.95)")
+    parser.add_argument("--temperature", type=nonneg_float, default=0.8, help="0 = greedy (default 0.8)")
+    parser.add_argument("--top-p", type=top_p, default=0.95, help="nucleus mass (default 0.95)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=512)
     parser.add_argument("--min-new-tokens", type=nonneg_int, default=1, help="EOS forbidden before (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="base of the per-(source, prompt, sample) seeds")

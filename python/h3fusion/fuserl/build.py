@@ -26,7 +26,7 @@ from typing import Any
 
 from ..data.preference import PreferenceRecord, build_pairs, rloo_groups, save_records, sft_examples
 from ..utils.files import atomic_write_json, atomic_write_text
-from .records import write_jsonl_lines
+from .records import read_jsonl_objects, write_jsonl_lines
 
 __all__ = ["BuildSettings", "build_data", "load_scored_records", "split_records"]
 
@@ -92,22 +92,10 @@ def load_scored_records(path: str | os.PathLike) -> list[dict]:
     Returns:
         the raw dicts (extra fields such as "id" kept); a record without "id" gets its 0-based position.
     """
-    import json
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"scored records file {path} does not exist (or is not a file)")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
-            PreferenceRecord.from_dict(d, where)
-            out.append({**d, "id": d.get("id", len(out))})
+    for where, d in read_jsonl_objects(path, "scored records"):
+        PreferenceRecord.from_dict(d, where)
+        out.append({**d, "id": d.get("id", len(out))})
     if not out:
         raise ValueError(f"{path}: no records")
     return out

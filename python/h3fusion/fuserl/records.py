@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,35 +71,45 @@ def _messages_of(d: dict, where: str) -> list[dict[str, str]]:
     return out
 
 
-def load_prompts(path: str | os.PathLike) -> list[Prompt]:
-    """Read and validate a prompts JSONL file (see the module docstring); errors name file:line and the field.
+def read_jsonl_objects(path: str | os.PathLike, what: str) -> Iterator[tuple[str, Any]]:
+    """Yield ("file:line", parsed JSON) for each non-empty line of a JSONL file.
 
-    Returns:
-        the prompts in file order; `Prompt.id` is the 0-based index among the file's non-empty lines.
+    Raises:
+        FileNotFoundError: `path` is not a file (the message says which `what` it should have been).
+        ValueError: a line is not valid JSON (the message names file:line).
     """
     if not Path(path).is_file():
-        raise FileNotFoundError(f"prompts file {path} does not exist (or is not a file)")
-    prompts: list[Prompt] = []
+        raise FileNotFoundError(f"{what} file {path} does not exist (or is not a file)")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                d = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
-            if not isinstance(d, dict):
-                raise ValueError(f"{where}: expected an object with 'prompt' or 'messages'")
-            if "messages" in d:
-                msgs = _messages_of(d, where)
-            elif isinstance(d.get("prompt"), str):
-                if not d["prompt"].strip():
-                    raise ValueError(f"{where}: 'prompt' is empty")
-                msgs = [{"role": "user", "content": d["prompt"]}]
-            else:
-                raise ValueError(f"{where}: needs a string 'prompt' or a 'messages' list")
-            prompts.append(Prompt(len(prompts), msgs, msgs[-1]["content"]))
+
+
+def load_prompts(path: str | os.PathLike) -> list[Prompt]:
+    """Read and validate a prompts JSONL file (see the module docstring); errors name file:line and the field.
+
+    Returns:
+        the prompts in file order; `Prompt.id` is the 0-based index among the file's non-empty lines.
+    """
+    prompts: list[Prompt] = []
+    for where, d in read_jsonl_objects(path, "prompts"):
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected an object with 'prompt' or 'messages'")
+        if "messages" in d:
+            msgs = _messages_of(d, where)
+        elif isinstance(d.get("prompt"), str):
+            if not d["prompt"].strip():
+                raise ValueError(f"{where}: 'prompt' is empty")
+            msgs = [{"role": "user", "content": d["prompt"]}]
+        else:
+            raise ValueError(f"{where}: needs a string 'prompt' or a 'messages' list")
+        prompts.append(Prompt(len(prompts), msgs, msgs[-1]["content"]))
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts

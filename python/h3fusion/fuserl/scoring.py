@@ -20,6 +20,7 @@ from typing import Any
 
 from .outputs import ResumableOutput
 from .records import (
+    read_jsonl_objects,
     JsonlAppender,
     dir_fingerprint,
     file_sha256,
@@ -32,22 +33,7 @@ __all__ = ["RewardModel", "load_sampled_records", "reward_summary", "score_file"
 
 def load_sampled_records(path: str | os.PathLike) -> list[dict]:
     """Read and validate sampled records (see `h3fusion.fuserl.records`); errors name file:line and the field."""
-    import json
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"sampled records file {path} does not exist (or is not a file)")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
-            out.append(validate_sampled_record(d, where))
-    return out
+    return [validate_sampled_record(d, where) for where, d in read_jsonl_objects(path, "sampled records")]
 
 
 class RewardModel:
