@@ -134,3 +134,37 @@ def test_cli_wrpo_names_a_missing_target_source(model_and_data, tmp_path, capsys
     argv = ["fuse-po", *_common(model_dir, data, out), "--loss", "wrpo", "--target-source", "tagret"]
     _fails_with(argv, r"'tagret' has no responses.*sources present: \['alpha', 'beta', 'target'\]", capsys)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["fuse-sft", "fuse-po"])
+def test_resume_equals_uninterrupted(model_and_data, tmp_path, command):
+    # A run that died after its step-2 checkpoint, resumed with --resume, ends where the uninterrupted run ends.
+    import shutil
+
+    model_dir, data = model_and_data
+    argv = [command, *_common(model_dir, data, tmp_path / "full"), "--save-steps", "1"]
+    assert main(argv) == 0
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "full", crashed)
+    for lost in ("checkpoints/checkpoint-3", "model", "train_log.json"):  # what the crash never wrote
+        target = crashed / lost
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    argv[argv.index(str(tmp_path / "full"))] = str(crashed)
+    assert main([*argv, "--resume"]) == 0
+    full = load_file(tmp_path / "full" / "model" / "model.safetensors")
+    resumed = load_file(crashed / "model" / "model.safetensors")
+    for name, value in full.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # the log is whole again (steps 1-2 restored from the checkpoint, step 3 run anew) and equals the full run's
+    losses = [
+        [(h["step"], h["loss"]) for h in json.loads((out / "train_log.json").read_text())["log_history"] if "loss" in h]
+        for out in (tmp_path / "full", crashed)
+    ]
+    assert [step for step, _ in losses[1]] == [1, 2, 3]
+    assert [loss for _, loss in losses[1]] == pytest.approx([loss for _, loss in losses[0]], rel=1e-5)
+
+
+def test_resume_and_overwrite_conflict(model_and_data, tmp_path, capsys):
+    model_dir, data = model_and_data
+    rc = main(["fuse-sft", *_common(model_dir, data, tmp_path / "o"), "--resume", "--overwrite"])
+    assert rc == 2 and "--resume" in capsys.readouterr().err

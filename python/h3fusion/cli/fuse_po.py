@@ -12,6 +12,7 @@ from .preference_training import (
     check_common_arguments,
     load_model_and_tokenizer,
     maybe_checkpoint,
+    resume_checkpoint,
     save_results,
     summarise,
     training_arguments,
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data}: no pairs/groups survive the filters; widen --gap-min/--gap-max")
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     ref_model = load_model_and_tokenizer(args.ref_model, args.dtype)[0] if args.ref_model else None
-    with claim_output_dir(args.out, kind="fuse-po", overwrite=args.overwrite, inputs=inputs):
+    with claim_output_dir(args.out, kind="fuse-po", overwrite=args.overwrite, resume=args.resume, inputs=inputs):
         summary = _train(args, model, ref_model, tokenizer, items)
     print(json.dumps(summary))
     return 0
@@ -110,7 +111,7 @@ def _train(args: argparse.Namespace, model, ref_model, tokenizer, items) -> dict
         max_prompt_length=args.max_prompt_length,
         chat_template=args.chat_template,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
     summary = {"command": "fuse-po", "loss": args.loss, "items": len(items), **summarise(trainer)}
     save_results(trainer, tokenizer, args.out, summary)
     return summary

@@ -11,6 +11,7 @@ from .preference_training import (
     check_common_arguments,
     load_model_and_tokenizer,
     maybe_checkpoint,
+    resume_checkpoint,
     save_results,
     summarise,
     training_arguments,
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if not items:
         raise ValueError(f"--data {args.data}: no responses to train on")
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
-    with claim_output_dir(args.out, kind="fuse-sft", overwrite=args.overwrite, inputs=inputs):
+    with claim_output_dir(args.out, kind="fuse-sft", overwrite=args.overwrite, resume=args.resume, inputs=inputs):
         summary = _train(args, model, tokenizer, items)
     print(json.dumps(summary))
     return 0
@@ -60,7 +61,7 @@ def _train(args: argparse.Namespace, model, tokenizer, items) -> dict:
         max_prompt_length=args.max_prompt_length,
         chat_template=args.chat_template,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
     summary = {"command": "fuse-sft", "items": len(items), **summarise(trainer)}
     save_results(trainer, tokenizer, args.out, summary)
     return summary

@@ -27,6 +27,7 @@ __all__ = [
     "check_common_arguments",
     "load_model_and_tokenizer",
     "maybe_checkpoint",
+    "resume_checkpoint",
     "save_results",
     "summarise",
     "training_arguments",
@@ -55,6 +56,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=nonneg_float, default=0, help="warmup steps, or a run ratio if < 1")
     parser.add_argument("--logging-steps", type=positive_int, default=10)
     parser.add_argument("--save-steps", type=nonneg_int, default=0, help="checkpoint every N steps (0: at the end)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a previous run in --out from its latest checkpoint (written every --save-steps); without "
+        "one, start again in the same folder",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="dtype the model is loaded in")  # fmt: skip
@@ -76,8 +83,26 @@ def check_common_arguments(args: argparse.Namespace, inputs: list[Any]) -> None:
     if not os.path.isfile(args.data):
         what = "is a directory" if os.path.isdir(args.data) else "does not exist"
         raise ValueError(f"--data: {args.data} {what}; expected a JSONL file")
-    check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    check_output_dir(args.out, overwrite=args.overwrite, resume=args.resume, inputs=inputs)
     args.device = resolve_device(args)
+
+
+def resume_checkpoint(args: argparse.Namespace) -> str | None:
+    """With --resume, the latest complete checkpoint under OUT/checkpoints (validated, so a corrupted file is named
+    before training starts); None to start from the beginning."""
+    if not args.resume:
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from h3fusion.trainers.checkpoint import check_checkpoint_dir
+
+    folder = Path(args.out) / "checkpoints"
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if last is not None:
+        check_checkpoint_dir(last, "--resume")
+    return last
 
 
 def load_model_and_tokenizer(path: str, dtype: str) -> tuple[Any, Any]:

@@ -37,7 +37,7 @@ __all__ = ["PipelineConfig", "load_config", "trainer_namespace"]
 _TOP = {"out", "prompts", "sources", "target", "device", "sample", "score", "build", "fuse_sft", "fuse_po", "eval"}
 _SCORE_KEYS = {"reward_model", "batch_size", "reward_index", "trust_remote_code", "dtype", "max_length"}
 # trainer flags that the pipeline sets itself (the model chain, the data, the output, the pair building)
-_SFT_FIXED = {"model", "data", "out", "top_k", "temperature", "cpu", "device", "overwrite"}
+_SFT_FIXED = {"model", "data", "out", "top_k", "temperature", "cpu", "device", "overwrite", "resume"}
 _PO_FIXED = {
     "model",
     "data",
@@ -51,6 +51,7 @@ _PO_FIXED = {
     "cpu",
     "device",
     "overwrite",
+    "resume",
 }
 
 
@@ -230,7 +231,7 @@ def trainer_namespace(
         if a.option_strings and (a.dest not in actions or _flag_of(a.dest) in a.option_strings):
             actions[a.dest] = a
     fixed = dict(fixed)
-    if "overwrite" in actions:
+    if "overwrite" in actions and not fixed.get("resume"):
         fixed["overwrite"] = True
     if device is not None and "device" in actions:
         fixed["device"] = "cpu" if device == "cpu" else "cuda"
@@ -241,7 +242,7 @@ def trainer_namespace(
         if key in section and key in reserved:
             hint = (
                 "under build:"
-                if key not in ("model", "data", "out", "cpu", "device", "overwrite")
+                if key not in ("model", "data", "out", "cpu", "device", "overwrite", "resume")
                 else "by the pipeline"
             )
             raise ValueError(f"{where}: {stage}.{key} is set {hint}; remove it from {stage}")

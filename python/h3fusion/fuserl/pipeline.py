@@ -95,7 +95,9 @@ def _train(run: _Run, stage: str, model: str, data: Path, folder: Path, fixed: d
     section = {"chat_template": True, **section}
     # the trainer gets a folder of its own inside the stage folder (which holds stage.json)
     out = folder / "train"
-    values = {"model": model, "data": str(data), "out": str(out), **fixed}
+    # an interrupted stage (same settings) continues its training from the latest checkpoint (set save_steps in the
+    # stage's section to get checkpoints); a stage whose settings changed was cleared before this point
+    values = {"model": model, "data": str(data), "out": str(out), "resume": out.is_dir(), **fixed}
     args = trainer_namespace(stage, section, values, where=str(cfg.path), device=run.device)
     try:
         (fuse_sft if stage == "fuse_sft" else fuse_po).run(args)
