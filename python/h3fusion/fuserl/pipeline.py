@@ -4,8 +4,8 @@ Each stage writes into its own folder of the run folder and records there, in `s
 and settings (the upstream stage's hash, fingerprints of the model folders and the prompts file, the stage's config
 section without execution-only keys such as batch sizes and the device) and its status:
   * complete with the same hash -> skipped;
-  * unfinished with the same hash -> resumed (sampling and scoring continue from their append-only files; build and
-    the training stages, which keep no partial state of their own, run again);
+  * unfinished with the same hash -> resumed (sampling and scoring continue from their append-only files, the
+    training stages from their latest checkpoint when their section sets save_steps; build runs again);
   * another hash -> its folder is emptied and it runs again; since every hash includes the upstream one, the stages
     after it rerun too, and the stages before it are untouched.
 """
