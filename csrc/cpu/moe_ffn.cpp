@@ -208,66 +208,194 @@ void linear_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w
 }
 
 // ---- SwiGLU row passes ------------------------------------------------------------------------------------------
-// GCC keeps the selects below as branches (no SIMD) under the default -ftrapping-math, so these few functions are
-// compiled without it (they raise no FP exceptions anyone observes). Each build is deterministic.
-#if defined(__GNUC__) && !defined(__clang__)
-#define H3F_VECTORIZABLE __attribute__((optimize("no-trapping-math")))
-#else
-#define H3F_VECTORIZABLE
-#endif
-#define H3F_INLINE inline __attribute__((always_inline)) H3F_VECTORIZABLE
+// fp32 and bf16 rows run on GCC vector-extension types of 16 floats (one AVX-512 register; two or four on older
+// ISAs), so that the selects of exp/sigmoid and the bf16 rounding vectorise whatever the compiler's auto-vectoriser
+// decides; each row function is compiled for three ISA levels. fp64 (tests, gradcheck) and fp16 run a scalar loop.
+// Results do not depend on the ISA level: every lane does the same operations (no FMA contraction differences
+// across clones matter for determinism, since one machine always picks the same clone).
+#define H3F_INLINE inline __attribute__((always_inline))
+#define H3F_ROW_FN __attribute__((noinline)) H3F_ISA_CLONES
 
-// exp(x) for x <= 0 (sigmoid arguments), written so that loops around it vectorise: Cody-Waite reduction
-// x = n ln2 + r, a degree-6 polynomial for e^r (Cephes coefficients), 2^n built in the exponent bits. Relative error
-// about 1e-7; arguments below -87 give exp(-87) (a sigmoid of 1e-38 instead of 0, harmless).
-H3F_INLINE float exp_nonpos(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
-  const float t = xc * 1.44269504088896341f + 12582912.0f;  // round(x / ln2) in the low mantissa bits
-  const float n = t - 12582912.0f;
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+constexpr int64_t kLanes = 16;
+// The 64-byte vector types never cross a call boundary of another translation unit: GCC's ABI note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+typedef uint32_t vuint __attribute__((vector_size(64)));
+typedef uint16_t vhalfword __attribute__((vector_size(32)));
+
+template <typename scalar_t>
+constexpr bool kVectorRows = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+H3F_INLINE vfloat splat(float v) { return vfloat{} + v; }
+
+// exp(x) with x clamped to [-87, 88]: Cody-Waite reduction x = n ln2 + r, a degree-6 polynomial for e^r (Cephes
+// coefficients), 2^n built in the exponent bits. Relative error about 1e-7.
+H3F_INLINE vfloat vexp(vfloat x) {
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  x = x > splat(88.0f) ? splat(88.0f) : x;
+  const vfloat t = x * 1.44269504088896341f + 12582912.0f;  // round(x / ln2) in the low mantissa bits
+  const vfloat n = t - 12582912.0f;
+  const vfloat r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  vfloat p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t ti;
-  std::memcpy(&ti, &t, sizeof(ti));
-  const int32_t bits = (ti - 0x4B400000 + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  const vint bits = (((vint)t) - 0x4B400000 + 127) << 23;
+  return p * (vfloat)bits;
 }
 
-// sigmoid(g) from exp(-|g|) (no overflow for any g); fp64 (tests, gradcheck) uses libm.
-H3F_INLINE float sigmoid(float g) {
-  const float e = exp_nonpos(-std::fabs(g));
-  const float r = 1.0f / (1.0f + e);
-  return g >= 0.0f ? r : e * r;
-}
-H3F_INLINE double sigmoid(double g) { return 1.0 / (1.0 + std::exp(-g)); }
+H3F_INLINE vfloat vsigmoid(vfloat g) { return 1.0f / (1.0f + vexp(-g)); }
 
-// out[f] = silu(g[f]) * u[f] for one row; `gate_out` holds g on entry and the activation on return (in place).
 template <typename scalar_t>
-H3F_INLINE void swiglu_row_inplace(scalar_t* gate_out, const scalar_t* __restrict__ up, int64_t F) {
-  using acc_t = at::opmath_type<scalar_t>;
-#pragma omp simd
-  for (int64_t f = 0; f < F; ++f) {
-    const acc_t g = static_cast<acc_t>(gate_out[f]);
-    gate_out[f] = static_cast<scalar_t>(g * sigmoid(g) * static_cast<acc_t>(up[f]));
+H3F_INLINE vfloat vload(const scalar_t* p) {
+  vfloat v;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::memcpy(&v, p, sizeof(v));
+  } else {
+    vhalfword h;
+    std::memcpy(&h, p, sizeof(h));
+    v = (vfloat)(__builtin_convertvector(h, vuint) << 16);
+  }
+  return v;
+}
+
+// bf16: round to nearest even, NaN stays NaN (c10::BFloat16's rounding).
+template <typename scalar_t>
+H3F_INLINE void vstore(scalar_t* p, vfloat v) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::memcpy(p, &v, sizeof(v));
+  } else {
+    const vuint u = (vuint)v;
+    const vuint rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const vuint bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? vuint{} + 0x7FC0u : rounded;
+    const vhalfword h = __builtin_convertvector(bits, vhalfword);
+    std::memcpy(p, &h, sizeof(h));
   }
 }
 
+// Rounds to scalar_t and back (what a stored and reloaded value is).
 template <typename scalar_t>
-H3F_INLINE void swiglu_row(const scalar_t* __restrict__ gate, const scalar_t* __restrict__ up,
-                           scalar_t* __restrict__ out, int64_t F) {
-  using acc_t = at::opmath_type<scalar_t>;
-#pragma omp simd
-  for (int64_t f = 0; f < F; ++f) {
-    const acc_t g = static_cast<acc_t>(gate[f]);
-    out[f] = static_cast<scalar_t>(g * sigmoid(g) * static_cast<acc_t>(up[f]));
+H3F_INLINE vfloat vround(vfloat v) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return v;
+  } else {
+    scalar_t tmp[kLanes];
+    vstore(tmp, v);
+    return vload(tmp);
   }
+}
+
+// Scalar twins for the tails and for fp64/fp16.
+inline float sigmoid(float g) {
+  const float x = std::fmin(std::fmax(-g, -87.0f), 88.0f);
+  return 1.0f / (1.0f + std::exp(x));
+}
+inline double sigmoid(double g) { return 1.0 / (1.0 + std::exp(-g)); }
+
+template <typename scalar_t>
+H3F_INLINE at::opmath_type<scalar_t> load(scalar_t v) {
+  return static_cast<at::opmath_type<scalar_t>>(v);
+}
+template <typename scalar_t>
+H3F_INLINE scalar_t store(at::opmath_type<scalar_t> v) {
+  return static_cast<scalar_t>(v);
+}
+
+// out[f] = silu(g[f]) * u[f] for one row (out may be gate: then the activation overwrites the gate half in place;
+// every element is read before it is written).
+template <typename scalar_t>
+H3F_ROW_FN void swiglu_row(const scalar_t* gate, const scalar_t* up, scalar_t* out, int64_t F) {
+  int64_t f = 0;
+  if constexpr (kVectorRows<scalar_t>) {
+    for (; f + kLanes <= F; f += kLanes) {
+      const vfloat g = vload(gate + f);
+      vstore(out + f, g * vsigmoid(g) * vload(up + f));
+    }
+  }
+  for (; f < F; ++f) {
+    const auto g = load(gate[f]);
+    out[f] = store<scalar_t>(g * sigmoid(g) * load(up[f]));
+  }
+}
+
+// Backward of one row, with h = [g | u] the saved pre-activation, U = grad_y row @ W_down[e] and w the routing weight:
+//   a = silu(g) u;  grad_w = U . a;  dA = w U;  du = dA silu(g);  dg = dA u silu'(g),  silu'(g) = s (1 + g (1 - s)).
+// `ua` holds U on entry (when kDH or kGW) and the activation a on return (when kWriteA): read and written at the same
+// index, so one buffer serves both. a is rounded to scalar_t before the dot product, as grad_down sees it. The dot
+// product sums in 16 fixed lanes, then a fixed tree: the same order every run.
+template <typename scalar_t, bool kDH, bool kGW, bool kWriteA>
+H3F_ROW_FN void swiglu_backward_row(const scalar_t* __restrict__ hr, scalar_t* ua, scalar_t* __restrict__ dr,
+                                    at::opmath_type<scalar_t> w, at::opmath_type<scalar_t>* grad_w, int64_t F) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t dot = 0;
+  int64_t f = 0;
+  if constexpr (kVectorRows<scalar_t>) {
+    vfloat vdot{};
+    for (; f + kLanes <= F; f += kLanes) {
+      const vfloat g = vload(hr + f), u = vload(hr + F + f);
+      const vfloat s = vsigmoid(g), silu = g * s;
+      const vfloat a = vround<scalar_t>(silu * u);
+      vfloat U{};
+      if constexpr (kDH || kGW) U = vload(ua + f);
+      if constexpr (kGW) vdot += U * a;
+      if constexpr (kDH) {
+        const vfloat dA = w * U;
+        vstore(dr + f, dA * u * s * (1.0f + g * (1.0f - s)));
+        vstore(dr + F + f, dA * silu);
+      }
+      if constexpr (kWriteA) vstore(ua + f, a);
+    }
+    if constexpr (kGW) {
+      float lanes[kLanes];
+      std::memcpy(lanes, &vdot, sizeof(lanes));
+      for (int64_t half = kLanes / 2; half >= 1; half /= 2)
+        for (int64_t l = 0; l < half; ++l) lanes[l] += lanes[l + half];
+      dot = lanes[0];
+    }
+  }
+  for (; f < F; ++f) {
+    const acc_t g = load(hr[f]), u = load(hr[F + f]);
+    const acc_t s = sigmoid(g), silu = g * s;
+    const acc_t a = load(store<scalar_t>(silu * u));
+    acc_t U = 0;
+    if constexpr (kDH || kGW) U = load(ua[f]);
+    if constexpr (kGW) dot += U * a;
+    if constexpr (kDH) {
+      const acc_t dA = w * U;
+      dr[f] = store<scalar_t>(dA * u * s * (acc_t(1) + g * (acc_t(1) - s)));
+      dr[F + f] = store<scalar_t>(dA * silu);
+    }
+    if constexpr (kWriteA) ua[f] = store<scalar_t>(a);
+  }
+  if constexpr (kGW) *grad_w = dot;
+}
+
+// g[i] *= w, rounded once.
+template <typename scalar_t>
+H3F_ROW_FN void scale_row(scalar_t* __restrict__ g, at::opmath_type<scalar_t> w, int64_t n) {
+  int64_t i = 0;
+  if constexpr (kVectorRows<scalar_t>)
+    for (; i + kLanes <= n; i += kLanes) vstore(g + i, w * vload(g + i));
+  for (; i < n; ++i) g[i] = store<scalar_t>(w * load(g[i]));
+}
+
+// dst[i] += w * src[i] in the accumulation dtype.
+template <typename scalar_t, typename acc_t>
+H3F_ROW_FN void accumulate_row(acc_t* __restrict__ dst, const scalar_t* __restrict__ src, acc_t w, int64_t n) {
+  int64_t i = 0;
+  if constexpr (kVectorRows<scalar_t>) {
+    for (; i + kLanes <= n; i += kLanes) {
+      vfloat d;
+      std::memcpy(&d, dst + i, sizeof(d));
+      d += w * vload(src + i);
+      std::memcpy(dst + i, &d, sizeof(d));
+    }
+  }
+  for (; i < n; ++i) dst[i] += w * load(src[i]);
 }
 
 // act[r, :] = silu(h[r, :F]) * h[r, F:] for n rows of h[n, 2F]; act == h writes the activation over the gate half.
@@ -276,39 +404,9 @@ void swiglu_rows(scalar_t* h, scalar_t* act, int64_t ld_act, int64_t n, int64_t 
   at::parallel_for(0, n, std::max<int64_t>(1, 8192 / std::max<int64_t>(F, 1)), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       scalar_t* hr = h + r * 2 * F;
-      if (act == h)
-        swiglu_row_inplace(hr, hr + F, F);
-      else
-        swiglu_row(hr, hr + F, act + r * ld_act, F);
+      swiglu_row(hr, hr + F, act == h ? hr : act + r * ld_act, F);
     }
   });
-}
-
-// Backward of one row, with h = [g | u] the saved pre-activation, U = grad_y row @ W_down[e] and w the routing weight:
-//   a = silu(g) u;  grad_w = U . a;  dA = w U;  du = dA silu(g);  dg = dA u silu'(g),  silu'(g) = s (1 + g (1 - s)).
-// `ua` holds U on entry (when kDH or kGW) and the activation a on return (when kWriteA): read and written at the same
-// index, so one buffer serves both. a is rounded to scalar_t before the dot product, as grad_down sees it.
-template <typename scalar_t, bool kDH, bool kGW, bool kWriteA>
-H3F_INLINE void swiglu_backward_row(const scalar_t* __restrict__ hr, scalar_t* ua, scalar_t* __restrict__ dr,
-                                    at::opmath_type<scalar_t> w, at::opmath_type<scalar_t>* grad_w, int64_t F) {
-  using acc_t = at::opmath_type<scalar_t>;
-  acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-  for (int64_t f = 0; f < F; ++f) {
-    const acc_t g = static_cast<acc_t>(hr[f]), u = static_cast<acc_t>(hr[F + f]);
-    const acc_t s = sigmoid(g), silu = g * s;
-    const acc_t a = static_cast<acc_t>(static_cast<scalar_t>(silu * u));
-    acc_t U = 0;
-    if constexpr (kDH || kGW) U = static_cast<acc_t>(ua[f]);
-    if constexpr (kGW) dot += U * a;
-    if constexpr (kDH) {
-      const acc_t dA = w * U;
-      dr[f] = static_cast<scalar_t>(dA * u * s * (acc_t(1) + g * (acc_t(1) - s)));
-      dr[F + f] = static_cast<scalar_t>(dA * silu);
-    }
-    if constexpr (kWriteA) ua[f] = static_cast<scalar_t>(a);
-  }
-  if constexpr (kGW) *grad_w = dot;
 }
 
 // The backward row pass over the n rows of one expert (pointers at its first row): rows r of the expert are pairs
@@ -325,10 +423,7 @@ void swiglu_backward_rows(const scalar_t* h, scalar_t* ua, scalar_t* dh, const i
       const acc_t w = w_pair[p];
       swiglu_backward_row<scalar_t, kDH, kGW, kWriteA>(h + r * 2 * F, ua + r * F, kDH ? dh + r * 2 * F : nullptr, w,
                                                        kGW ? grad_w_pair + p : nullptr, F);
-      if (scale_gy) {
-        scalar_t* __restrict__ gr = gy + r * H;
-        for (int64_t i = 0; i < H; ++i) gr[i] = static_cast<scalar_t>(w * static_cast<acc_t>(gr[i]));
-      }
+      if (scale_gy) scale_row(gy + r * H, w, H);
     }
   });
 }
@@ -374,10 +469,7 @@ void accumulate_rows(acc_t* acc, const scalar_t* o, const int32_t* sp, const acc
   at::parallel_for(0, H, 128, [&](int64_t c0, int64_t c1) {
     for (int64_t i = 0; i < n; ++i) {
       const int64_t p = sp[i];
-      const acc_t w = w_pair[p];
-      acc_t* __restrict__ dst = acc + (p / k) * H;
-      const scalar_t* __restrict__ src = o + i * H;
-      for (int64_t c = c0; c < c1; ++c) dst[c] += w * static_cast<acc_t>(src[c]);
+      accumulate_row<scalar_t, acc_t>(acc + (p / k) * H + c0, o + i * H + c0, w_pair[p], c1 - c0);
     }
   });
 }
