@@ -26,12 +26,20 @@ BENCH_MODULES = {
 COLUMNS = [
     "case",
     "impl",
+    "dtype",
     "mode",
+    "ours_ms",
+    "eager_ms",
+    "grouped_mm_ms",
+    "batched_mm_ms",
+    "vs_best",
+    "pct_of_dense",
     "median_ms",
     "tflops",
     "gbps",
     "pct_of_ceiling",
     "peak_mem_mb",
+    "eager_peak_mem_mb",
     "speedup_vs_reference",
     "speedup_vs_eager",
     "time_vs_materialized",
@@ -52,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument("--only", default=",".join(BENCH_MODULES), help="comma-separated benches (default: all)")
     parser.add_argument("--out", default="bench_results.json", help="JSON output path (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: 2 on the CPU, torch's choice on CUDA)"
+    )
 
 
 def _add_ceiling_pct(rows: list[dict], ceiling: dict[str, float]) -> None:
@@ -72,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"error: unknown bench {unknown}; choose from {sorted(BENCH_MODULES)}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (2 if args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     ceiling = measure_ceiling(args.device)
     report = {
         "device": device_name(args.device),
