@@ -23,6 +23,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include <array>
 #include <cmath>
@@ -138,6 +141,26 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
   return t;
 }
 
+// Why speed used to depend on warm-up and on what ran before in the process: glibc serves blocks above a *dynamic*
+// threshold (128 KiB at start, raised to the size of every large block freed, up to 32 MiB) with fresh mmap'ed pages
+// that fault in on first touch, and returns freed heap tops to the OS above a trim threshold that moves with it. So
+// the first calls of a process paid page faults on every buffer, and later ones (or ones after another
+// implementation had freed big blocks) reused heap memory. Fixing both thresholds once, at the first call, makes every
+// call alike (blocks up to 32 MiB are reused from the heap from the start). Process-wide, like any allocator setting;
+// H3FUSION_NO_MALLOC_TUNING=1 leaves glibc's defaults alone.
+void tune_malloc_once() {
+#if defined(__GLIBC__)
+  static const bool done = [] {
+    if (std::getenv("H3FUSION_NO_MALLOC_TUNING") == nullptr) {
+      mallopt(M_MMAP_THRESHOLD, 32 << 20);
+      mallopt(M_TRIM_THRESHOLD, 256 << 20);
+    }
+    return true;
+  }();
+  (void)done;
+#endif
+}
+
 // out = a @ b, written into a view (a row slice of a buffer, or one expert's slice of a gradient).
 void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
 
@@ -195,12 +218,14 @@ H3F_ISA_CLONES void skinny_gemm_nt(
   }
 }
 
-// out[n, M] = a[n, K] @ w[M, K]^T for contiguous row blocks: the skinny kernel for few fp32 rows, BLAS otherwise.
+// out[n, M] = a[n, K] @ w[M, K]^T for row blocks (rows of `a` may be strided, as the activation written over the
+// gate half of the pre-activation is): the skinny kernel for few fp32 rows, BLAS otherwise. The choice depends on
+// the shape only, so a forward with and without a saved pre-activation computes the same bits.
 void linear_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w) {
   const int64_t n = a.size(0);
-  if (a.scalar_type() == at::kFloat && n <= kSkinnyMaxRows && a.is_contiguous() && w.is_contiguous() &&
+  if (a.scalar_type() == at::kFloat && n <= kSkinnyMaxRows && a.stride(1) == 1 && w.is_contiguous() &&
       out.is_contiguous()) {
-    skinny_gemm_nt(a.const_data_ptr<float>(), a.size(1), n, w.const_data_ptr<float>(), w.size(0), w.size(1),
+    skinny_gemm_nt(a.const_data_ptr<float>(), a.stride(0), n, w.const_data_ptr<float>(), w.size(0), w.size(1),
                    out.mutable_data_ptr<float>(), out.size(1));
     return;
   }
@@ -456,7 +481,8 @@ void gather_into(const at::Tensor& dst, const at::Tensor& x, const int32_t* sp, 
   const int64_t row_bytes = x.size(1) * x.element_size();
   const auto* src = static_cast<const char*>(x.const_data_ptr());
   auto* out = static_cast<char*>(dst.mutable_data_ptr());
-  at::parallel_for(0, n, std::max<int64_t>(1, 65536 / std::max<int64_t>(row_bytes, 1)), [&](int64_t b, int64_t e) {
+  // A chunk copies at least 1 MiB: an expert block's gather is one memcpy loop, not a parallel region to wait on.
+  at::parallel_for(0, n, std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(row_bytes, 1)), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) std::memcpy(out + i * row_bytes, src + (sp[i] / k) * row_bytes, row_bytes);
   });
 }
@@ -466,7 +492,8 @@ void gather_into(const at::Tensor& dst, const at::Tensor& x, const int32_t* sp, 
 template <typename scalar_t, typename acc_t>
 void accumulate_rows(acc_t* acc, const scalar_t* o, const int32_t* sp, const acc_t* w_pair, int64_t n, int64_t k,
                      int64_t H) {
-  at::parallel_for(0, H, 128, [&](int64_t c0, int64_t c1) {
+  // A chunk sums at least 2^18 elements (a parallel region costs more than that on a busy machine).
+  at::parallel_for(0, H, std::max<int64_t>(64, (int64_t(1) << 18) / std::max<int64_t>(n, 1)), [&](int64_t c0, int64_t c1) {
     for (int64_t i = 0; i < n; ++i) {
       const int64_t p = sp[i];
       accumulate_row<scalar_t, acc_t>(acc + (p / k) * H + c0, o + i * H + c0, w_pair[p], c1 - c0);
@@ -486,6 +513,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
     const at::Tensor& gate_up_in, const at::Tensor& down_in, bool save_pre_activation) {
   const Dims d = check_ffn_args(x_in, weights_in, gate_up_in, down_in);
   // The internal GEMMs are not part of any autograd graph (autograd for this op is registered in Python).
+  tune_malloc_once();
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_dim(experts_in, "experts", 2);
   check_dtype(experts_in, "experts", at::kInt);
@@ -567,6 +595,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward(
     const at::Tensor& offsets_in, const at::Tensor& gate_up_out_in, std::array<bool, 4> output_mask) {
   const Dims d = check_ffn_args(x_in, weights_in, gate_up_in, down_in);
   // The internal GEMMs are not part of any autograd graph (autograd for this op is registered in Python).
+  tune_malloc_once();
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t R = d.T * d.k, F = d.F, H = d.H, E = d.E;
   check_dim(grad_y_in, "grad_y", 2);

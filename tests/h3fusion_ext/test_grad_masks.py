@@ -104,8 +104,10 @@ def test_moe_ffn_fake_kernel_follows_the_mask():
     assert outs[0].shape == x.shape and outs[3].shape == dp.shape
 
 
-def test_moe_ffn_forward_without_autograd_keeps_no_pre_activation():
-    x, w, e, gu, dp = moe_inputs()
+@pytest.mark.parametrize("T", [24, 300])  # experts with a handful of rows (skinny GEMM) and with many (BLAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_ffn_forward_without_autograd_keeps_no_pre_activation(T, dtype):
+    x, w, e, gu, dp = moe_inputs(T=T, F=40, dtype=dtype)
     _, *_, h_saved = ops.moe_ffn_forward(x, w, e, gu, dp, True)
     y_nosave, *plan, h_none = ops.moe_ffn_forward(x, w, e, gu, dp, False)
     assert h_saved.shape == (x.shape[0] * w.shape[1], gu.shape[1]) and h_none.shape == (0, gu.shape[1])
