@@ -126,9 +126,12 @@ int64_t expert_thread_count(const int64_t* off, int64_t E) {
 // A fresh CPU buffer for a large output or scratch tensor. Buffers this big come straight from mmap, so every call
 // would otherwise take one page fault per 4 KiB on first touch (tens of ms for the [T*k, 2F] pre-activation); asking
 // for transparent huge pages (in "madvise" mode on most distributions) cuts that 512-fold. Advisory only: the kernel
-// may ignore it, and the contents are written before they are read either way.
-at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+// may ignore it, and the contents are written before they are read either way. Measured: a clear gain when few large
+// experts fill the buffers in order (serial mode), but bimodal call times (2-3x) when many small experts are filled
+// by several threads at once; so only `huge` callers (serial mode) ask.
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options, bool huge) {
   at::Tensor t = at::empty(sizes, options);
+  if (!huge) return t;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
@@ -530,7 +533,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   const int32_t* sp = sorted_pairs.const_data_ptr<int32_t>();
   const int64_t nt = expert_thread_count(off, d.E);
-  at::Tensor gate_up_out = save_pre_activation ? empty_large({R, 2 * F}, opts) : at::empty({0, 2 * F}, opts);
+  at::Tensor gate_up_out = save_pre_activation ? empty_large({R, 2 * F}, opts, nt == 1) : at::empty({0, 2 * F}, opts);
   at::Tensor y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "h3fusion_moe_ffn_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -552,7 +555,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
       at::Tensor xs_all = at::empty({nt, mr, H}, opts);
       at::Tensor h_all = save_pre_activation ? at::Tensor() : at::empty({nt, mr, 2 * F}, opts);
       at::Tensor act_all = save_pre_activation ? at::empty({nt, mr, F}, opts) : at::Tensor();
-      at::Tensor down_out = empty_large({R, H}, opts);
+      at::Tensor down_out = empty_large({R, H}, opts, nt == 1);
       for_each_expert(off, d.E, nt, [&](int64_t slot, int64_t e, int64_t r0, int64_t n) {
         if (n == 0) return;
         ffn_block(e, r0, n, xs_all[slot].narrow(0, 0, n), save_pre_activation ? at::Tensor() : h_all[slot].narrow(0, 0, n),
@@ -571,8 +574,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
     const at::Tensor w_pair = weights_in.to(acc_dtype).contiguous();
     {
       at::Tensor xs = at::empty({B, H}, opts);  // gathered x, then the block's output rows
-      at::Tensor h = save_pre_activation ? at::Tensor() : empty_large({B, 2 * F}, opts);
-      at::Tensor act = save_pre_activation ? empty_large({B, F}, opts) : at::Tensor();
+      at::Tensor h = save_pre_activation ? at::Tensor() : empty_large({B, 2 * F}, opts, nt == 1);
+      at::Tensor act = save_pre_activation ? empty_large({B, F}, opts, nt == 1) : at::Tensor();
       for (int64_t e = 0; e < d.E; ++e) {
         for (int64_t b0 = off[e]; b0 < off[e + 1]; b0 += B) {
           const int64_t n = std::min(B, off[e + 1] - b0);
@@ -643,14 +646,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward(
   const int64_t nt = expert_thread_count(off, E);
   const int64_t mr = max_rows(off, E);
   // Per-thread scratch for one expert: grad_y rows (scaled by w in place), x rows, U / activation, dH.
-  at::Tensor G = empty_large({nt, mr, H}, opts);
-  at::Tensor X = need_gu ? empty_large({nt, mr, H}, opts) : at::Tensor();
-  at::Tensor UA = empty_large({nt, mr, F}, opts);
-  at::Tensor DH = need_dh ? empty_large({nt, mr, 2 * F}, opts) : at::Tensor();
-  at::Tensor gx_rows = need_x ? empty_large({R, H}, opts) : at::Tensor();
+  at::Tensor G = empty_large({nt, mr, H}, opts, nt == 1);
+  at::Tensor X = need_gu ? empty_large({nt, mr, H}, opts, nt == 1) : at::Tensor();
+  at::Tensor UA = empty_large({nt, mr, F}, opts, nt == 1);
+  at::Tensor DH = need_dh ? empty_large({nt, mr, 2 * F}, opts, nt == 1) : at::Tensor();
+  at::Tensor gx_rows = need_x ? empty_large({R, H}, opts, nt == 1) : at::Tensor();
   at::Tensor grad_w_pair = need_w ? at::empty({R}, opts.dtype(acc_dtype)) : at::Tensor();
-  at::Tensor grad_gu = need_gu ? empty_large({E, 2 * F, H}, opts) : at::Tensor();
-  at::Tensor grad_down = need_down ? empty_large({E, H, F}, opts) : at::Tensor();
+  at::Tensor grad_gu = need_gu ? empty_large({E, 2 * F, H}, opts, nt == 1) : at::Tensor();
+  at::Tensor grad_down = need_down ? empty_large({E, H, F}, opts, nt == 1) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "h3fusion_moe_ffn_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
