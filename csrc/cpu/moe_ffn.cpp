@@ -114,13 +114,18 @@ int64_t max_rows(const int64_t* off, int64_t E) {
   return m;
 }
 
-// Threads to spread experts over: 1 (serial, BLAS threads inside each GEMM) for few large experts.
-int64_t expert_thread_count(const int64_t* off, int64_t E) {
+// Many small experts (decided by the shape alone, so that results never depend on the thread count): experts are
+// spread over threads, one group per thread, each GEMM single-threaded. Otherwise serial mode: experts one after
+// another, BLAS threads inside each GEMM.
+bool expert_parallel_mode(const int64_t* off, int64_t E) {
   int64_t active = 0;
   for (int64_t e = 0; e < E; ++e) active += off[e + 1] > off[e];
-  const int64_t rows = off[E];
-  if (active <= 1 || rows >= kRowsPerExpertForBlasThreads * active) return 1;
-  return std::min<int64_t>(at::get_num_threads(), E);
+  return active > 1 && off[E] < kRowsPerExpertForBlasThreads * active;
+}
+
+// Thread groups for for_each_expert: 1 in serial mode.
+int64_t expert_thread_count(const int64_t* off, int64_t E) {
+  return expert_parallel_mode(off, E) ? std::min<int64_t>(at::get_num_threads(), E) : 1;
 }
 
 // A fresh CPU buffer for a large output or scratch tensor. Buffers this big come straight from mmap, so every call
@@ -548,7 +553,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
       swiglu_rows(h.mutable_data_ptr<scalar_t>(), act.mutable_data_ptr<scalar_t>(), act.stride(0), n, F);
       linear_into(out, act, w_down[e]);
     };
-    if (nt > 1) {
+    if (expert_parallel_mode(off, d.E)) {
       // Many small experts, one group per thread: per-thread scratch, expert outputs in expert-sorted rows, then the
       // weighted combine in slot order.
       const int64_t mr = max_rows(off, d.E);
