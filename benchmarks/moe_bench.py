@@ -1,10 +1,23 @@
-"""The MoE layer (router + topk_route + expert FFN), forward and forward+backward: ours vs the reference per-expert
-loop (transformers' eager Mixtral experts) vs `torch._grouped_mm` (CUDA, bf16, sm90 only).
+"""The MoE experts FFN, ours (`h3fusion_ext.moe_ffn`) against transformers' own experts implementations
+(`eager`, `grouped_mm`, `batched_mm`, called through `MixtralExperts` on the same weights and the same routing), and
+a plain dense `mm` of the same dtype and thread count measured in the same run.
 
-`collect(device, quick)` returns one row per (case, impl, mode); `benchmarks.run` prints and saves them.
+One row per (case, dtype, mode) with every implementation's median time as its own column, `vs_best` (the fastest
+transformers implementation's time / ours) and `pct_of_dense` (our FLOP rate as a percentage of the dense `mm`'s).
+Modes: `fwd` (torch.no_grad), `fwd+bwd` (gradients of x, routing weights and both expert weights) and
+`fwd+bwd frozen` (expert weights frozen: gradients of x and routing weights only, as with LoRA or frozen experts).
+Every implementation gets two untimed warm-up calls (a user's first steps), then the implementations run
+interleaved call by call so that load drift on a shared machine hits all of them alike.
+Routing (router GEMM, softmax, top-k) is computed once outside the timed region: it is the same for every
+implementation. FLOPs: 6*T*k*H*F forward, 3x that for fwd+bwd (2x for frozen experts: no weight-gradient GEMMs).
+
+`collect(device, quick)` returns the rows for `benchmarks.run`; `python -m benchmarks.moe_bench --case T2048`
+prints the rows of the cases whose name contains the filter (quick A/B runs).
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 import torch.nn.functional as F
@@ -12,14 +25,25 @@ import torch.nn.functional as F
 import h3fusion_ext
 from h3fusion_ext import reference
 
-from .common import moe_flops, peak_memory_mb, time_interleaved
+from .common import format_table, peak_memory_mb, time_interleaved
 
-# CPU: the project's performance targets (fp32), each named by its shape.
-CPU_CASES = [(2048, 512, 1408, 8, 2), (256, 512, 256, 64, 8), (16, 512, 256, 64, 8)]
+# (T, H, F, E, k): the E8 k2 training shapes, a many-small-experts shape and two decode sizes.
+CPU_CASES = [
+    (2048, 512, 1408, 8, 2),
+    (4096, 1024, 2816, 8, 2),
+    (256, 512, 256, 64, 8),
+    (16, 512, 256, 64, 8),
+    (4, 512, 1408, 8, 2),
+]
+CPU_CASES_QUICK = [(2048, 512, 1408, 8, 2), (256, 512, 256, 64, 8), (16, 512, 256, 64, 8)]
 # GPU (SPEC §7): model -> (H, F, E, k), in bf16.
 GPU_MODELS = {"mixtral": (4096, 14336, 8, 2), "qwen3-30b-a3b": (2048, 768, 128, 8), "h3fusion": (4096, 11008, 3, 2)}
 GPU_TOKENS = (1, 128, 2048, 16384)
 GPU_TOKENS_QUICK = (128, 4096)
+HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
+# batched_mm gathers a copy of the expert weights for every (token, slot) pair; above this it is not run.
+BATCHED_MM_MAX_BYTES = 1 << 30
+MODES = ("fwd", "fwd+bwd", "fwd+bwd frozen")
 
 
 def make_params(T: int, H: int, F: int, E: int, k: int, dtype: torch.dtype, device: str) -> dict:
@@ -40,113 +64,174 @@ def _route(mod, p):
 
 
 def layer_ours(p: dict) -> torch.Tensor:
+    """Router + topk_route + moe_ffn (used by benchmarks/test_bench_moe.py)."""
     weights, experts = _route(h3fusion_ext, p)
     return h3fusion_ext.moe_ffn(p["x"], weights, experts, p["gate_up"], p["down"])
 
 
 def layer_reference(p: dict) -> torch.Tensor:
+    """The same layer on the plain-PyTorch oracle."""
     weights, experts = _route(reference, p)
     return reference.moe_ffn(p["x"], weights, experts, p["gate_up"], p["down"])
 
 
-def layer_grouped_mm(p: dict) -> torch.Tensor:
-    """Our routing/permutation around two `torch._grouped_mm` calls (2-D activations x 3-D weights, offsets)."""
-    weights, experts = _route(h3fusion_ext, p)
-    E, k = p["gate_up"].shape[0], p["k"]
-    sorted_pairs, pair_rows, offsets = h3fusion_ext.moe_route_plan(experts, E)
-    xs = h3fusion_ext.moe_gather(p["x"], sorted_pairs, k)
-    ends = offsets[1:].to(torch.int32)  # _grouped_mm wants the end row of each group, int32
-    # [E, 2F, H] viewed as [E, H, 2F] is column-major per expert, the layout _grouped_mm expects for mat_b.
-    h = torch._grouped_mm(xs, p["gate_up"].transpose(1, 2), offs=ends)
-    gate, up = h.chunk(2, dim=-1)
-    out = torch._grouped_mm(F.silu(gate) * up, p["down"].transpose(1, 2), offs=ends)
-    return h3fusion_ext.moe_combine(out, weights, pair_rows)
+def hf_experts(impl: str, gate_up: torch.nn.Parameter, down: torch.nn.Parameter) -> torch.nn.Module:
+    """transformers' `MixtralExperts` with `experts_implementation=impl`, holding exactly these weight Parameters."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    E, two_f, H = gate_up.shape
+    cfg = MixtralConfig(hidden_size=H, intermediate_size=two_f // 2, num_local_experts=E)
+    cfg._experts_implementation = impl
+    with torch.device("meta"):  # no throwaway weights
+        module = MixtralExperts(cfg)
+    module.gate_up_proj, module.down_proj = gate_up, down
+    return module
 
 
-def grouped_mm_available(device: str, dtype: torch.dtype) -> bool:
-    return (
-        hasattr(torch, "_grouped_mm")
-        and device.startswith("cuda")
-        and dtype == torch.bfloat16
-        and torch.cuda.get_device_capability() == (9, 0)
-    )
+def batched_mm_bytes(T: int, H: int, F_: int, k: int, dtype: torch.dtype) -> int:
+    """Memory of batched_mm's per-pair weight copies (gate_up + down) in one forward."""
+    return T * k * 3 * F_ * H * torch.empty((), dtype=dtype).element_size()
 
 
-def _step(layer, p: dict, mode: str):
-    if mode == "fwd":
+def _steps(T, H, F_, E, k, dtype, device, mode) -> tuple[dict, dict]:
+    """The timed callables of every implementation for one (case, dtype, mode), on shared weights and routing."""
+    p = make_params(T, H, F_, E, k, dtype, device)
+    train = mode != "fwd"
+    frozen = mode == "fwd+bwd frozen"
+    gate_up = torch.nn.Parameter(p["gate_up"], requires_grad=train and not frozen)
+    down = torch.nn.Parameter(p["down"], requires_grad=train and not frozen)
+    with torch.no_grad():
+        weights, experts = _route(h3fusion_ext, p)
+    x = p["x"].requires_grad_(train)
+    weights = weights.to(dtype).requires_grad_(train)  # transformers keeps routing weights in the model dtype
+    top_k_index = experts.long()
+    leaves = [t for t in (x, weights, gate_up, down) if t.requires_grad]
 
-        def run():
-            with torch.no_grad():
-                return layer(p)
+    def ours():
+        return h3fusion_ext.moe_ffn(x, weights, experts, gate_up, down)
 
-        return run
-    leaves = [p["x"], p["router"], p["gate_up"], p["down"]]
+    fns = {"ours": ours}
+    for impl in HF_IMPLS:
+        if impl == "batched_mm" and batched_mm_bytes(T, H, F_, k, dtype) * (2 if train else 1) > BATCHED_MM_MAX_BYTES:
+            continue
+        module = hf_experts(impl, gate_up, down)
+        fns[impl] = lambda m=module: m(x, top_k_index, weights)
 
-    def run_bwd():
-        y = layer(p)
-        return torch.autograd.grad(y, leaves, torch.ones_like(y))
+    def wrap(fn):
+        if not train:
 
-    return run_bwd
+            def run_fwd():
+                with torch.no_grad():
+                    return fn()
+
+            return run_fwd
+
+        def run_bwd():
+            y = fn()
+            return torch.autograd.grad(y, leaves, torch.ones_like(y))
+
+        return run_bwd
+
+    return {name: wrap(fn) for name, fn in fns.items()}, p
+
+
+def flops(T: int, H: int, F_: int, k: int, mode: str) -> float:
+    """Expert GEMM FLOPs: 6*T*k*H*F forward; backward 2x that, or 1x with frozen expert weights."""
+    fwd = 6.0 * T * k * H * F_
+    return fwd * {"fwd": 1.0, "fwd+bwd": 3.0, "fwd+bwd frozen": 2.0}[mode]
+
+
+def dense_mm_step(T: int, H: int, F_: int, k: int, dtype: torch.dtype, device: str):
+    """A plain dense `mm` of the layer's largest GEMM as one matrix: [T*k, H] @ [H, 2F]; returns (fn, flops)."""
+    g = torch.Generator(device=device).manual_seed(1)
+    a = torch.randn(T * k, H, device=device, generator=g).to(dtype)
+    w = torch.randn(2 * F_, H, device=device, generator=g).to(dtype)
+    return (lambda: torch.mm(a, w.t())), 2.0 * T * k * H * 2 * F_
 
 
 def _cases(device: str, quick: bool):
     if not device.startswith("cuda"):
-        for T, H, F_, E, k in CPU_CASES:
-            yield f"T{T}-H{H}-F{F_}-E{E}-k{k}", T, H, F_, E, k, torch.float32
+        for T, H, F_, E, k in CPU_CASES_QUICK if quick else CPU_CASES:
+            for dtype in (torch.float32, torch.bfloat16):
+                yield f"T{T}-H{H}-F{F_}-E{E}-k{k}", T, H, F_, E, k, dtype
         return
     for model, (H, F_, E, k) in GPU_MODELS.items():
         for T in GPU_TOKENS_QUICK if quick else GPU_TOKENS:
             yield f"{model} T={T}", T, H, F_, E, k, torch.bfloat16
 
 
-def collect(device: str, quick: bool) -> list[dict]:
-    """Rows: bench, case, impl, mode, dtype, median_ms, tflops, peak_mem_mb, speedup_vs_reference (+ shape)."""
+def collect(device: str, quick: bool, case_filter: str = "") -> list[dict]:
+    """Rows: bench, case, dtype, mode, <impl>_ms for ours and each transformers implementation, vs_best,
+    pct_of_dense, ours_gflops, dense_gflops, peak_mem_mb / eager_peak_mem_mb (fwd rows), plus the shape."""
     rows: list[dict] = []
     on_gpu = device.startswith("cuda")
+    budget = 1.0 if on_gpu else (4.0 if quick else 8.0)
+    repeats = 5 if quick else 9
     for case, T, H, F_, E, k, dtype in _cases(device, quick):
-        impls = {"ours": layer_ours, "reference": layer_reference}
-        if grouped_mm_available(device, dtype):
-            impls["torch._grouped_mm"] = layer_grouped_mm
-        for mode in ("fwd", "fwd+bwd"):
-            p = make_params(T, H, F_, E, k, dtype, device)
-            for key in ("x", "router", "gate_up", "down"):
-                p[key].requires_grad_(mode != "fwd")
-            # Keeps the whole GPU run (3 models x 4 token counts x 2 modes x 3 impls) under ~3 minutes.
-            budget = 1.0 if on_gpu else (4.0 if quick else 10.0)
-            steps = {impl: _step(layer, p, mode) for impl, layer in impls.items()}
-            timings = time_interleaved(
-                steps, device, warmup=1 if quick else 2, repeats=5 if quick else 11, budget_s=budget
-            )
-            case_rows = []
-            for impl, step in steps.items():
-                row = {
-                    "bench": "moe",
-                    "case": case,
-                    "impl": impl,
-                    "mode": mode,
-                    "dtype": str(dtype).split(".")[-1],
-                    "T": T,
-                    "H": H,
-                    "F": F_,
-                    "E": E,
-                    "k": k,
-                }
-                timing = timings[impl]
-                try:
-                    if isinstance(timing, Exception):
-                        raise timing
-                    row.update(timing)
-                    row["tflops"] = moe_flops(T, H, F_, E, k, mode != "fwd") / (timing["median_ms"] * 1e-3) / 1e12
-                    row["peak_mem_mb"] = peak_memory_mb(step, device)
-                except Exception as exc:  # one failing impl must not lose the other rows
-                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                case_rows.append(row)
-            ref_ms = next((r.get("median_ms") for r in case_rows if r["impl"] == "reference"), None)
-            for r in case_rows:
-                if ref_ms and r.get("median_ms"):
-                    r["speedup_vs_reference"] = ref_ms / r["median_ms"]
-            rows += case_rows
-            del p
+        if case_filter and case_filter not in case:
+            continue
+        dense_fn, dense_flops = dense_mm_step(T, H, F_, k, dtype, device)
+        for mode in MODES:
+            fns, _p = _steps(T, H, F_, E, k, dtype, device, mode)
+            if mode == "fwd":
+                fns["dense_mm"] = dense_fn
+            timings = time_interleaved(fns, device, warmup=2, repeats=repeats, budget_s=budget)
+            if mode == "fwd":
+                dense = timings.pop("dense_mm")
+                dense_rate = dense_flops / (dense["median_ms"] * 1e-3) if isinstance(dense, dict) else None
+            row = {"bench": "moe", "case": case, "dtype": str(dtype).split(".")[-1], "mode": mode}
+            row.update({"T": T, "H": H, "F": F_, "E": E, "k": k})
+            errors = []
+            for impl in ("ours",) + HF_IMPLS:
+                t = timings.get(impl)
+                if t is None:
+                    row[f"{impl}_ms"] = "skipped (memory)"
+                elif isinstance(t, Exception):
+                    errors.append(f"{impl}: {type(t).__name__}: {str(t).splitlines()[0][:120]}")
+                else:
+                    row[f"{impl}_ms"] = t["median_ms"]
+            others = [row[f"{i}_ms"] for i in HF_IMPLS if isinstance(row.get(f"{i}_ms"), float)]
+            ours_ms = row.get("ours_ms")
+            if isinstance(ours_ms, float):
+                rate = flops(T, H, F_, k, mode) / (ours_ms * 1e-3)
+                row["ours_gflops"] = rate / 1e9
+                if others:
+                    row["vs_best"] = min(others) / ours_ms
+                if dense_rate:
+                    row["dense_gflops"] = dense_rate / 1e9
+                    row["pct_of_dense"] = 100.0 * rate / dense_rate
+            if mode == "fwd":
+                for impl in ("ours", "eager"):
+                    if impl in fns:
+                        key = "peak_mem_mb" if impl == "ours" else "eager_peak_mem_mb"
+                        row[key] = peak_memory_mb(fns[impl], device)
+            if errors:
+                row["error"] = "; ".join(errors)
+            rows.append(row)
+            del fns, _p
             if on_gpu:
                 torch.cuda.empty_cache()
     return rows
+
+
+TABLE_COLUMNS = [
+    "case", "dtype", "mode", "ours_ms", "eager_ms", "grouped_mm_ms", "batched_mm_ms", "vs_best", "pct_of_dense",
+    "peak_mem_mb", "eager_peak_mem_mb", "error",
+]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="moe_ffn vs transformers' experts implementations")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--case", default="", help="only cases whose name contains this")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = collect(args.device, args.quick, args.case)
+    print(format_table(rows, [c for c in TABLE_COLUMNS if any(c in r for r in rows)]))
+
+
+if __name__ == "__main__":
+    main()

@@ -26,12 +26,20 @@ BENCH_MODULES = {
 COLUMNS = [
     "case",
     "impl",
+    "dtype",
     "mode",
+    "ours_ms",
+    "eager_ms",
+    "grouped_mm_ms",
+    "batched_mm_ms",
+    "vs_best",
+    "pct_of_dense",
     "median_ms",
     "tflops",
     "gbps",
     "pct_of_ceiling",
     "peak_mem_mb",
+    "eager_peak_mem_mb",
     "speedup_vs_reference",
     "speedup_vs_eager",
     "time_vs_materialized",
@@ -52,7 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument("--only", type=comma_names(), default=None, help="comma-separated benches (default: all)")
     parser.add_argument("--out", default="bench_results.json", help="JSON output path (default: %(default)s)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for torch (default: 2 on the CPU, torch's choice on CUDA)",
+    )
 
 
 def _add_ceiling_pct(rows: list[dict], ceiling: dict[str, float]) -> None:
@@ -77,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
     except OutputDirError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (2 if args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     ceiling = measure_ceiling(args.device)
     report = {
         "device": device_name(args.device),

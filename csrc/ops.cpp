@@ -37,14 +37,19 @@ TORCH_LIBRARY(h3fusion, m) {
   // ---- fused expert FFN -----------------------------------------------------------------------------------------
   // x[T,H], weights[T,k] (fp32 or x.dtype), experts[T,k] int32, gate_up_proj[E,2F,H], down_proj[E,H,F]
   //   -> y[T,H] (x.dtype), and what backward needs: sorted_pairs, pair_rows, expert_offsets (as moe_route_plan),
-  //      gate_up_out[T*k,2F] (x.dtype, expert-sorted rows, pre-activation).
+  //      gate_up_out[T*k,2F] (x.dtype, expert-sorted rows, pre-activation; [0,2F] when save_pre_activation is
+  //      false, i.e. no backward will follow: the forward then keeps only per-expert scratch).
   // Expert ids outside [0, E): the CPU raises; on CUDA (no host sync) such a pair contributes zero to y and gets
   // zero gradient (its gate_up_out row is zero), as reference.moe_ffn, which skips it.
-  m.def("moe_ffn_forward(Tensor x, Tensor weights, Tensor experts, Tensor gate_up_proj, Tensor down_proj) -> "
+  m.def("moe_ffn_forward(Tensor x, Tensor weights, Tensor experts, Tensor gate_up_proj, Tensor down_proj, "
+        "bool save_pre_activation=True) -> "
         "(Tensor y, Tensor sorted_pairs, Tensor pair_rows, Tensor expert_offsets, Tensor gate_up_out)");
   // -> grad_x[T,H], grad_weights[T,k] (weights.dtype), grad_gate_up_proj[E,2F,H], grad_down_proj[E,H,F].
+  // output_mask (x, weights, gate_up_proj, down_proj): a false entry skips that gradient's work (frozen experts:
+  // no weight-gradient GEMMs; weights: no per-pair dot products) and returns an undefined tensor (None) for it.
   m.def("moe_ffn_backward(Tensor grad_y, Tensor x, Tensor weights, Tensor gate_up_proj, Tensor down_proj, "
-        "Tensor sorted_pairs, Tensor pair_rows, Tensor expert_offsets, Tensor gate_up_out) -> "
+        "Tensor sorted_pairs, Tensor pair_rows, Tensor expert_offsets, Tensor gate_up_out, "
+        "bool[4] output_mask=[True, True, True, True]) -> "
         "(Tensor grad_x, Tensor grad_weights, Tensor grad_gate_up_proj, Tensor grad_down_proj)");
 
   // ---- linear log-prob ------------------------------------------------------------------------------------------
@@ -53,8 +58,10 @@ TORCH_LIBRARY(h3fusion, m) {
   m.def("linear_logprob_forward(Tensor hidden, Tensor weight, Tensor targets, int ignore_index) -> "
         "(Tensor logp, Tensor lse)");
   // grad_logp[N], grad_lse[N] -> grad_hidden[N,H], grad_weight[V,H]; recomputes logits per chunk.
+  // output_mask (hidden, weight): a false entry skips that gradient's GEMMs (a frozen lm_head: no grad_weight) and
+  // returns an undefined tensor (None) for it.
   m.def("linear_logprob_backward(Tensor grad_logp, Tensor grad_lse, Tensor hidden, Tensor weight, Tensor targets, "
-        "Tensor lse, int ignore_index) -> (Tensor grad_hidden, Tensor grad_weight)");
+        "Tensor lse, int ignore_index, bool[2] output_mask=[True, True]) -> (Tensor grad_hidden, Tensor grad_weight)");
 
   // ---- build facts -------------------------------------------------------------------------------------------
   m.def("has_cuda_kernels() -> bool");

@@ -28,7 +28,7 @@ def _forward_fake(hidden, weight, targets, ignore_index):
 
 
 @torch.library.register_fake("h3fusion::linear_logprob_backward")
-def _backward_fake(grad_logp, grad_lse, hidden, weight, targets, lse, ignore_index):
+def _backward_fake(grad_logp, grad_lse, hidden, weight, targets, lse, ignore_index, output_mask=(True, True)):
     check_same_device(
         "linear_logprob_backward",
         "hidden",
@@ -39,8 +39,10 @@ def _backward_fake(grad_logp, grad_lse, hidden, weight, targets, lse, ignore_ind
         targets=targets,
         lse=lse,
     )
-    return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(
-        weight, memory_format=torch.contiguous_format
+    # A gradient left out by output_mask is an undefined tensor (None), as in the real kernels.
+    return tuple(
+        torch.empty_like(t, memory_format=torch.contiguous_format) if need else None
+        for t, need in zip((hidden, weight), output_mask, strict=True)
     )
 
 
@@ -54,20 +56,18 @@ def _setup_context(ctx, inputs, output):
 @once_differentiable("linear_logprob")
 def _backward(ctx, grad_logp, grad_lse):
     hidden, weight, targets, lse = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]  # a frozen lm_head skips the grad_weight GEMMs
+    if not any(mask):
+        return None, None, None, None
     # An output that did not reach the loss has no gradient; it contributes nothing.
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
     if grad_lse is None:
         grad_lse = torch.zeros_like(lse)
     grad_hidden, grad_weight = ops.linear_logprob_backward(
-        grad_logp.contiguous(), grad_lse.contiguous(), hidden, weight, targets, lse, ctx.ignore_index
+        grad_logp.contiguous(), grad_lse.contiguous(), hidden, weight, targets, lse, ctx.ignore_index, mask
     )
-    return (
-        grad_hidden if ctx.needs_input_grad[0] else None,
-        grad_weight if ctx.needs_input_grad[1] else None,
-        None,
-        None,
-    )
+    return grad_hidden, grad_weight, None, None
 
 
 torch.library.register_autograd("h3fusion::linear_logprob_forward", _backward, setup_context=_setup_context)

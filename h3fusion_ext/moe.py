@@ -117,7 +117,9 @@ def moe_ffn(
             outside [0, E).
     """
     check_no_forward_ad_or_func_grad("moe_ffn", x, weights, gate_up_proj, down_proj)
-    return ops.moe_ffn_forward(x, weights, experts, gate_up_proj, down_proj)[0]
+    # Without autograd the op keeps no [T*k, 2F] pre-activation (it only exists for the backward).
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up_proj, down_proj))
+    return ops.moe_ffn_forward(x, weights, experts, gate_up_proj, down_proj, save)[0]
 
 
 # ---- fake (meta) kernels: every shape here is static ----------------------------------------------------------
@@ -146,7 +148,7 @@ def _moe_combine_fake(rows, weights, pair_rows):
 
 
 @torch.library.register_fake("h3fusion::moe_ffn_forward")
-def _moe_ffn_forward_fake(x, weights, experts, gate_up_proj, down_proj):
+def _moe_ffn_forward_fake(x, weights, experts, gate_up_proj, down_proj, save_pre_activation=True):
     check_same_device(
         "moe_ffn", "x", x, weights=weights, experts=experts, gate_up_proj=gate_up_proj, down_proj=down_proj
     )
@@ -156,12 +158,14 @@ def _moe_ffn_forward_fake(x, weights, experts, gate_up_proj, down_proj):
         experts.new_empty((P,), dtype=torch.int32),
         experts.new_empty((P,), dtype=torch.int32),
         experts.new_empty((gate_up_proj.shape[0] + 1,), dtype=torch.int64),
-        x.new_empty((P, gate_up_proj.shape[1])),
+        x.new_empty((P if save_pre_activation else 0, gate_up_proj.shape[1])),
     )
 
 
 @torch.library.register_fake("h3fusion::moe_ffn_backward")
-def _moe_ffn_backward_fake(grad_y, x, weights, gate_up_proj, down_proj, sorted_pairs, pair_rows, offsets, gate_up_out):
+def _moe_ffn_backward_fake(
+    grad_y, x, weights, gate_up_proj, down_proj, sorted_pairs, pair_rows, offsets, gate_up_out, output_mask=(True,) * 4
+):
     check_same_device(
         "moe_ffn_backward",
         "x",
@@ -175,14 +179,16 @@ def _moe_ffn_backward_fake(grad_y, x, weights, gate_up_proj, down_proj, sorted_p
         expert_offsets=offsets,
         gate_up_out=gate_up_out,
     )
-    return torch.empty_like(x), torch.empty_like(weights), torch.empty_like(gate_up_proj), torch.empty_like(down_proj)
+    # A gradient left out by output_mask is an undefined tensor (None), as in the real kernels.
+    like = (x, weights, gate_up_proj, down_proj)
+    return tuple(torch.empty_like(t) if need else None for t, need in zip(like, output_mask, strict=True))
 
 
 # ---- autograd -------------------------------------------------------------------------------------------------
 
 
 def _moe_ffn_setup(ctx, inputs, output):
-    x, weights, _experts, gate_up_proj, down_proj = inputs
+    x, weights, _experts, gate_up_proj, down_proj = inputs[:5]
     _y, sorted_pairs, pair_rows, offsets, gate_up_out = output
     ctx.mark_non_differentiable(sorted_pairs, pair_rows, offsets, gate_up_out)  # plan + saved activation only
     ctx.save_for_backward(x, weights, gate_up_proj, down_proj, sorted_pairs, pair_rows, offsets, gate_up_out)
@@ -190,17 +196,14 @@ def _moe_ffn_setup(ctx, inputs, output):
 
 @once_differentiable("moe_ffn")
 def _moe_ffn_backward(ctx, grad_y, *_unused):
-    if grad_y is None:
-        return None, None, None, None, None
-    grad_x, grad_w, grad_gu, grad_down = ops.moe_ffn_backward(grad_y, *ctx.saved_tensors)
     need = ctx.needs_input_grad
-    return (
-        grad_x if need[0] else None,
-        grad_w if need[1] else None,
-        None,
-        grad_gu if need[3] else None,
-        grad_down if need[4] else None,
-    )
+    # x, weights, gate_up_proj, down_proj: the kernel computes only these (frozen experts skip their GEMMs,
+    # routing weights without grad skip the per-pair dot products) and returns None for the rest.
+    mask = [need[0], need[1], need[3], need[4]]
+    if grad_y is None or not any(mask):
+        return (None,) * len(need)
+    grad_x, grad_w, grad_gu, grad_down = ops.moe_ffn_backward(grad_y, *ctx.saved_tensors, mask)
+    return (grad_x, grad_w, None, grad_gu, grad_down) + (None,) * (len(need) - 5)
 
 
 torch.library.register_autograd("h3fusion::moe_ffn_forward", _moe_ffn_backward, setup_context=_moe_ffn_setup)

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -172,7 +173,7 @@ std::tuple<Tensor, Tensor> linear_logprob_forward_cpu(const Tensor& hidden, cons
 std::tuple<Tensor, Tensor> linear_logprob_backward_cpu(const Tensor& grad_logp, const Tensor& grad_lse,
                                                        const Tensor& hidden, const Tensor& weight,
                                                        const Tensor& targets, const Tensor& lse,
-                                                       int64_t ignore_index) {
+                                                       int64_t ignore_index, std::array<bool, 2> output_mask) {
   lp::check_inputs(hidden, weight, targets);
   TORCH_CHECK(hidden.device().is_cpu(), "hidden must be a CPU tensor for the CPU kernel, got ", hidden.device());
   lp::check_row_vector(grad_logp, "grad_logp", hidden);
@@ -187,6 +188,7 @@ std::tuple<Tensor, Tensor> linear_logprob_backward_cpu(const Tensor& grad_logp, 
   const Tensor ls = lse.to(acc).contiguous();
 
   std::tuple<Tensor, Tensor> grads;
+  if (!output_mask[0] && !output_mask[1]) return grads;  // nothing asked for: both undefined
   AT_DISPATCH_FLOATING_TYPES(acc, "linear_logprob_backward_cpu", [&] {
     using acc_t = scalar_t;
     // Per row: g = grad_logp (0 on ignored rows, whose log-prob is the constant 0) and coef = grad_lse - g, so that
@@ -204,7 +206,7 @@ std::tuple<Tensor, Tensor> linear_logprob_backward_cpu(const Tensor& grad_logp, 
       }
     });
 
-    grads = lp::backward_chunks(h, w, acc, acc, [&](Tensor& logits, int64_t r0, int64_t v0) -> Tensor {
+    grads = lp::backward_chunks(h, w, acc, acc, output_mask, [&](Tensor& logits, int64_t r0, int64_t v0) -> Tensor {
       const int64_t r = logits.size(0), c = logits.size(1);
       acc_t* d = logits.data_ptr<acc_t>();
       const acc_t* lsp = ls.data_ptr<acc_t>();

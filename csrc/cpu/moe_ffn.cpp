@@ -1,9 +1,13 @@
-// CPU fused expert FFN: plan -> gather -> per-expert gate/up GEMM with SiLU-and-mul right after -> per-expert down
-// GEMM -> weighted combine; and its backward, which recomputes the activation from the saved pre-activation.
+// CPU fused expert FFN: plan -> per expert: gather -> gate/up GEMM -> SwiGLU -> down GEMM -> weighted sum into y;
+// and its backward, which recomputes the activation from the saved pre-activation and computes only the gradients
+// that output_mask asks for.
 //
-// Every GEMM writes straight into a row slice of one expert-sorted buffer (or an expert's slice of a weight
-// gradient), so nothing is allocated per expert. Threads: many small experts run one expert per thread (each GEMM
-// single-threaded inside the parallel region); few large experts run one after another with BLAS's own threads.
+// Threads: few large experts run one after another, each GEMM with all of BLAS's threads and the row passes with
+// at::parallel_for; many small experts run one group of experts per thread (single-threaded GEMMs inside the
+// parallel region). Memory: every scratch buffer is per expert (or per row block of an expert) and per thread, so a
+// forward without autograd holds only y and one block of scratch; only the training forward keeps the [T*k, 2F]
+// pre-activation for the backward.
+// The SwiGLU row passes use an exp written to vectorise, compiled for three ISA levels (the loader picks the best).
 #include "moe_cpu.h"
 
 #include <ATen/ATen.h>
@@ -19,10 +23,15 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
+#include <array>
 #include <cmath>
-#include <cstdlib>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -68,13 +77,13 @@ Dims check_ffn_args(const at::Tensor& x, const at::Tensor& weights, const at::Te
   return {T, H, k, E, F};
 }
 
-// Calls fn(e, row_begin, rows) for every expert. Parallel mode hands each thread a contiguous group of experts
-// with about the same number of rows; serial mode leaves the threads to BLAS and the elementwise loops.
+// Calls fn(slot, e, row_begin, rows) for every expert. Parallel mode hands each thread a contiguous group of experts
+// with about the same number of rows (slot = the group, for per-thread scratch); serial mode (slot 0) leaves the
+// threads to BLAS and the row passes.
 template <typename Fn>
-void for_each_expert(const int64_t* off, int64_t E, bool parallel, const Fn& fn) {
-  const int64_t nt = parallel ? std::min<int64_t>(at::get_num_threads(), E) : 1;
+void for_each_expert(const int64_t* off, int64_t E, int64_t nt, const Fn& fn) {
   if (nt <= 1) {
-    for (int64_t e = 0; e < E; ++e) fn(e, off[e], off[e + 1] - off[e]);
+    for (int64_t e = 0; e < E; ++e) fn(int64_t(0), e, off[e], off[e + 1] - off[e]);
     return;
   }
   auto cost = [&](int64_t e) {
@@ -95,7 +104,7 @@ void for_each_expert(const int64_t* off, int64_t E, bool parallel, const Fn& fn)
   at::parallel_for(0, nt, 1, [&](int64_t gb, int64_t ge) {
     const at::ThreadLocalStateGuard tls_guard(tls);
     for (int64_t gi = gb; gi < ge; ++gi)
-      for (int64_t e = bounds[gi]; e < bounds[gi + 1]; ++e) fn(e, off[e], off[e + 1] - off[e]);
+      for (int64_t e = bounds[gi]; e < bounds[gi + 1]; ++e) fn(gi, e, off[e], off[e + 1] - off[e]);
   });
 }
 
@@ -105,19 +114,29 @@ int64_t max_rows(const int64_t* off, int64_t E) {
   return m;
 }
 
-bool use_expert_threads(const int64_t* off, int64_t E) {
+// Many small experts (decided by the shape alone, so that results never depend on the thread count): experts are
+// spread over threads, one group per thread, each GEMM single-threaded. Otherwise serial mode: experts one after
+// another, BLAS threads inside each GEMM.
+bool expert_parallel_mode(const int64_t* off, int64_t E) {
   int64_t active = 0;
   for (int64_t e = 0; e < E; ++e) active += off[e + 1] > off[e];
-  const int64_t rows = off[E];
-  return active > 1 && rows < kRowsPerExpertForBlasThreads * active;
+  return active > 1 && off[E] < kRowsPerExpertForBlasThreads * active;
+}
+
+// Thread groups for for_each_expert: 1 in serial mode.
+int64_t expert_thread_count(const int64_t* off, int64_t E) {
+  return expert_parallel_mode(off, E) ? std::min<int64_t>(at::get_num_threads(), E) : 1;
 }
 
 // A fresh CPU buffer for a large output or scratch tensor. Buffers this big come straight from mmap, so every call
 // would otherwise take one page fault per 4 KiB on first touch (tens of ms for the [T*k, 2F] pre-activation); asking
 // for transparent huge pages (in "madvise" mode on most distributions) cuts that 512-fold. Advisory only: the kernel
-// may ignore it, and the contents are written before they are read either way.
-at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+// may ignore it, and the contents are written before they are read either way. Measured: a clear gain when few large
+// experts fill the buffers in order (serial mode), but bimodal call times (2-3x) when many small experts are filled
+// by several threads at once; so only `huge` callers (serial mode) ask.
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options, bool huge) {
   at::Tensor t = at::empty(sizes, options);
+  if (!huge) return t;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
@@ -128,6 +147,26 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
     madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
   return t;
+}
+
+// Why speed used to depend on warm-up and on what ran before in the process: glibc serves blocks above a *dynamic*
+// threshold (128 KiB at start, raised to the size of every large block freed, up to 32 MiB) with fresh mmap'ed pages
+// that fault in on first touch, and returns freed heap tops to the OS above a trim threshold that moves with it. So
+// the first calls of a process paid page faults on every buffer, and later ones (or ones after another
+// implementation had freed big blocks) reused heap memory. Fixing both thresholds once, at the first call, makes every
+// call alike (blocks up to 32 MiB are reused from the heap from the start). Process-wide, like any allocator setting;
+// H3FUSION_NO_MALLOC_TUNING=1 leaves glibc's defaults alone.
+void tune_malloc_once() {
+#if defined(__GLIBC__)
+  static const bool done = [] {
+    if (std::getenv("H3FUSION_NO_MALLOC_TUNING") == nullptr) {
+      mallopt(M_MMAP_THRESHOLD, 32 << 20);
+      mallopt(M_TRIM_THRESHOLD, 256 << 20);
+    }
+    return true;
+  }();
+  (void)done;
+#endif
 }
 
 // out = a @ b, written into a view (a row slice of a buffer, or one expert's slice of a gradient).
@@ -187,64 +226,302 @@ H3F_ISA_CLONES void skinny_gemm_nt(
   }
 }
 
-// out[n, M] = a[n, K] @ w[M, K]^T for contiguous row blocks: the skinny kernel for few fp32 rows, BLAS otherwise.
+// out[n, M] = a[n, K] @ w[M, K]^T for row blocks (rows of `a` may be strided, as the activation written over the
+// gate half of the pre-activation is): the skinny kernel for few fp32 rows, BLAS otherwise. The choice depends on
+// the shape only, so a forward with and without a saved pre-activation computes the same bits.
 void linear_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w) {
   const int64_t n = a.size(0);
-  if (a.scalar_type() == at::kFloat && n <= kSkinnyMaxRows && a.is_contiguous() && w.is_contiguous() &&
+  if (a.scalar_type() == at::kFloat && n <= kSkinnyMaxRows && a.stride(1) == 1 && w.is_contiguous() &&
       out.is_contiguous()) {
-    skinny_gemm_nt(a.const_data_ptr<float>(), a.size(1), n, w.const_data_ptr<float>(), w.size(0), w.size(1),
+    skinny_gemm_nt(a.const_data_ptr<float>(), a.stride(0), n, w.const_data_ptr<float>(), w.size(0), w.size(1),
                    out.mutable_data_ptr<float>(), out.size(1));
     return;
   }
   mm_into(out, a, w.t());
 }
 
-template <typename acc_t>
-inline acc_t sigmoid(acc_t g) {
-  return acc_t(1) / (acc_t(1) + std::exp(-g));
+// ---- SwiGLU row passes ------------------------------------------------------------------------------------------
+// fp32 and bf16 rows run on GCC vector-extension types of 16 floats (one AVX-512 register; two or four on older
+// ISAs), so that the selects of exp/sigmoid and the bf16 rounding vectorise whatever the compiler's auto-vectoriser
+// decides; each row function is compiled for three ISA levels. fp64 (tests, gradcheck) and fp16 run a scalar loop.
+// Results do not depend on the ISA level: every lane does the same operations (no FMA contraction differences
+// across clones matter for determinism, since one machine always picks the same clone).
+#define H3F_INLINE inline __attribute__((always_inline))
+#define H3F_ROW_FN __attribute__((noinline)) H3F_ISA_CLONES
+
+constexpr int64_t kLanes = 16;
+// The 64-byte vector types never cross a call boundary of another translation unit: GCC's ABI note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+typedef uint32_t vuint __attribute__((vector_size(64)));
+typedef uint16_t vhalfword __attribute__((vector_size(32)));
+
+template <typename scalar_t>
+constexpr bool kVectorRows = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+H3F_INLINE vfloat splat(float v) { return vfloat{} + v; }
+
+// exp(x) with x clamped to [-87, 88]: Cody-Waite reduction x = n ln2 + r, a degree-6 polynomial for e^r (Cephes
+// coefficients), 2^n built in the exponent bits. Relative error about 1e-7.
+H3F_INLINE vfloat vexp(vfloat x) {
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  x = x > splat(88.0f) ? splat(88.0f) : x;
+  const vfloat t = x * 1.44269504088896341f + 12582912.0f;  // round(x / ln2) in the low mantissa bits
+  const vfloat n = t - 12582912.0f;
+  const vfloat r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  vfloat p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vint bits = (((vint)t) - 0x4B400000 + 127) << 23;
+  return p * (vfloat)bits;
 }
 
-// fp32/fp64 take the sigmoid from ATen's runtime-dispatched vectorised kernel (this file is compiled for the
-// baseline ISA, where a scalar exp() per element would cost as much as a small GEMM); bf16/fp16 compute it inline in
-// fp32 so the activation is rounded once.
-template <typename scalar_t>
-constexpr bool kAtenSigmoid = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+H3F_INLINE vfloat vsigmoid(vfloat g) { return 1.0f / (1.0f + vexp(-g)); }
 
-// sig[r, f] = sigmoid(h[r, f]) over the gate half of a block of pre-activation rows h[n, 2F].
-// Threads split the rows here, never inside a row: left to itself, TensorIterator cuts the element range wherever
-// the thread count says, and an element in a vectorised chunk and in a scalar tail can differ in the last bit, so
-// y would depend on torch.get_num_threads(). Inside a parallel region each call below runs on one thread.
-void sigmoid_of_gate(const at::Tensor& h, at::Tensor sig) {
-  const int64_t n = h.size(0), F = h.size(1) / 2;
-  at::parallel_for(0, n, std::max<int64_t>(1, 8192 / std::max<int64_t>(F, 1)), [&](int64_t b, int64_t e) {
-    at::Tensor out = sig.narrow(0, b, e - b);
-    at::sigmoid_out(out, h.narrow(0, b, e - b).narrow(1, 0, F));
-  });
+template <typename scalar_t>
+H3F_INLINE vfloat vload(const scalar_t* p) {
+  vfloat v;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::memcpy(&v, p, sizeof(v));
+  } else {
+    vhalfword h;
+    std::memcpy(&h, p, sizeof(h));
+    v = (vfloat)(__builtin_convertvector(h, vuint) << 16);
+  }
+  return v;
 }
 
-// act[r, f] = silu(h[r, f]) * h[r, F + f] for a block of n rows; for kAtenSigmoid types `act` already holds
-// sigmoid(h[r, f]).
+// bf16: round to nearest even, NaN stays NaN (c10::BFloat16's rounding).
 template <typename scalar_t>
-void silu_mul_rows(const scalar_t* h, scalar_t* act, int64_t n, int64_t F) {
+H3F_INLINE void vstore(scalar_t* p, vfloat v) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::memcpy(p, &v, sizeof(v));
+  } else {
+    const vuint u = (vuint)v;
+    const vuint rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const vuint bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? vuint{} + 0x7FC0u : rounded;
+    const vhalfword h = __builtin_convertvector(bits, vhalfword);
+    std::memcpy(p, &h, sizeof(h));
+  }
+}
+
+// Rounds to scalar_t and back (what a stored and reloaded value is).
+template <typename scalar_t>
+H3F_INLINE vfloat vround(vfloat v) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return v;
+  } else {
+    scalar_t tmp[kLanes];
+    vstore(tmp, v);
+    return vload(tmp);
+  }
+}
+
+// Scalar twins for the tails and for fp64/fp16.
+inline float sigmoid(float g) {
+  const float x = std::fmin(std::fmax(-g, -87.0f), 88.0f);
+  return 1.0f / (1.0f + std::exp(x));
+}
+inline double sigmoid(double g) { return 1.0 / (1.0 + std::exp(-g)); }
+
+template <typename scalar_t>
+H3F_INLINE at::opmath_type<scalar_t> load(scalar_t v) {
+  return static_cast<at::opmath_type<scalar_t>>(v);
+}
+template <typename scalar_t>
+H3F_INLINE scalar_t store(at::opmath_type<scalar_t> v) {
+  return static_cast<scalar_t>(v);
+}
+
+// out[f] = silu(g[f]) * u[f] for one row (out may be gate: then the activation overwrites the gate half in place;
+// every element is read before it is written).
+template <typename scalar_t>
+H3F_ROW_FN void swiglu_row(const scalar_t* gate, const scalar_t* up, scalar_t* out, int64_t F) {
+  int64_t f = 0;
+  if constexpr (kVectorRows<scalar_t>) {
+    for (; f + kLanes <= F; f += kLanes) {
+      const vfloat g = vload(gate + f);
+      vstore(out + f, g * vsigmoid(g) * vload(up + f));
+    }
+  }
+  for (; f < F; ++f) {
+    const auto g = load(gate[f]);
+    out[f] = store<scalar_t>(g * sigmoid(g) * load(up[f]));
+  }
+}
+
+// Backward of one row, with h = [g | u] the saved pre-activation, U = grad_y row @ W_down[e] and w the routing weight:
+//   a = silu(g) u;  grad_w = U . a;  dA = w U;  du = dA silu(g);  dg = dA u silu'(g),  silu'(g) = s (1 + g (1 - s)).
+// `ua` holds U on entry (when kDH or kGW) and the activation a on return (when kWriteA): read and written at the same
+// index, so one buffer serves both. a is rounded to scalar_t before the dot product, as grad_down sees it. The dot
+// product sums in 16 fixed lanes, then a fixed tree: the same order every run.
+template <typename scalar_t, bool kDH, bool kGW, bool kWriteA>
+H3F_ROW_FN void swiglu_backward_row(const scalar_t* __restrict__ hr, scalar_t* ua, scalar_t* __restrict__ dr,
+                                    at::opmath_type<scalar_t> w, at::opmath_type<scalar_t>* grad_w, int64_t F) {
   using acc_t = at::opmath_type<scalar_t>;
+  acc_t dot = 0;
+  int64_t f = 0;
+  if constexpr (kVectorRows<scalar_t>) {
+    vfloat vdot{};
+    for (; f + kLanes <= F; f += kLanes) {
+      const vfloat g = vload(hr + f), u = vload(hr + F + f);
+      const vfloat s = vsigmoid(g), silu = g * s;
+      const vfloat a = vround<scalar_t>(silu * u);
+      vfloat U{};
+      if constexpr (kDH || kGW) U = vload(ua + f);
+      if constexpr (kGW) vdot += U * a;
+      if constexpr (kDH) {
+        const vfloat dA = w * U;
+        vstore(dr + f, dA * u * s * (1.0f + g * (1.0f - s)));
+        vstore(dr + F + f, dA * silu);
+      }
+      if constexpr (kWriteA) vstore(ua + f, a);
+    }
+    if constexpr (kGW) {
+      float lanes[kLanes];
+      std::memcpy(lanes, &vdot, sizeof(lanes));
+      for (int64_t half = kLanes / 2; half >= 1; half /= 2)
+        for (int64_t l = 0; l < half; ++l) lanes[l] += lanes[l + half];
+      dot = lanes[0];
+    }
+  }
+  for (; f < F; ++f) {
+    const acc_t g = load(hr[f]), u = load(hr[F + f]);
+    const acc_t s = sigmoid(g), silu = g * s;
+    const acc_t a = load(store<scalar_t>(silu * u));
+    acc_t U = 0;
+    if constexpr (kDH || kGW) U = load(ua[f]);
+    if constexpr (kGW) dot += U * a;
+    if constexpr (kDH) {
+      const acc_t dA = w * U;
+      dr[f] = store<scalar_t>(dA * u * s * (acc_t(1) + g * (acc_t(1) - s)));
+      dr[F + f] = store<scalar_t>(dA * silu);
+    }
+    if constexpr (kWriteA) ua[f] = store<scalar_t>(a);
+  }
+  if constexpr (kGW) *grad_w = dot;
+}
+
+// g[i] *= w, rounded once.
+template <typename scalar_t>
+H3F_ROW_FN void scale_row(scalar_t* __restrict__ g, at::opmath_type<scalar_t> w, int64_t n) {
+  int64_t i = 0;
+  if constexpr (kVectorRows<scalar_t>)
+    for (; i + kLanes <= n; i += kLanes) vstore(g + i, w * vload(g + i));
+  for (; i < n; ++i) g[i] = store<scalar_t>(w * load(g[i]));
+}
+
+// dst[i] += w * src[i] in the accumulation dtype.
+template <typename scalar_t, typename acc_t>
+H3F_ROW_FN void accumulate_row(acc_t* __restrict__ dst, const scalar_t* __restrict__ src, acc_t w, int64_t n) {
+  int64_t i = 0;
+  if constexpr (kVectorRows<scalar_t>) {
+    for (; i + kLanes <= n; i += kLanes) {
+      vfloat d;
+      std::memcpy(&d, dst + i, sizeof(d));
+      d += w * vload(src + i);
+      std::memcpy(dst + i, &d, sizeof(d));
+    }
+  }
+  for (; i < n; ++i) dst[i] += w * load(src[i]);
+}
+
+// act[r, :] = silu(h[r, :F]) * h[r, F:] for n rows of h[n, 2F]; act == h writes the activation over the gate half.
+template <typename scalar_t>
+void swiglu_rows(scalar_t* h, scalar_t* act, int64_t ld_act, int64_t n, int64_t F) {
   at::parallel_for(0, n, std::max<int64_t>(1, 8192 / std::max<int64_t>(F, 1)), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      const scalar_t* __restrict__ hr = h + r * 2 * F;
-      scalar_t* __restrict__ ar = act + r * F;
-      for (int64_t f = 0; f < F; ++f) {
-        const acc_t g = static_cast<acc_t>(hr[f]);
-        const acc_t sg = kAtenSigmoid<scalar_t> ? static_cast<acc_t>(ar[f]) : sigmoid(g);
-        ar[f] = static_cast<scalar_t>(g * sg * static_cast<acc_t>(hr[F + f]));
-      }
+      scalar_t* hr = h + r * 2 * F;
+      swiglu_row(hr, hr + F, act == h ? hr : act + r * ld_act, F);
     }
   });
 }
 
+// The backward row pass over the n rows of one expert (pointers at its first row): rows r of the expert are pairs
+// sp[r] with routing weight w_pair[sp[r]]; grad_w_pair[sp[r]] gets the dot product; gy rows are scaled by w in place
+// when `scale_gy` (for grad_down).
+template <typename scalar_t, bool kDH, bool kGW, bool kWriteA>
+void swiglu_backward_rows(const scalar_t* h, scalar_t* ua, scalar_t* dh, const int32_t* sp,
+                          const at::opmath_type<scalar_t>* w_pair, at::opmath_type<scalar_t>* grad_w_pair,
+                          scalar_t* gy, bool scale_gy, int64_t n, int64_t F, int64_t H) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(F, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t p = sp[r];
+      const acc_t w = w_pair[p];
+      swiglu_backward_row<scalar_t, kDH, kGW, kWriteA>(h + r * 2 * F, ua + r * F, kDH ? dh + r * 2 * F : nullptr, w,
+                                                       kGW ? grad_w_pair + p : nullptr, F);
+      if (scale_gy) scale_row(gy + r * H, w, H);
+    }
+  });
+}
+
+template <typename scalar_t>
+void swiglu_backward_dispatch(bool dh, bool gw, bool write_a, const scalar_t* h, scalar_t* ua, scalar_t* dhp,
+                              const int32_t* sp, const at::opmath_type<scalar_t>* w_pair,
+                              at::opmath_type<scalar_t>* grad_w_pair, scalar_t* gy, bool scale_gy, int64_t n,
+                              int64_t F, int64_t H) {
+#define H3F_BWD(DH, GW, WA) \
+  return swiglu_backward_rows<scalar_t, DH, GW, WA>(h, ua, dhp, sp, w_pair, grad_w_pair, gy, scale_gy, n, F, H)
+  if (dh) {
+    if (gw) {
+      if (write_a) H3F_BWD(true, true, true);
+      H3F_BWD(true, true, false);
+    }
+    if (write_a) H3F_BWD(true, false, true);
+    H3F_BWD(true, false, false);
+  }
+  if (gw) {
+    if (write_a) H3F_BWD(false, true, true);
+    H3F_BWD(false, true, false);
+  }
+  H3F_BWD(false, false, true);  // only the activation (grad_down alone)
+#undef H3F_BWD
+}
+
+// dst[i] = x[sp[i] / k] for n rows (dst contiguous [n, H]).
+void gather_into(const at::Tensor& dst, const at::Tensor& x, const int32_t* sp, int64_t n, int64_t k) {
+  const int64_t row_bytes = x.size(1) * x.element_size();
+  const auto* src = static_cast<const char*>(x.const_data_ptr());
+  auto* out = static_cast<char*>(dst.mutable_data_ptr());
+  // A chunk copies at least 1 MiB: an expert block's gather is one memcpy loop, not a parallel region to wait on.
+  at::parallel_for(0, n, std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(row_bytes, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) std::memcpy(out + i * row_bytes, src + (sp[i] / k) * row_bytes, row_bytes);
+  });
+}
+
+// acc[t, :] += w_pair[p] * o[i, :] for the n rows i of a block, p = sp[i], t = p / k. Split by columns over threads
+// (a token may hold two rows of one expert), so every element is summed in expert order: deterministic.
+template <typename scalar_t, typename acc_t>
+void accumulate_rows(acc_t* acc, const scalar_t* o, const int32_t* sp, const acc_t* w_pair, int64_t n, int64_t k,
+                     int64_t H) {
+  // A chunk sums at least 2^18 elements (a parallel region costs more than that on a busy machine).
+  at::parallel_for(0, H, std::max<int64_t>(64, (int64_t(1) << 18) / std::max<int64_t>(n, 1)), [&](int64_t c0, int64_t c1) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t p = sp[i];
+      accumulate_row<scalar_t, acc_t>(acc + (p / k) * H + c0, o + i * H + c0, w_pair[p], c1 - c0);
+    }
+  });
+}
+
+// Rows per block of one expert in the serial forward: the scratch (gathered x, pre-activation, output) stays at about
+// an eighth of the experts' rows, so a forward without autograd holds little beyond y.
+int64_t forward_block_rows(int64_t R, int64_t active) {
+  const int64_t avg = (R + std::max<int64_t>(active, 1) - 1) / std::max<int64_t>(active, 1);
+  return std::max<int64_t>(512, avg + avg / 4);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_forward(
     const at::Tensor& x_in, const at::Tensor& weights_in, const at::Tensor& experts_in,
-    const at::Tensor& gate_up_in, const at::Tensor& down_in) {
+    const at::Tensor& gate_up_in, const at::Tensor& down_in, bool save_pre_activation) {
   const Dims d = check_ffn_args(x_in, weights_in, gate_up_in, down_in);
   // The internal GEMMs are not part of any autograd graph (autograd for this op is registered in Python).
+  tune_malloc_once();
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_dim(experts_in, "experts", 2);
   check_dtype(experts_in, "experts", at::kInt);
@@ -255,79 +532,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
   std::tie(sorted_pairs, pair_rows, offsets) = route_plan(experts_in, d.E);
 
   const at::Tensor x = x_in.contiguous(), w_gu = gate_up_in.contiguous(), w_down = down_in.contiguous();
-  const int64_t R = d.T * d.k, F = d.F;
-  const at::Tensor xs = gather_rows(x, sorted_pairs, d.k);
-  at::Tensor gate_up_out = empty_large({R, 2 * F}, x.options());
-  at::Tensor down_out = empty_large({R, d.H}, x.options());
+  const int64_t R = d.T * d.k, F = d.F, H = d.H;
+  const auto opts = x.options();
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t* off = offsets.const_data_ptr<int64_t>();
-  const bool expert_threads = use_expert_threads(off, d.E);
-  // The activation is per-expert scratch: one expert-sized block reused in serial mode (large fresh buffers cost
-  // page faults on every call), the full row range when experts run on different threads.
-  at::Tensor act = empty_large({expert_threads ? R : max_rows(off, d.E), F}, x.options());
+  const int32_t* sp = sorted_pairs.const_data_ptr<int32_t>();
+  const int64_t nt = expert_thread_count(off, d.E);
+  at::Tensor gate_up_out = save_pre_activation ? empty_large({R, 2 * F}, opts, nt == 1) : at::empty({0, 2 * F}, opts);
+  at::Tensor y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "h3fusion_moe_ffn_fwd_cpu", [&] {
-    for_each_expert(off, d.E, expert_threads, [&](int64_t e, int64_t r0, int64_t n) {
-      if (n == 0) return;
-      at::Tensor h_e = gate_up_out.narrow(0, r0, n), act_e = act.narrow(0, expert_threads ? r0 : 0, n);
-      linear_into(h_e, xs.narrow(0, r0, n), w_gu[e]);
-      if constexpr (kAtenSigmoid<scalar_t>) sigmoid_of_gate(h_e, act_e);
-      silu_mul_rows(h_e.const_data_ptr<scalar_t>(), act_e.mutable_data_ptr<scalar_t>(), n, F);
-      linear_into(down_out.narrow(0, r0, n), act_e, w_down[e]);
-    });
-  });
-  at::Tensor y = combine_rows(down_out, weights_in, pair_rows, d.k);
-  return {y, sorted_pairs, pair_rows, offsets, gate_up_out};
-}
-
-// For the n rows of one expert (pointers at the expert's first row), with h = [g | u] the saved pre-activation and
-// U = grad_y rows @ W_down[e]:
-//   a = silu(g) u;  grad_w[r] = U[r] . a[r];  dA = w_r U;  du = dA silu(g);  dg = dA u silu'(g),
-//   silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g).
-// Also writes A (the activation, for grad_down) and scales the grad_y rows by w_r in place (for grad_down). For
-// kAtenSigmoid types A holds sigmoid(g) on entry. The loops are split so that the elementwise one vectorises and the
-// dot product keeps a fixed summation order.
-template <typename scalar_t, typename acc_t>
-void ffn_backward_rows(const scalar_t* h, const scalar_t* U, const acc_t* w_rows, scalar_t* A, scalar_t* dH,
-                       scalar_t* gy, acc_t* grad_w_rows, int64_t n, int64_t F, int64_t H) {
-  at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(F, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const scalar_t* __restrict__ hr = h + r * 2 * F;
-      const scalar_t* __restrict__ ur = U + r * F;
-      scalar_t* __restrict__ ar = A + r * F;
-      scalar_t* __restrict__ dr = dH + r * 2 * F;
-      const acc_t w = w_rows[r];
-      for (int64_t f = 0; f < F; ++f) {
-        const acc_t g = static_cast<acc_t>(hr[f]), u = static_cast<acc_t>(hr[F + f]);
-        const acc_t s = kAtenSigmoid<scalar_t> ? static_cast<acc_t>(ar[f]) : sigmoid(g);
-        const acc_t silu = g * s, dA = w * static_cast<acc_t>(ur[f]);
-        ar[f] = static_cast<scalar_t>(silu * u);
-        dr[f] = static_cast<scalar_t>(dA * u * s * (acc_t(1) + g * (acc_t(1) - s)));
-        dr[F + f] = static_cast<scalar_t>(dA * silu);
-      }
-      constexpr int kLanes = 8;  // independent partial sums: vectorisable, and the same order every run
-      acc_t part[kLanes] = {};
-      int64_t f = 0;
-      for (; f + kLanes <= F; f += kLanes)
-        for (int l = 0; l < kLanes; ++l)
-          part[l] += static_cast<acc_t>(ur[f + l]) * static_cast<acc_t>(ar[f + l]);
-      acc_t gw = 0;
-      for (int l = 0; l < kLanes; ++l) gw += part[l];
-      for (; f < F; ++f) gw += static_cast<acc_t>(ur[f]) * static_cast<acc_t>(ar[f]);
-      grad_w_rows[r] = gw;
-      scalar_t* __restrict__ gr = gy + r * H;
-      for (int64_t i = 0; i < H; ++i) gr[i] = static_cast<scalar_t>(w * static_cast<acc_t>(gr[i]));
+    using acc_t = at::opmath_type<scalar_t>;
+    // The pre-activation of a block: a slice of the saved buffer, or scratch with the activation written over its gate
+    // half when nothing is saved (then no separate activation buffer exists).
+    auto ffn_block = [&](int64_t e, int64_t r0, int64_t n, const at::Tensor& xs, const at::Tensor& h_scratch,
+                         const at::Tensor& act_scratch, const at::Tensor& out) {
+      gather_into(xs, x, sp + r0, n, d.k);
+      at::Tensor h = save_pre_activation ? gate_up_out.narrow(0, r0, n) : h_scratch;
+      linear_into(h, xs, w_gu[e]);
+      at::Tensor act = save_pre_activation ? act_scratch : h.narrow(1, 0, F);
+      swiglu_rows(h.mutable_data_ptr<scalar_t>(), act.mutable_data_ptr<scalar_t>(), act.stride(0), n, F);
+      linear_into(out, act, w_down[e]);
+    };
+    if (expert_parallel_mode(off, d.E)) {
+      // Many small experts, one group per thread: per-thread scratch, expert outputs in expert-sorted rows, then the
+      // weighted combine in slot order.
+      const int64_t mr = max_rows(off, d.E);
+      at::Tensor xs_all = at::empty({nt, mr, H}, opts);
+      at::Tensor h_all = save_pre_activation ? at::Tensor() : at::empty({nt, mr, 2 * F}, opts);
+      at::Tensor act_all = save_pre_activation ? at::empty({nt, mr, F}, opts) : at::Tensor();
+      at::Tensor down_out = empty_large({R, H}, opts, nt == 1);
+      for_each_expert(off, d.E, nt, [&](int64_t slot, int64_t e, int64_t r0, int64_t n) {
+        if (n == 0) return;
+        ffn_block(e, r0, n, xs_all[slot].narrow(0, 0, n), save_pre_activation ? at::Tensor() : h_all[slot].narrow(0, 0, n),
+                  save_pre_activation ? act_all[slot].narrow(0, 0, n) : at::Tensor(), down_out.narrow(0, r0, n));
+      });
+      y = combine_rows(down_out, weights_in, pair_rows, d.k);
+      return;
     }
+    // Few large experts, one after another with all threads in every step; each expert in blocks of rows whose
+    // outputs are summed straight into y (fp32 accumulation for bf16/fp16).
+    int64_t active = 0;
+    for (int64_t e = 0; e < d.E; ++e) active += off[e + 1] > off[e];
+    const int64_t B = std::min(max_rows(off, d.E), forward_block_rows(R, active));
+    const bool acc_is_y = x.scalar_type() == acc_dtype;
+    at::Tensor acc = at::zeros({d.T, H}, opts.dtype(acc_dtype));
+    const at::Tensor w_pair = weights_in.to(acc_dtype).contiguous();
+    {
+      at::Tensor xs = at::empty({B, H}, opts);  // gathered x, then the block's output rows
+      at::Tensor h = save_pre_activation ? at::Tensor() : empty_large({B, 2 * F}, opts, nt == 1);
+      at::Tensor act = save_pre_activation ? empty_large({B, F}, opts, nt == 1) : at::Tensor();
+      for (int64_t e = 0; e < d.E; ++e) {
+        for (int64_t b0 = off[e]; b0 < off[e + 1]; b0 += B) {
+          const int64_t n = std::min(B, off[e + 1] - b0);
+          at::Tensor xs_b = xs.narrow(0, 0, n);
+          ffn_block(e, b0, n, xs_b, save_pre_activation ? at::Tensor() : h.narrow(0, 0, n),
+                    save_pre_activation ? act.narrow(0, 0, n) : at::Tensor(), xs_b);
+          accumulate_rows<scalar_t, acc_t>(acc.mutable_data_ptr<acc_t>(), xs_b.const_data_ptr<scalar_t>(), sp + b0,
+                                           w_pair.const_data_ptr<acc_t>(), n, d.k, H);
+        }
+      }
+    }  // scratch freed before y is made
+    y = acc_is_y ? acc : acc.to(x.scalar_type());
   });
+  return {y, sorted_pairs, pair_rows, offsets, gate_up_out};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weights_in, const at::Tensor& gate_up_in,
     const at::Tensor& down_in, const at::Tensor& sorted_pairs_in, const at::Tensor& pair_rows_in,
-    const at::Tensor& offsets_in, const at::Tensor& gate_up_out_in) {
+    const at::Tensor& offsets_in, const at::Tensor& gate_up_out_in, std::array<bool, 4> output_mask) {
   const Dims d = check_ffn_args(x_in, weights_in, gate_up_in, down_in);
   // The internal GEMMs are not part of any autograd graph (autograd for this op is registered in Python).
+  tune_malloc_once();
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t R = d.T * d.k, F = d.F, H = d.H, E = d.E;
   check_dim(grad_y_in, "grad_y", 2);
+  check_float(grad_y_in, "grad_y");
   check_size(grad_y_in, "grad_y", 0, d.T, "x.shape[0]");
   check_size(grad_y_in, "grad_y", 1, H, "x.shape[1]");
   check_dim(sorted_pairs_in, "sorted_pairs", 1);
@@ -341,8 +621,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward(
   check_size(offsets_in, "expert_offsets", 0, E + 1, "number of experts + 1");
   check_dim(gate_up_out_in, "gate_up_out", 2);
   check_same_dtype(gate_up_out_in, "gate_up_out", x_in, "x");
+  TORCH_CHECK(R == 0 || gate_up_out_in.size(0) != 0,
+              "gate_up_out is empty: moe_ffn_forward ran with save_pre_activation=False, so it has no backward");
   check_size(gate_up_out_in, "gate_up_out", 0, R, "x.shape[0] * k");
   check_size(gate_up_out_in, "gate_up_out", 1, 2 * F, "gate_up_proj.shape[1]");
+
+  // output_mask: x, weights, gate_up_proj, down_proj. What each needs:
+  //   U = grad_y rows @ W_down (for dH and grad_w); dH (for grad_x and grad_gate_up); the activation (grad_down,
+  //   grad_w); x rows (grad_gate_up); grad_y rows scaled by w (grad_down).
+  const auto [need_x, need_w, need_gu, need_down] = output_mask;
+  if (!need_x && !need_w && !need_gu && !need_down) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  const bool need_dh = need_x || need_gu, need_u = need_dh || need_w, need_act = need_down || need_w;
 
   const at::Tensor x = x_in.contiguous(), w_gu = gate_up_in.contiguous(), w_down = down_in.contiguous();
   const at::Tensor sorted_pairs = sorted_pairs_in.contiguous(), offsets = offsets_in.contiguous();
@@ -351,48 +640,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward(
   TORCH_CHECK(off[0] == 0 && off[E] == R, "expert_offsets must start at 0 and end at x.shape[0] * k (", R, ")");
   for (int64_t e = 0; e < E; ++e)
     TORCH_CHECK(off[e + 1] >= off[e], "expert_offsets must be non-decreasing, got a drop after expert ", e);
+  const int32_t* sp = sorted_pairs.const_data_ptr<int32_t>();
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(sp[r] >= 0 && sp[r] < R, "sorted_pairs must lie in [0, x.shape[0] * k = ", R, "), found ", sp[r]);
 
+  const auto opts = x.options();
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor gy = gather_rows(grad_y_in.to(x.scalar_type()), sorted_pairs, d.k);  // scaled by w_r below
-  const at::Tensor xs = gather_rows(x, sorted_pairs, d.k);
-  const at::Tensor w_rows =
-      weights_in.to(acc_dtype).reshape({R}).index_select(0, sorted_pairs.to(at::kLong)).contiguous();
-  const bool expert_threads = use_expert_threads(off, E);
-  const int64_t ws_rows = expert_threads ? R : max_rows(off, E);  // per-expert scratch, as in the forward
-  at::Tensor U = empty_large({ws_rows, F}, x.options());
-  at::Tensor A = empty_large({ws_rows, F}, x.options());
-  at::Tensor dH = empty_large({ws_rows, 2 * F}, x.options());
-  at::Tensor gx_rows = empty_large({R, H}, x.options());
-  at::Tensor grad_w_rows = at::empty({R}, x.options().dtype(acc_dtype));
-  at::Tensor grad_gu = empty_large({E, 2 * F, H}, x.options());
-  at::Tensor grad_down = empty_large({E, H, F}, x.options());
+  const at::Tensor grad_y = grad_y_in.to(x.scalar_type()).contiguous();
+  const at::Tensor w_pair = weights_in.to(acc_dtype).contiguous();
+  const int64_t nt = expert_thread_count(off, E);
+  const int64_t mr = max_rows(off, E);
+  // Per-thread scratch for one expert: grad_y rows (scaled by w in place), x rows, U / activation, dH.
+  at::Tensor G = empty_large({nt, mr, H}, opts, nt == 1);
+  at::Tensor X = need_gu ? empty_large({nt, mr, H}, opts, nt == 1) : at::Tensor();
+  at::Tensor UA = empty_large({nt, mr, F}, opts, nt == 1);
+  at::Tensor DH = need_dh ? empty_large({nt, mr, 2 * F}, opts, nt == 1) : at::Tensor();
+  at::Tensor gx_rows = need_x ? empty_large({R, H}, opts, nt == 1) : at::Tensor();
+  at::Tensor grad_w_pair = need_w ? at::empty({R}, opts.dtype(acc_dtype)) : at::Tensor();
+  at::Tensor grad_gu = need_gu ? empty_large({E, 2 * F, H}, opts, nt == 1) : at::Tensor();
+  at::Tensor grad_down = need_down ? empty_large({E, H, F}, opts, nt == 1) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "h3fusion_moe_ffn_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
-    const acc_t* wr = w_rows.const_data_ptr<acc_t>();
-    for_each_expert(off, E, expert_threads, [&](int64_t e, int64_t r0, int64_t n) {
+    const acc_t* wp = w_pair.const_data_ptr<acc_t>();
+    acc_t* gwp = need_w ? grad_w_pair.mutable_data_ptr<acc_t>() : nullptr;
+    for_each_expert(off, E, nt, [&](int64_t slot, int64_t e, int64_t r0, int64_t n) {
       if (n == 0) {  // no rows: the expert's weights get zero gradient
-        grad_gu[e].zero_();
-        grad_down[e].zero_();
+        if (need_gu) grad_gu[e].zero_();
+        if (need_down) grad_down[e].zero_();
         return;
       }
-      const int64_t w0 = expert_threads ? r0 : 0;
-      at::Tensor U_e = U.narrow(0, w0, n), A_e = A.narrow(0, w0, n), dH_e = dH.narrow(0, w0, n);
-      mm_into(U_e, gy.narrow(0, r0, n), w_down[e]);
-      if constexpr (kAtenSigmoid<scalar_t>) sigmoid_of_gate(h.narrow(0, r0, n), A_e);
-      ffn_backward_rows<scalar_t, acc_t>(hp + r0 * 2 * F, U_e.const_data_ptr<scalar_t>(), wr + r0,
-                                         A_e.mutable_data_ptr<scalar_t>(), dH_e.mutable_data_ptr<scalar_t>(),
-                                         gy.mutable_data_ptr<scalar_t>() + r0 * H,
-                                         grad_w_rows.mutable_data_ptr<acc_t>() + r0, n, F, H);
-      mm_into(grad_down[e], gy.narrow(0, r0, n).t(), A_e);
-      mm_into(grad_gu[e], dH_e.t(), xs.narrow(0, r0, n));
-      mm_into(gx_rows.narrow(0, r0, n), dH_e, w_gu[e]);
+      at::Tensor G_e = G[slot].narrow(0, 0, n), UA_e = UA[slot].narrow(0, 0, n);
+      at::Tensor DH_e = need_dh ? DH[slot].narrow(0, 0, n) : at::Tensor();
+      gather_into(G_e, grad_y, sp + r0, n, d.k);
+      if (need_u) mm_into(UA_e, G_e, w_down[e]);
+      swiglu_backward_dispatch<scalar_t>(need_dh, need_w, need_act, hp + r0 * 2 * F, UA_e.mutable_data_ptr<scalar_t>(),
+                                         need_dh ? DH_e.mutable_data_ptr<scalar_t>() : nullptr, sp + r0, wp, gwp,
+                                         G_e.mutable_data_ptr<scalar_t>(), need_down, n, F, H);
+      if (need_down) mm_into(grad_down[e], G_e.t(), UA_e);
+      if (need_gu) {
+        at::Tensor X_e = X[slot].narrow(0, 0, n);
+        gather_into(X_e, x, sp + r0, n, d.k);
+        mm_into(grad_gu[e], DH_e.t(), X_e);
+      }
+      if (need_x) mm_into(gx_rows.narrow(0, r0, n), DH_e, w_gu[e]);
     });
   });
-  at::Tensor grad_x = combine_rows(gx_rows, at::Tensor(), pair_rows_in, d.k);
-  // Row r belongs to pair sorted_pairs[r]; pair p reads its row pair_rows[p].
+  at::Tensor grad_x = need_x ? combine_rows(gx_rows, at::Tensor(), pair_rows_in, d.k) : at::Tensor();
   at::Tensor grad_weights =
-      grad_w_rows.index_select(0, pair_rows_in.to(at::kLong)).reshape({d.T, d.k}).to(weights_in.scalar_type());
+      need_w ? grad_w_pair.view({d.T, d.k}).to(weights_in.scalar_type()) : at::Tensor();
   return {grad_x, grad_weights, grad_gu, grad_down};
 }
 

@@ -156,12 +156,13 @@ std::tuple<Tensor, Tensor> linear_logprob_forward_cuda(const Tensor& hidden, con
 std::tuple<Tensor, Tensor> linear_logprob_backward_cuda(const Tensor& grad_logp, const Tensor& grad_lse,
                                                         const Tensor& hidden, const Tensor& weight,
                                                         const Tensor& targets, const Tensor& lse,
-                                                        int64_t ignore_index) {
+                                                        int64_t ignore_index, std::array<bool, 2> output_mask) {
   lp::check_inputs(hidden, weight, targets);
   check_cuda(hidden);
   lp::check_row_vector(grad_logp, "grad_logp", hidden);
   lp::check_row_vector(grad_lse, "grad_lse", hidden);
   lp::check_row_vector(lse, "lse", hidden);
+  if (!output_mask[0] && !output_mask[1]) return {Tensor(), Tensor()};  // nothing asked for: both undefined
   const c10::cuda::CUDAGuard guard(hidden.device());
   const Tensor h = hidden.contiguous(), w = weight.contiguous();
   const Tensor t = targets.to(at::kLong).contiguous();
@@ -184,7 +185,7 @@ std::tuple<Tensor, Tensor> linear_logprob_backward_cuda(const Tensor& grad_logp,
     const acc_t* glp = gl.data_ptr<acc_t>();
     const acc_t* gsp = gs.data_ptr<acc_t>();
     const acc_t* lsp = ls.data_ptr<acc_t>();
-    grads = lp::backward_chunks(h, w, gemm_dtype, acc, [&](Tensor& logits, int64_t r0, int64_t v0) -> Tensor {
+    grads = lp::backward_chunks(h, w, gemm_dtype, acc, output_mask, [&](Tensor& logits, int64_t r0, int64_t v0) -> Tensor {
       const int64_t r = logits.size(0), c = logits.size(1);
       auto stream = at::cuda::getCurrentCUDAStream();
       const acc_t* x = logits.data_ptr<acc_t>();

@@ -30,6 +30,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <array>
 #include <tuple>
 
 #include "grouped_gemm.cuh"
@@ -92,7 +93,7 @@ MoeDims check_common(const at::Tensor& x, const at::Tensor& weights, const at::T
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_forward_cuda(
     const at::Tensor& x_in, const at::Tensor& weights_in, const at::Tensor& experts_in,
-    const at::Tensor& gate_up_in, const at::Tensor& down_in) {
+    const at::Tensor& gate_up_in, const at::Tensor& down_in, bool save_pre_activation) {
   const MoeDims d = check_common(x_in, weights_in, gate_up_in, down_in);
   check_dim(experts_in, "experts", 2);
   check_dtype(experts_in, "experts", at::kInt);
@@ -101,7 +102,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
   check_size(experts_in, "experts", 1, d.k, "weights.shape[1]");
   const c10::cuda::CUDAGuard guard(x_in.device());
   if (choose_moe_gemm_backend(x_in, gate_up_in, down_in) == MoeGemmBackend::kTorch) {
-    return moe_ffn_forward_torch_gemm(x_in, weights_in, experts_in, gate_up_in, down_in);
+    auto out = moe_ffn_forward_torch_gemm(x_in, weights_in, experts_in, gate_up_in, down_in);
+    // without a backward to follow, the pre-activation is not kept (freed when this call returns)
+    if (!save_pre_activation) std::get<4>(out) = at::empty({0, gate_up_in.size(1)}, x_in.options());
+    return out;
   }
 
   const int64_t R = d.T * d.k;
@@ -125,15 +129,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
   grouped_linear(act, down, offsets, tile_starts, o);
   zero_unrouted_rows(o, offsets);  // ... and they contribute zero to y
   at::Tensor y = combine_rows(o, weights, pair_rows);
+  // Without a backward to follow, the pre-activation is not kept (it is freed when this call returns).
+  if (!save_pre_activation) h = at::empty({0, 2 * d.F}, x.options());
   return {y, sorted_pairs, pair_rows, offsets, h};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cuda(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weights_in, const at::Tensor& gate_up_in,
     const at::Tensor& down_in, const at::Tensor& sorted_pairs_in, const at::Tensor& pair_rows_in,
-    const at::Tensor& offsets_in, const at::Tensor& gate_up_out_in) {
+    const at::Tensor& offsets_in, const at::Tensor& gate_up_out_in, std::array<bool, 4> output_mask) {
   const MoeDims d = check_common(x_in, weights_in, gate_up_in, down_in);
   const int64_t R = d.T * d.k;
+  // output_mask: x, weights, gate_up_proj, down_proj. A gradient left out skips its GEMMs and comes back undefined.
+  // (The per-pair dot products of grad_weights are fused into swiglu_backward and cost no extra pass here.)
+  const auto [need_x, need_w, need_gu, need_down] = output_mask;
+  if (!need_x && !need_w && !need_gu && !need_down) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   check_dim(grad_y_in, "grad_y", 2);
   // any float dtype, cast to x's below: the CPU op accepts the same (grad_y_in.to(x.dtype)), so both agree
   check_float(grad_y_in, "grad_y");
@@ -154,18 +164,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cuda
   check_dim(gate_up_out_in, "gate_up_out", 2);
   check_same_dtype(gate_up_out_in, "gate_up_out", x_in, "x");
   check_same_device(gate_up_out_in, "gate_up_out", x_in, "x");
+  TORCH_CHECK(R == 0 || gate_up_out_in.dim() != 2 || gate_up_out_in.size(0) != 0,
+              "gate_up_out is empty: moe_ffn_forward ran with save_pre_activation=False, so it has no backward");
   check_size(gate_up_out_in, "gate_up_out", 0, R, "x.shape[0] * k");
   check_size(gate_up_out_in, "gate_up_out", 1, 2 * d.F, "gate_up_proj.shape[1]");
   const c10::cuda::CUDAGuard guard(x_in.device());
   if (choose_moe_gemm_backend(x_in, gate_up_in, down_in) == MoeGemmBackend::kTorch) {
     return moe_ffn_backward_torch_gemm(grad_y_in, x_in, weights_in, gate_up_in, down_in, sorted_pairs_in,
-                                       pair_rows_in, offsets_in, gate_up_out_in, /*need_x=*/true,
-                                       /*need_weights=*/true, /*need_gate_up=*/true, /*need_down=*/true);
+                                       pair_rows_in, offsets_in, gate_up_out_in, need_x, need_w, need_gu, need_down);
   }
 
   if (d.T == 0) {  // no rows: every weight gradient is exactly zero, nothing to launch beyond the fills
-    return {at::empty({0, d.H}, x_in.options()), at::empty({0, d.k}, weights_in.options()),
-            at::zeros({d.E, 2 * d.F, d.H}, gate_up_in.options()), at::zeros({d.E, d.H, d.F}, down_in.options())};
+    return {need_x ? at::empty({0, d.H}, x_in.options()) : at::Tensor(),
+            need_w ? at::empty({0, d.k}, weights_in.options()) : at::Tensor(),
+            need_gu ? at::zeros({d.E, 2 * d.F, d.H}, gate_up_in.options()) : at::Tensor(),
+            need_down ? at::zeros({d.E, d.H, d.F}, down_in.options()) : at::Tensor()};
   }
   const at::Tensor grad_y = grad_y_in.to(x_in.scalar_type()).contiguous();
   const at::Tensor x = x_in.contiguous();
@@ -189,17 +202,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cuda
   swiglu_backward(u_grad, h, w_f32, sorted_pairs, dh, act, grad_w_f32);
   u_grad = at::Tensor();  // free before the next large temporaries
 
-  at::Tensor grad_down = at::empty({d.E, d.H, d.F}, x.options());
-  grouped_wgrad(grad_y, sorted_pairs, d.k, w_f32, act, at::Tensor(), 1, offsets, grad_down);
-  at::Tensor grad_gate_up = at::empty({d.E, 2 * d.F, d.H}, x.options());
-  grouped_wgrad(dh, at::Tensor(), 1, at::Tensor(), x, sorted_pairs, d.k, offsets, grad_gate_up);
-
-  at::Tensor dx_rows = at::empty({R, d.H}, x.options());
-  grouped_linear_t(dh, at::Tensor(), 1, gate_up, offsets, tile_starts, dx_rows);
-  zero_unrouted_rows(dx_rows, offsets);  // unrouted pairs add nothing to grad_x
-  const at::Tensor unit = at::ones({d.T, d.k}, x.options().dtype(at::kFloat));
-  at::Tensor grad_x = combine_rows(dx_rows, unit, pair_rows);
-  at::Tensor grad_weights = grad_w_f32.view({d.T, d.k}).to(weights_in.scalar_type());
+  at::Tensor grad_down, grad_gate_up, grad_x, grad_weights;
+  if (need_down) {
+    grad_down = at::empty({d.E, d.H, d.F}, x.options());
+    grouped_wgrad(grad_y, sorted_pairs, d.k, w_f32, act, at::Tensor(), 1, offsets, grad_down);
+  }
+  if (need_gu) {
+    grad_gate_up = at::empty({d.E, 2 * d.F, d.H}, x.options());
+    grouped_wgrad(dh, at::Tensor(), 1, at::Tensor(), x, sorted_pairs, d.k, offsets, grad_gate_up);
+  }
+  if (need_x) {
+    at::Tensor dx_rows = at::empty({R, d.H}, x.options());
+    grouped_linear_t(dh, at::Tensor(), 1, gate_up, offsets, tile_starts, dx_rows);
+    zero_unrouted_rows(dx_rows, offsets);  // unrouted pairs add nothing to grad_x
+    const at::Tensor unit = at::ones({d.T, d.k}, x.options().dtype(at::kFloat));
+    grad_x = combine_rows(dx_rows, unit, pair_rows);
+  }
+  if (need_w) grad_weights = grad_w_f32.view({d.T, d.k}).to(weights_in.scalar_type());
   return {grad_x, grad_weights, grad_gate_up, grad_down};
 }
 

@@ -12,6 +12,7 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <tuple>
 
@@ -140,21 +141,26 @@ void forward_chunks(const at::Tensor& h, const at::Tensor& w, at::ScalarType gem
 // `dlogits(logits [r, c] acc, row0, v0) -> Tensor [r, c] in gemm_dtype` (may reuse the logits storage), then
 //   grad_hidden[rows] += dlogits @ W_chunk          (accumulated over chunks in the accumulation dtype)
 //   grad_weight[chunk] = sum over row blocks of dlogits^T @ hidden[rows]   (fixed order).
+// Only the gradients named in `mask` (hidden, weight) are computed: a frozen head (mask[1] false) skips both
+// weight-gradient GEMMs per block, a frozen input (mask[0] false) skips the grad_hidden GEMM; a skipped gradient is
+// returned as an undefined tensor.
 // Returns (grad_hidden in h's dtype, grad_weight in w's dtype).
 template <class DLogits>
 std::tuple<at::Tensor, at::Tensor> backward_chunks(const at::Tensor& h, const at::Tensor& w, at::ScalarType gemm_dtype,
-                                                   at::ScalarType acc, DLogits&& dlogits) {
+                                                   at::ScalarType acc, std::array<bool, 2> mask, DLogits&& dlogits) {
   const int64_t n = h.size(0), hd = h.size(1), v = w.size(0);
-  at::Tensor grad_weight = at::empty_like(w, at::MemoryFormat::Contiguous);
+  const bool need_h = mask[0], need_w = mask[1];
+  if (!need_h && !need_w) return {at::Tensor(), at::Tensor()};
+  at::Tensor grad_weight = need_w ? at::empty_like(w, at::MemoryFormat::Contiguous) : at::Tensor();
   if (n == 0) {
-    grad_weight.zero_();
-    return {at::empty_like(h, at::MemoryFormat::Contiguous), grad_weight};
+    if (need_w) grad_weight.zero_();
+    return {need_h ? at::empty_like(h, at::MemoryFormat::Contiguous) : at::Tensor(), grad_weight};
   }
   const Plan plan = make_plan(n, v);
   const bool multi_block = plan.rows < n;
   const auto acc_opts = h.options().dtype(acc);
   const at::Tensor hg = h.scalar_type() == gemm_dtype ? h : h.to(gemm_dtype);
-  at::Tensor grad_hidden_acc = at::zeros({n, hd}, acc_opts);
+  at::Tensor grad_hidden_acc = need_h ? at::zeros({n, hd}, acc_opts) : at::Tensor();
   const at::Tensor logits_buf = at::empty({plan.rows * plan.chunk}, acc_opts);
   // Low-precision GEMMs (CUDA bf16/fp16) produce an fp32 product that is then added: one scratch buffer for both.
   at::Tensor scratch;
@@ -164,21 +170,22 @@ std::tuple<at::Tensor, at::Tensor> backward_chunks(const at::Tensor& h, const at
   const bool gw_in_place = w.scalar_type() == acc;
   const bool gw_direct = !gw_in_place && !multi_block && gemm_dtype == w.scalar_type();
   at::Tensor gw_buf;
-  if (!gw_in_place && !gw_direct) gw_buf = at::empty({plan.chunk * hd}, acc_opts);
+  if (need_w && !gw_in_place && !gw_direct) gw_buf = at::empty({plan.chunk * hd}, acc_opts);
 
   for (int64_t v0 = 0; v0 < v; v0 += plan.chunk) {
     const int64_t c = std::min(plan.chunk, v - v0);
     at::Tensor wc = w.narrow(0, v0, c);
     if (wc.scalar_type() != gemm_dtype) wc = wc.to(gemm_dtype);
-    at::Tensor gw_chunk = grad_weight.narrow(0, v0, c);
-    at::Tensor gw_acc = gw_in_place ? gw_chunk : (gw_direct ? at::Tensor() : view2d(gw_buf, c, hd));
+    at::Tensor gw_chunk = need_w ? grad_weight.narrow(0, v0, c) : at::Tensor();
+    at::Tensor gw_acc = !need_w || gw_direct ? at::Tensor() : (gw_in_place ? gw_chunk : view2d(gw_buf, c, hd));
     for (int64_t r0 = 0; r0 < n; r0 += plan.rows) {
       const int64_t r = std::min(plan.rows, n - r0);
       const at::Tensor hb = hg.narrow(0, r0, r);
       at::Tensor logits = view2d(logits_buf, r, c);
       mm_acc(logits, hb, wc.t());
       const at::Tensor d = dlogits(logits, r0, v0);
-      addmm_acc(grad_hidden_acc.narrow(0, r0, r), d, wc, scratch);
+      if (need_h) addmm_acc(grad_hidden_acc.narrow(0, r0, r), d, wc, scratch);
+      if (!need_w) continue;
       if (gw_direct) {
         at::mm_out(gw_chunk, d.t(), hb);
       } else if (r0 == 0) {
@@ -187,10 +194,12 @@ std::tuple<at::Tensor, at::Tensor> backward_chunks(const at::Tensor& h, const at
         addmm_acc(gw_acc, d.t(), hb, scratch);
       }
     }
-    if (!gw_in_place && !gw_direct) gw_chunk.copy_(gw_acc);
+    if (need_w && !gw_in_place && !gw_direct) gw_chunk.copy_(gw_acc);
   }
-  at::Tensor grad_hidden = grad_hidden_acc.scalar_type() == h.scalar_type() ? grad_hidden_acc
-                                                                             : grad_hidden_acc.to(h.scalar_type());
+  at::Tensor grad_hidden;
+  if (need_h)
+    grad_hidden = grad_hidden_acc.scalar_type() == h.scalar_type() ? grad_hidden_acc
+                                                                   : grad_hidden_acc.to(h.scalar_type());
   return {grad_hidden, grad_weight};
 }
 
