@@ -5,7 +5,7 @@
 #   build      pip install --no-build-isolation --no-deps -e . for this GPU's architecture only
 #   resources  cuobjdump --dump-resource-usage of the built extension (registers, shared memory, stack per kernel)
 #   tests      the GPU tests only: pytest -m cuda (pytest-timeout per test, -rfE --durations=20, junit)
-#   bench      benchmarks/gpu_bench.py: moe_ffn with both GEMM backends vs transformers' grouped_mm and a dense mm
+#   bench      h3fusion.bench.gpu_bench: moe_ffn with both GEMM backends vs transformers' grouped_mm and a dense mm
 #   profile    torch.profiler top-20 kernels of one Mixtral-shape forward+backward per backend
 #   sanitizer  benchmarks/sanitizer_case.py plainly, then under compute-sanitizer memcheck and racecheck
 #              (PYTORCH_NO_CUDA_MEMORY_CACHING=1 so memcheck sees each allocation; --print-limit bounds the report)
@@ -154,10 +154,10 @@ run_step tests 90 "$PY" -m pytest "${CUDA_TESTS[@]}" -m cuda -q -p no:cacheprovi
 
 # ---- 4. benchmarks: both backends vs transformers' grouped_mm and a dense mm (bench.json after every case) -------
 bench_budget=$(( $(left) > 110 ? 40 : 20 ))
-run_step bench 65 "$PY" -m benchmarks.gpu_bench --out "$OUT/bench.json" --budget-s "$bench_budget"
+run_step bench 65 "$PY" -m h3fusion.bench.gpu_bench --out "$OUT/bench.json" --budget-s "$bench_budget"
 
 # ---- 5. profiler kernel tables --------------------------------------------------------------------------------
-run_step profile 25 "$PY" -m benchmarks.gpu_bench --profile "$OUT/profile.txt"
+run_step profile 25 "$PY" -m h3fusion.bench.gpu_bench --profile "$OUT/profile.txt"
 
 # ---- 6. sanitizer: once plainly, then memcheck and racecheck -----------------------------------------------------
 : > "$OUT/sanitizer.log"

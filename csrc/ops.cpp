@@ -4,7 +4,7 @@
 // kernels with TORCH_LIBRARY_IMPL(h3fusion, CPU|CUDA, m). Fake (meta) kernels and autograd are registered in
 // Python (h3fusion_ext/*.py), so torch.compile can trace every op.
 //
-// Conventions shared by every op (SPEC §5):
+// Conventions shared by every op (design.md §5):
 //   * activations/weights: fp32, bf16, fp16 (fp64 on the CPU for gradcheck); accumulation in fp32 (fp64 for fp64);
 //   * index tensors are int32; per-expert offsets are int64 and stay on the device;
 //   * "pair" p = t * k + j names slot j of token t; "row" r is a position in the expert-sorted order.

@@ -14,8 +14,8 @@ quiet() { grep -v "^WARNING: Location" || true; }
 SDIST=$(ls "$WORK"/dist/h3fusion_ext-*.tar.gz)
 # every C++/CUDA header the build includes must be in the archive (a missing one fails the CUDA build only on GPU
 # machines otherwise)
-missing=$(cd "$ROOT" && git ls-files 'csrc/*' | while read -r f; do
-  tar -tzf "$SDIST" | grep -q "/$f\$" || echo "$f"; done)
+tar -tzf "$SDIST" | sed 's|^[^/]*/||' | sort > "$WORK/listing.txt"
+missing=$(git ls-files 'csrc/*' | sort | comm -23 - "$WORK/listing.txt")
 if [ -n "$missing" ]; then echo "sdist lacks: $missing" >&2; exit 1; fi
 
 python3 -m venv "$WORK/venv"

@@ -1,6 +1,6 @@
 // Host entry points of the grouped expert GEMMs used by moe_ffn on CUDA (implemented in grouped_gemm_*.cu).
 //
-// Shared vocabulary (SPEC §5): R = T*k rows in expert-sorted order; rows of expert e are
+// Shared vocabulary (design.md §5): R = T*k rows in expert-sorted order; rows of expert e are
 // [expert_offsets[e], expert_offsets[e+1]) (int64, on the device; their values are never read on the host);
 // sorted_pairs[r] = p = t*k + j names the (token, slot) pair of row r, so row r reads token t = p / k.
 // Every entry point runs on the current stream, allocates nothing it returns except where stated, never

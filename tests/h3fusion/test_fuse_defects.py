@@ -1,4 +1,4 @@
-"""SPEC §3 defects of the paper's public code that concern fusion, one test each: (a) all experts aliased to one
+"""design.md §3 defects of the paper's public code that concern fusion, one test each: (a) all experts aliased to one
 tensor that accumulates every adapter delta, (b) LoRA alpha/r scaling omitted, (h) 32 layers / 3 experts / top-2
 hard-coded."""
 

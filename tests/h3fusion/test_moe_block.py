@@ -14,7 +14,7 @@ DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
 
 
 def _oracle(block: H3FusionMoE, x: torch.Tensor, dtype: torch.dtype):
-    """The SPEC §2 formula in `dtype` with the plain-PyTorch reference ops (router logits in fp32 or fp64)."""
+    """The design.md §2 formula in `dtype` with the plain-PyTorch reference ops (router logits in fp32 or fp64)."""
     gu, dp = (p.detach().to(dtype).requires_grad_() for p in (block.experts.gate_up_proj, block.experts.down_proj))
     wr = block.router.weight.detach().to(dtype).requires_grad_()
     xx = x.detach().reshape(-1, x.shape[-1]).to(dtype).requires_grad_()

@@ -1,4 +1,4 @@
-"""The training defects of the original H3Fusion code (SPEC §3 (c)-(g)), each shown absent in ours."""
+"""The training defects of the original H3Fusion code (design.md §3 (c)-(g)), each shown absent in ours."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad input to the MoE ops raises a RuntimeError that names the offending argument (SPEC §5)."""
+"""Bad input to the MoE ops raises a RuntimeError that names the offending argument (design.md §5)."""
 
 from __future__ import annotations
 

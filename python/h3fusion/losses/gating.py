@@ -1,6 +1,6 @@
 """H3Fusion training losses: the gating loss, the per-expert drift regularizer and the load-balancing loss.
 
-The H3Fusion objective (SPEC §3, "Training") is
+The H3Fusion objective (design.md §3, "Training") is
 
     L = L_LM + λ_gate · L_gate + Σ_i γ_i · R_i (+ λ_bal · L_balance)
 
@@ -48,7 +48,7 @@ def _stack_layers(router_logits: Sequence[torch.Tensor] | torch.Tensor, attentio
                 f"router_logits[{idx}] must be [B*S, E] = [{b * s}, {num_experts}] to match attention_mask "
                 f"{tuple(attention_mask.shape)}, got {tuple(z.shape)}"
             )
-        # fp32 softmax: the router's probabilities are computed in fp32 in the model too (SPEC §2).
+        # fp32 softmax: the router's probabilities are computed in fp32 in the model too (design.md §2).
         layers.append(torch.softmax(z.float(), dim=-1).view(b, s, num_experts))
     probs = torch.stack(layers, dim=0)
     mask = attention_mask.to(device=probs.device, dtype=probs.dtype)
@@ -246,7 +246,7 @@ def drift_regularization(
     gammas: Sequence[float] | torch.Tensor,
     squared: bool = False,
 ) -> torch.Tensor:
-    """Σ_i γ_i · R_i with R_i = (1/L) Σ_l ‖ΔW_{i,l}‖₂ (SPEC §3); see `expert_drift_norms`.
+    """Σ_i γ_i · R_i with R_i = (1/L) Σ_l ‖ΔW_{i,l}‖₂ (design.md §3); see `expert_drift_norms`.
 
     Args:
         model: the fused model.

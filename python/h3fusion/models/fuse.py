@@ -1,7 +1,7 @@
-"""Build the H3Fusion MoE: N aligned Llama/Mistral-family models -> one `MixtralForCausalLM` (SPEC §3).
+"""Build the H3Fusion MoE: N aligned Llama/Mistral-family models -> one `MixtralForCausalLM` (design.md §3).
 
 In every decoder layer expert i is aligned model i's MLP (gate and up stacked into `gate_up_proj[i]`, down into
-`down_proj[i]`), each expert written from its own source tensor (never one shared tensor: SPEC §3 defect (a)).
+`down_proj[i]`), each expert written from its own source tensor (never one shared tensor: design.md §3 defect (a)).
 Attention, norms, embeddings and lm_head come from the base or their element-wise mean over the aligned models.
 Inputs are read one layer at a time (see `checkpoint_io`), so N large checkpoints are never all in memory.
 """

@@ -1,7 +1,7 @@
 """A PEFT LoRA adapter seen as full weights: W = W_base + scaling · B · A, with PEFT's own scaling rule.
 
 scaling = lora_alpha / r, or lora_alpha / sqrt(r) with rank-stabilised LoRA (`use_rslora`), per module after
-`rank_pattern` / `alpha_pattern`. The paper's public code dropped this factor (SPEC §3 defect (b)).
+`rank_pattern` / `alpha_pattern`. The paper's public code dropped this factor (design.md §3 defect (b)).
 """
 
 from __future__ import annotations

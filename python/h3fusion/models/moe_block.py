@@ -1,4 +1,4 @@
-"""H3FusionMoE: one MoE layer (SPEC §2) as an nn.Module over the h3fusion_ext ops.
+"""H3FusionMoE: one MoE layer (design.md §2) as an nn.Module over the h3fusion_ext ops.
 
 Router logits in fp32 -> `topk_route` (softmax, top-k, Mixtral renormalisation) -> `moe_ffn` (grouped SwiGLU experts).
 The weight layout is transformers v5's `MixtralExperts`, so weights copy (or alias) across with no reshaping.

@@ -1,6 +1,6 @@
 """H3FusionTrainer: trains a fused MoE's routers and experts with the LM, gating and drift-regularizer losses.
 
-    L = L_LM + λ_gate · L_gate + Σ_i γ_i · R_i (+ λ_bal · L_balance)       (SPEC §3, `h3fusion.losses.gating`)
+    L = L_LM + λ_gate · L_gate + Σ_i γ_i · R_i (+ λ_bal · L_balance)       (design.md §3, `h3fusion.losses.gating`)
 
 A `transformers.Trainer` subclass, so Accelerate, torchrun, FSDP and DeepSpeed launch it as usual. Only the routers
 (`*.mlp.gate.weight`) and the experts (`*.mlp.experts.*`, full weights or PEFT LoRA on the 3-D expert weights) train;

@@ -17,7 +17,7 @@ CPU without --quick, also cpu_time_ms: the median CPU time of the calling thread
 other processes sharing the cores do not inflate (wall-clock on a shared 2-core machine varies by +-20%); our rows
 then carry cpu_time_vs_materialized too.
 
-Run alone: ``python -m benchmarks.logprob_bench --device cpu`` (prints a table; ``--json PATH`` writes the rows).
+Run alone: ``python -m h3fusion.bench.logprob_bench --device cpu`` (prints a table; ``--json PATH`` writes the rows).
 """
 
 from __future__ import annotations

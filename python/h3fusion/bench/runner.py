@@ -1,4 +1,4 @@
-"""Benchmark runner: `python -m benchmarks.run [--device cpu|cuda] [--quick] [--only moe,logprob] [--out f.json]`.
+"""Benchmark runner: `python -m h3fusion.bench [--device cpu|cuda] [--quick] [--only moe,logprob] [--out f.json]`.
 
 Each bench module exposes `collect(device: str, quick: bool) -> list[dict]`; the runner prints one table per bench
 and writes every row to JSON with the device, torch version and date. On CUDA it first measures the device ceiling
@@ -13,15 +13,14 @@ import importlib
 import sys
 
 import torch
-from h3fusion.cli.common import comma_names, positive_int
 from h3fusion.utils.files import OutputDirError, atomic_write_json, check_output_file
 
 from .common import device_name, format_table, measure_ceiling
 
 BENCH_MODULES = {
-    "moe": "benchmarks.moe_bench",
-    "logprob": "benchmarks.logprob_bench",
-    "hf_moe": "benchmarks.hf_moe_bench",
+    "moe": "h3fusion.bench.moe_bench",
+    "logprob": "h3fusion.bench.logprob_bench",
+    "hf_moe": "h3fusion.bench.hf_moe_bench",
 }
 COLUMNS = [
     "case",
@@ -49,23 +48,12 @@ COLUMNS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    """`python -m h3fusion.bench`: the flags of `h3fusion bench` (defined once, in h3fusion.cli.bench)."""
+    from h3fusion.cli.bench import add_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m h3fusion.bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return parser
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device, help="default: %(default)s")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    parser.add_argument("--only", type=comma_names(), default=None, help="comma-separated benches (default: all)")
-    parser.add_argument("--out", default="bench_results.json", help="JSON output path (default: %(default)s)")
-    parser.add_argument(
-        "--threads",
-        type=positive_int,
-        default=None,
-        help="CPU threads for torch (default: 2 on the CPU, torch's choice on CUDA)",
-    )
 
 
 def _add_ceiling_pct(rows: list[dict], ceiling: dict[str, float]) -> None:
@@ -77,6 +65,9 @@ def _add_ceiling_pct(rows: list[dict], ceiling: dict[str, float]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the benches named by `args.only` (default all) on `args.device` (default: cuda when available)."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2

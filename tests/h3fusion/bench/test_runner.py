@@ -8,17 +8,11 @@ from __future__ import annotations
 import json
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import run as bench_run  # noqa: E402
-from benchmarks.common import format_table, peak_memory_mb, time_fn  # noqa: E402
+from h3fusion.bench import runner as bench_run
+from h3fusion.bench.common import format_table, peak_memory_mb, time_fn
 
 
 @pytest.fixture
@@ -37,7 +31,7 @@ def fake_benches(monkeypatch):
         {"bench": "fake", "case": "c1", "impl": "reference", "mode": "fwd", "median_ms": 3.0, "tflops": 0.125},
     ]
     monkeypatch.setitem(sys.modules, "fake_bench_for_tests", module)
-    monkeypatch.setattr(bench_run, "BENCH_MODULES", {"fake": "fake_bench_for_tests", "absent": "benchmarks.absent_x"})
+    monkeypatch.setattr(bench_run, "BENCH_MODULES", {"fake": "fake_bench_for_tests", "absent": "h3fusion.bench.absent_x"})
 
 
 def test_runner_writes_report_and_skips_absent_modules(fake_benches, tmp_path, capsys):

@@ -3,7 +3,7 @@
 moe_ffn under the "own" and "torch" GEMM backends against transformers' `grouped_mm` experts and a dense bf16 `mm`
 of the same FLOPs, forward and forward+backward; and a torch.profiler kernel table.
 
-Usage: `python -m benchmarks.gpu_bench --out bench.json [--quick] [--budget-s 150] [--profile profile.txt]`.
+Usage: `python -m h3fusion.bench.gpu_bench --out bench.json [--quick] [--budget-s 150] [--profile profile.txt]`.
 The JSON is rewritten after every case, so a run cut short keeps what it measured. Rows: bench="gpu_moe", case,
 impl ("ours-own" | "ours-torch" | "hf-grouped_mm" | "dense-mm"), mode ("fwd" | "fwd+bwd"), median_ms, min_ms,
 tflops (FLOPs = 6·T·k·H·F forward, 3x that for fwd+bwd), pct_of_dense, speedup_vs_hf, peak_mem_mb, backend (which
@@ -225,7 +225,7 @@ def profile(path: str, T: int = 4096) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m h3fusion.bench.gpu_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu_bench.json", help="JSON output path (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="two cases, fewer repeats")
     parser.add_argument("--budget-s", type=float, default=150.0, help="start no new case after this many seconds")

@@ -11,7 +11,7 @@ interleaved call by call so that load drift on a shared machine hits all of them
 Routing (router GEMM, softmax, top-k) is computed once outside the timed region: it is the same for every
 implementation. FLOPs: 6*T*k*H*F forward, 3x that for fwd+bwd (2x for frozen experts: no weight-gradient GEMMs).
 
-`collect(device, quick)` returns the rows for `benchmarks.run`; `python -m benchmarks.moe_bench --case T2048`
+`collect(device, quick)` returns the rows for `h3fusion.bench.runner`; `python -m h3fusion.bench.moe_bench --case T2048`
 prints the rows of the cases whose name contains the filter (quick A/B runs).
 """
 
@@ -36,7 +36,7 @@ CPU_CASES = [
     (4, 512, 1408, 8, 2),
 ]
 CPU_CASES_QUICK = [(2048, 512, 1408, 8, 2), (256, 512, 256, 64, 8), (16, 512, 256, 64, 8)]
-# GPU (SPEC §7): model -> (H, F, E, k), in bf16.
+# GPU (design.md §7): model -> (H, F, E, k), in bf16.
 GPU_MODELS = {"mixtral": (4096, 14336, 8, 2), "qwen3-30b-a3b": (2048, 768, 128, 8), "h3fusion": (4096, 11008, 3, 2)}
 GPU_TOKENS = (1, 128, 2048, 16384)
 GPU_TOKENS_QUICK = (128, 4096)
@@ -59,12 +59,12 @@ def make_params(T: int, H: int, F: int, E: int, k: int, dtype: torch.dtype, devi
 
 
 def _route(mod, p):
-    logits = F.linear(p["x"].float(), p["router"].float())  # the router runs in fp32 (SPEC §2)
+    logits = F.linear(p["x"].float(), p["router"].float())  # the router runs in fp32 (design.md §2)
     return mod.topk_route(logits, p["k"])
 
 
 def layer_ours(p: dict) -> torch.Tensor:
-    """Router + topk_route + moe_ffn (used by benchmarks/test_bench_moe.py)."""
+    """Router + topk_route + moe_ffn (used by benchmarks/test_bench_moe.py too)."""
     weights, experts = _route(h3fusion_ext, p)
     return h3fusion_ext.moe_ffn(p["x"], weights, experts, p["gate_up"], p["down"])
 

@@ -2,7 +2,7 @@
 implementations (eager, grouped_mm, batched_mm) on the same weights.
 
 `collect(device, quick)` returns rows {bench, case, impl, mode, median_ms, speedup_vs_eager, vs_best, ...} for the runner
-(`h3fusion bench`); `python benchmarks/hf_moe_bench.py [--device cpu] [--quick]` prints them on their own.
+(`h3fusion bench`); `python -m h3fusion.bench.hf_moe_bench [--device cpu] [--quick]` prints them on their own.
 """
 
 from __future__ import annotations
