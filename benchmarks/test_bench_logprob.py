@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import h3fusion_ext
-
 from h3fusion.bench.common import synchronize
 from h3fusion.bench.logprob_bench import _make_inputs, _materialized, _ours, _step
+
+import h3fusion_ext
 
 DEVICE = "cuda" if torch.cuda.is_available() and h3fusion_ext.has_cuda_kernels() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32

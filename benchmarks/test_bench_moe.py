@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from h3fusion.bench.common import synchronize
+from h3fusion.bench.moe_bench import layer_ours, layer_reference, make_params
 
 import h3fusion_ext
 from h3fusion_ext import reference
-
-from h3fusion.bench.common import synchronize
-from h3fusion.bench.moe_bench import layer_ours, layer_reference, make_params
 
 DEVICE = "cuda" if torch.cuda.is_available() and h3fusion_ext.has_cuda_kernels() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32

@@ -344,8 +344,17 @@ def _run(out_dir, seed, quick, progress, echo, t0, experts_implementation):
 
     eval_models = {"base": base, **{f"aligned-{c}": aligned[c] for c in names}, "soup (uniform avg)": soup}
     evaluation, eval_table, eval_cmd = run_demo_evaluation(
-        {**eval_models, "fused (H3Fusion)": fused}, tok, data, out_dir, template=DEMO_TEMPLATE, seed=seed,
-        quick=quick, fused="fused (H3Fusion)", experts=[f"aligned-{c}" for c in names], progress=progress)
+        {**eval_models, "fused (H3Fusion)": fused},
+        tok,
+        data,
+        out_dir,
+        template=DEMO_TEMPLATE,
+        seed=seed,
+        quick=quick,
+        fused="fused (H3Fusion)",
+        experts=[f"aligned-{c}" for c in names],
+        progress=progress,
+    )
     acc = " | ".join(f"{c} {routing['accuracy'].get(c, float('nan')):.1%}" for c in names)
     elapsed = time.time() - t0
     logs = [h for h in trainer.state.log_history if "loss" in h]

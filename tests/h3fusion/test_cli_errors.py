@@ -79,4 +79,3 @@ def test_deprecated_device_spellings_still_work(tmp_path, capsys):
         assert parser.parse_args([command, *bases[command], old]).device == "cpu", (command, old)
         assert f"{old} is deprecated; use --device cpu" in capsys.readouterr().err
     assert parser.parse_args(["train", *bases["train"]]).device is None  # default: cuda when available
-

@@ -41,8 +41,9 @@ def fused_setup(tmp_path_factory):
 
 def _cli(args, timeout=300):
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'python')}", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "h3fusion", "eval", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "h3fusion", "eval", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_cli_end_to_end_with_fused_model(fused_setup, tmp_path):
@@ -114,11 +115,41 @@ def test_cli_errors_name_the_flag(fused_setup, tmp_path, capsys):
     assert "--model" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "nope"), "--out", out]) == 2
     assert "is not a folder" in capsys.readouterr().err
-    code = main(["eval", "--model", dirs["base"], "--suite", "harmless", "--harmful-prompts", harmful,
-                 "--moderation-model", dirs["base"], "--out", out, "--device", "cpu"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            dirs["base"],
+            "--suite",
+            "harmless",
+            "--harmful-prompts",
+            harmful,
+            "--moderation-model",
+            dirs["base"],
+            "--out",
+            out,
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 2 and "--moderation-model" in capsys.readouterr().err
-    code = main(["eval", "--model", dirs["base"], "--suite", "honest", "--truthfulqa", tqa, "--backend", "vllm",
-                 "--out", out, "--device", "cpu"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            dirs["base"],
+            "--suite",
+            "honest",
+            "--truthfulqa",
+            tqa,
+            "--backend",
+            "vllm",
+            "--out",
+            out,
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err
     try:
         import vllm  # noqa: F401

@@ -67,18 +67,36 @@ def test_demo_evaluation_table(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     corpora = build_corpora(1, n_pretrain=5, n_train=20, n_test=4)
-    texts = [DEMO_TEMPLATE] + [f"{e.instruction} {e.output}" for s in ("train", "test") for c in corpora[s].values()
-                               for e in c]
+    texts = [DEMO_TEMPLATE] + [
+        f"{e.instruction} {e.output}" for s in ("train", "test") for c in corpora[s].values() for e in c
+    ]
     tok = build_word_tokenizer(texts)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=96, pad_token_id=0,
-                      eos_token_id=1, bos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=96,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
     models = {name: LlamaForCausalLM(cfg).eval() for name in ("base", "aligned-helpful", "aligned-harmless", "fused")}
     models["soup (uniform avg)"] = LlamaForCausalLM(cfg).eval()
     experts = ["aligned-helpful", "aligned-harmless"]
-    results, table, command = run_demo_evaluation(models, tok, corpora, str(tmp_path / "demo"),
-                                                  template=DEMO_TEMPLATE, quick=True, fused="fused", experts=experts,
-                                                  progress=False)
+    results, table, command = run_demo_evaluation(
+        models,
+        tok,
+        corpora,
+        str(tmp_path / "demo"),
+        template=DEMO_TEMPLATE,
+        quick=True,
+        fused="fused",
+        experts=experts,
+        progress=False,
+    )
     assert list(results) == list(models)
     for r in results.values():
         assert {"truthfulqa_mc1", "truthfulqa_mc2", "truthful", "informative", "flagged_ratio", "win_rate"} <= set(r)

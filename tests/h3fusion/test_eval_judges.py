@@ -129,8 +129,10 @@ def test_pairwise_judge_cancels_position_bias():
     model = causal_lm(tok)
     judge = PairwiseJudge(model, tok)
     res = judge.score(QS[:1], AS[:1], ["quorin ."])[0]
-    assert res["score"] == sum(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
-                               for p in (res["p_model_first"], res["p_model_second"])) / 2
+    assert (
+        res["score"]
+        == sum(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in (res["p_model_first"], res["p_model_second"])) / 2
+    )
     assert 0.0 <= res["p_model_first"] <= 1.0 and 0.0 <= res["p_model_second"] <= 1.0
 
 

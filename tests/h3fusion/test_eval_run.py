@@ -21,8 +21,10 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     torch.manual_seed(0)
     tok, chat_tok = tokenizer(), tokenizer(chat=True)
-    models = {"alpha": save(causal_lm(tok), tok, root / "alpha"), "beta-chat": save(causal_lm(chat_tok), chat_tok,
-                                                                                    root / "beta")}
+    models = {
+        "alpha": save(causal_lm(tok), tok, root / "alpha"),
+        "beta-chat": save(causal_lm(chat_tok), chat_tok, root / "beta"),
+    }
     judges = {
         "truth_judge": save(causal_lm(tok), tok, root / "truth"),
         "info_judge": save(causal_lm(tok), tok, root / "info"),
@@ -54,8 +56,15 @@ def test_end_to_end_results_and_report(setup, tmp_path):
         assert r["truthful_informative"] <= min(r["truthful"], r["informative"])
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved == json.loads(json.dumps(res))
-    for f in ("report.md", "report.json", "report.png", "alpha.truthfulqa_mc.jsonl", "beta-chat.harmless_gen.jsonl",
-              "alpha.helpful_reward.jsonl", "reference.helpful_reward.jsonl"):
+    for f in (
+        "report.md",
+        "report.json",
+        "report.png",
+        "alpha.truthfulqa_mc.jsonl",
+        "beta-chat.harmless_gen.jsonl",
+        "alpha.helpful_reward.jsonl",
+        "reference.helpful_reward.jsonl",
+    ):
         assert (tmp_path / "out" / f).exists(), f
     lines = (tmp_path / "out" / "alpha.harmless_judged.jsonl").read_text().splitlines()
     assert sorted(json.loads(x)["id"] for x in lines) == [0, 1, 2]
@@ -124,8 +133,10 @@ def test_rerun_skips_done_samples_and_rethresholds(setup, tmp_path, monkeypatch)
     monkeypatch.setattr(runner, "load_lm", lambda *a, **k: pytest.fail("a finished model was loaded again"))
     monkeypatch.setattr(runner, "generate_hf", lambda *a, **k: pytest.fail("finished samples generated again"))
     for name in models:
-        probs = [json.loads(x)["p_unsafe"] for x in (tmp_path / "o" / f"{name}.harmless_judged.jsonl").read_text()
-                 .splitlines()]
+        probs = [
+            json.loads(x)["p_unsafe"]
+            for x in (tmp_path / "o" / f"{name}.harmless_judged.jsonl").read_text().splitlines()
+        ]
         for t in (0.0, sorted(probs)[1], 1.0):
             again = evaluate(models, tmp_path / "o", **dict(kw, threshold=t))
             assert again[name]["flagged_ratio"] == pytest.approx(sum(p > t for p in probs) / len(probs))
@@ -150,9 +161,17 @@ def test_limit_and_guard_lm(setup, tmp_path):
     root, models, judges, data = setup
     chat_tok = tokenizer(chat=True)
     guard = (biased_lm(chat_tok, {"unsafe": 5.0}), chat_tok)  # in memory: a saved checkpoint drops lm_head.bias
-    res = evaluate({"alpha": models["alpha"]}, tmp_path / "o", suites=["harmless"], moderation_model=guard,
-                   harmful_prompts=data["harmful_prompts"], limit=2, max_new_tokens=4, device="cpu",
-                   progress=False)
+    res = evaluate(
+        {"alpha": models["alpha"]},
+        tmp_path / "o",
+        suites=["harmless"],
+        moderation_model=guard,
+        harmful_prompts=data["harmful_prompts"],
+        limit=2,
+        max_new_tokens=4,
+        device="cpu",
+        progress=False,
+    )
     assert res["alpha"]["flagged_ratio"] == 1.0 and res["alpha"]["n_harmless"] == 2
 
 
@@ -160,8 +179,16 @@ def test_pairwise_judge_win_rate(setup, tmp_path):
     _, models, _, data = setup
     tok = tokenizer()
     judge = (biased_lm(tok, {"A": 3.0}), tok)
-    res = evaluate({"alpha": models["alpha"]}, tmp_path / "o", suites=["helpful"], judge_model=judge,
-                   helpful_prompts=data["helpful_prompts"], max_new_tokens=4, device="cpu", progress=False)
+    res = evaluate(
+        {"alpha": models["alpha"]},
+        tmp_path / "o",
+        suites=["helpful"],
+        judge_model=judge,
+        helpful_prompts=data["helpful_prompts"],
+        max_new_tokens=4,
+        device="cpu",
+        progress=False,
+    )
     assert res["alpha"]["win_rate"] == 0.5  # a judge that always says "A" is a tie once both orders are asked
 
 
@@ -175,13 +202,23 @@ def test_pairwise_judge_win_rate(setup, tmp_path):
         ([{"mc1_targets": {}, "mc2_targets": {}}], "record 0: missing field 'question'"),
         ([{"question": " ", "mc1_targets": {}, "mc2_targets": {}}], "field 'question' is empty"),
         (
-            [{"question": "q", "mc1_targets": {"choices": ["a", "b"], "labels": [1, 1]},
-              "mc2_targets": {"choices": ["a"], "labels": [1]}}],
+            [
+                {
+                    "question": "q",
+                    "mc1_targets": {"choices": ["a", "b"], "labels": [1, 1]},
+                    "mc2_targets": {"choices": ["a"], "labels": [1]},
+                }
+            ],
             "mc1_targets.labels must have exactly one 1",
         ),
         (
-            [{"question": "q", "mc1_targets": {"choices": ["a", "b"], "labels": [1]},
-              "mc2_targets": {"choices": ["a"], "labels": [1]}}],
+            [
+                {
+                    "question": "q",
+                    "mc1_targets": {"choices": ["a", "b"], "labels": [1]},
+                    "mc2_targets": {"choices": ["a"], "labels": [1]},
+                }
+            ],
             "mc1_targets.labels must be a list as long as",
         ),
     ],
@@ -197,12 +234,26 @@ def test_bad_prompt_files_and_arguments(setup, tmp_path):
     _, models, judges, data = setup
     empty = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "ok ?"}, {"prompt": ""}])
     with pytest.raises(ValueError, match=r"--harmful-prompts: record 1: field 'prompt' is empty"):
-        evaluate(models, tmp_path / "o", suites=["harmless"], harmful_prompts=empty, device="cpu",
-                 moderation_model=judges["moderation_model"], progress=False)
+        evaluate(
+            models,
+            tmp_path / "o",
+            suites=["harmless"],
+            harmful_prompts=empty,
+            device="cpu",
+            moderation_model=judges["moderation_model"],
+            progress=False,
+        )
     no_output = write_jsonl(tmp_path / "h.jsonl", [{"instruction": "hi"}])
     with pytest.raises(ValueError, match=r"--helpful-prompts: record 0: missing field 'output'"):
-        evaluate(models, tmp_path / "o", suites=["helpful"], helpful_prompts=no_output, device="cpu",
-                 reward_model=judges["reward_model"], progress=False)
+        evaluate(
+            models,
+            tmp_path / "o",
+            suites=["helpful"],
+            helpful_prompts=no_output,
+            device="cpu",
+            reward_model=judges["reward_model"],
+            progress=False,
+        )
     with pytest.raises(ValueError, match="--moderation-model"):
         evaluate(models, tmp_path / "o", suites=["harmless"], harmful_prompts=data["harmful_prompts"])
     with pytest.raises(ValueError, match="--reward-model / --judge-model"):
@@ -213,16 +264,23 @@ def test_bad_prompt_files_and_arguments(setup, tmp_path):
         evaluate(models, tmp_path / "o", suites=["funny"])
     # a reward model that is a causal LM: the error names the flag and the model
     with pytest.raises(ValueError, match=r"--reward-model .*alpha: needs a model with a sequence-classification"):
-        evaluate(models, tmp_path / "o2", suites=["helpful"], helpful_prompts=data["helpful_prompts"],
-                 reward_model=models["alpha"], max_new_tokens=2, device="cpu", progress=False)
+        evaluate(
+            models,
+            tmp_path / "o2",
+            suites=["helpful"],
+            helpful_prompts=data["helpful_prompts"],
+            reward_model=models["alpha"],
+            max_new_tokens=2,
+            device="cpu",
+            progress=False,
+        )
 
 
 def test_parquet_and_json_inputs(setup, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from h3fusion.evaluation.data import load_harmful_prompts, load_helpful_prompts, load_truthfulqa
-
     from eval_tiny import truthfulqa_records
+    from h3fusion.evaluation.data import load_harmful_prompts, load_helpful_prompts, load_truthfulqa
 
     pq.write_table(pa.Table.from_pylist(truthfulqa_records()), tmp_path / "t.parquet")
     recs = load_truthfulqa(str(tmp_path / "t.parquet"))
@@ -247,10 +305,18 @@ def test_vllm_backend_generates_from_token_ids(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(generation, "vllm_available", lambda: True)
     monkeypatch.setattr(runner, "generate_vllm", fake_vllm)
     monkeypatch.setattr(runner, "load_lm", lambda *a, **k: pytest.fail("no HF model is needed without MC scoring"))
-    res = evaluate({"beta-chat": models["beta-chat"]}, tmp_path / "o", suites=["harmless"], backend="vllm",
-                   moderation_model=judges["moderation_model"], harmful_prompts=data["harmful_prompts"],
-                   max_new_tokens=5, device="cpu", progress=False)
-    (path, prompts, max_new), = seen
+    res = evaluate(
+        {"beta-chat": models["beta-chat"]},
+        tmp_path / "o",
+        suites=["harmless"],
+        backend="vllm",
+        moderation_model=judges["moderation_model"],
+        harmful_prompts=data["harmful_prompts"],
+        max_new_tokens=5,
+        device="cpu",
+        progress=False,
+    )
+    ((path, prompts, max_new),) = seen
     tok = tokenizer(chat=True)
     assert path == models["beta-chat"] and max_new == 5 and len(prompts) == 3
     assert prompts[0] == tok("User: how can i rob a shop ? Assistant:", add_special_tokens=False)["input_ids"]
@@ -264,9 +330,16 @@ def test_rerun_with_a_smaller_limit_reuses_the_samples(setup, tmp_path, monkeypa
     from h3fusion.evaluation.judges import ModerationClassifier
 
     _, models, judges, data = setup
-    kw = dict(suites=["harmless", "helpful"], harmful_prompts=data["harmful_prompts"],
-              helpful_prompts=data["helpful_prompts"], moderation_model=judges["moderation_model"],
-              reward_model=judges["reward_model"], max_new_tokens=4, device="cpu", progress=False)
+    kw = dict(
+        suites=["harmless", "helpful"],
+        harmful_prompts=data["harmful_prompts"],
+        helpful_prompts=data["helpful_prompts"],
+        moderation_model=judges["moderation_model"],
+        reward_model=judges["reward_model"],
+        max_new_tokens=4,
+        device="cpu",
+        progress=False,
+    )
     one = {"alpha": models["alpha"]}
     with monkeypatch.context() as m:  # stopped after generating 2 samples, before judging them
         m.setattr(ModerationClassifier, "score", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -237,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         profile(args.profile)
         return 0
-    from h3fusion.utils.files import atomic_write_json
-
     import transformers
+
+    from h3fusion.utils.files import atomic_write_json
 
     report = {
         "device": torch.cuda.get_device_name(),

@@ -1,8 +1,8 @@
 """Whole-model benchmark: a tiny Mixtral with experts_implementation="h3fusion" against transformers' own experts
 implementations (eager, grouped_mm, batched_mm) on the same weights.
 
-`collect(device, quick)` returns rows {bench, case, impl, mode, median_ms, speedup_vs_eager, vs_best, ...} for the runner
-(`h3fusion bench`); `python -m h3fusion.bench.hf_moe_bench [--device cpu] [--quick]` prints them on their own.
+`collect(device, quick)` returns rows {bench, case, impl, mode, median_ms, speedup_vs_eager, vs_best, ...} for the
+runner (`h3fusion bench`); `python -m h3fusion.bench.hf_moe_bench [--device cpu] [--quick]` prints them on their own.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ def _median_ms(fns: dict, device: str, warmup: int, reps: int) -> dict:
 
 
 def _model(impl: str, device: str, dtype: torch.dtype, seed: int):
-    import h3fusion  # noqa: F401  (registers "h3fusion" in transformers' experts interface)
     from transformers import MixtralConfig, MixtralForCausalLM
+
+    import h3fusion  # noqa: F401  (registers "h3fusion" in transformers' experts interface)
 
     cfg = MixtralConfig(
         vocab_size=CASE["vocab"],

@@ -27,6 +27,7 @@ import statistics
 import time
 
 import torch
+
 from h3fusion.utils.files import atomic_write_json, check_output_file
 
 from .common import synchronize

@@ -13,6 +13,7 @@ import importlib
 import sys
 
 import torch
+
 from h3fusion.utils.files import OutputDirError, atomic_write_json, check_output_file
 
 from .common import device_name, format_table, measure_ceiling

@@ -160,8 +160,9 @@ def _limited(rows: list, limit: int | None) -> list:
     return rows if limit is None else rows[:limit]
 
 
-def load_truthfulqa(source: str | os.PathLike = DEFAULT_SOURCES["truthfulqa"], limit: int | None = None,
-                    what: str = "--truthfulqa") -> list[dict[str, Any]]:
+def load_truthfulqa(
+    source: str | os.PathLike = DEFAULT_SOURCES["truthfulqa"], limit: int | None = None, what: str = "--truthfulqa"
+) -> list[dict[str, Any]]:
     """TruthfulQA records `{id, question, mc1_targets, mc2_targets}` (validated; the first `limit` only)."""
     out = []
     for i, r in enumerate(_limited(read_records(source, what), limit)):
@@ -179,8 +180,9 @@ def load_truthfulqa(source: str | os.PathLike = DEFAULT_SOURCES["truthfulqa"], l
     return out
 
 
-def load_harmful_prompts(source: str | os.PathLike = DEFAULT_SOURCES["harmful"], limit: int | None = None,
-                         what: str = "--harmful-prompts") -> list[dict[str, Any]]:
+def load_harmful_prompts(
+    source: str | os.PathLike = DEFAULT_SOURCES["harmful"], limit: int | None = None, what: str = "--harmful-prompts"
+) -> list[dict[str, Any]]:
     """BeaverTails-style prompts `{id, prompt}`, repeats dropped (first occurrence kept), the first `limit`."""
     seen: set[str] = set()
     out = []
@@ -197,8 +199,9 @@ def load_harmful_prompts(source: str | os.PathLike = DEFAULT_SOURCES["harmful"],
     return out
 
 
-def load_helpful_prompts(source: str | os.PathLike = DEFAULT_SOURCES["helpful"], limit: int | None = None,
-                         what: str = "--helpful-prompts") -> list[dict[str, Any]]:
+def load_helpful_prompts(
+    source: str | os.PathLike = DEFAULT_SOURCES["helpful"], limit: int | None = None, what: str = "--helpful-prompts"
+) -> list[dict[str, Any]]:
     """AlpacaEval-style records `{id, instruction, reference}` (`reference` = the file's `output`)."""
     out = []
     for i, r in enumerate(_limited(read_records(source, what), limit)):

@@ -116,9 +116,7 @@ def generate_hf(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token; cannot batch generation")
-    encoded = [
-        list(tokenizer(t, add_special_tokens=bool(a))["input_ids"]) for t, a in zip(texts, add_special_tokens)
-    ]
+    encoded = [list(tokenizer(t, add_special_tokens=bool(a))["input_ids"]) for t, a in zip(texts, add_special_tokens)]
     width = max(len(e) for e in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -127,8 +125,10 @@ def generate_hf(
         mask[i, width - len(e) :] = 1
     device = next(model.parameters()).device
     sample = config.temperature > 0
-    kwargs = dict(do_sample=sample, temperature=config.temperature, top_p=config.top_p) if sample else dict(
-        do_sample=False, temperature=None, top_p=None, top_k=None
+    kwargs = (
+        dict(do_sample=sample, temperature=config.temperature, top_p=config.top_p)
+        if sample
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     )
     if sample:
         torch.manual_seed(config.seed + batch_index)

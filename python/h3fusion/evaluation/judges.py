@@ -85,16 +85,20 @@ def check_judge_config(spec: Any, what: str, kind: str) -> None:
             from transformers import AutoTokenizer
 
             if not has_chat_template(AutoTokenizer.from_pretrained(spec)):
-                raise ValueError(f"{what} {spec}: a causal LM is used as a guard only with a chat template, and its "
-                                 "tokenizer has none (or give a sequence classifier)")
+                raise ValueError(
+                    f"{what} {spec}: a causal LM is used as a guard only with a chat template, and its "
+                    "tokenizer has none (or give a sequence classifier)"
+                )
             return
-        raise ValueError(f"{what} {spec}: needs a sequence classifier or a guard LM, but its architectures are "
-                         f"{archs or 'unknown'}")
+        raise ValueError(
+            f"{what} {spec}: needs a sequence classifier or a guard LM, but its architectures are {archs or 'unknown'}"
+        )
     want = "ForSequenceClassification" if kind == "classifier" else "ForCausalLM"
     if not any(a.endswith(want) for a in archs):
         head = "sequence-classification" if kind == "classifier" else "causal-LM"
-        raise ValueError(f"{what} {spec}: needs a model with a {head} head (*{want}), but its architectures are "
-                         f"{archs or 'unknown'}")
+        raise ValueError(
+            f"{what} {spec}: needs a model with a {head} head (*{want}), but its architectures are {archs or 'unknown'}"
+        )
 
 
 def load_judge_parts(spec: Any, what: str, kind: str, device: str, dtype: str | None = None):
@@ -205,7 +209,8 @@ def unsafe_label_ids(config, unsafe_label: str | None, what: str) -> tuple[list[
     if multi:
         return [i for i, name in id2label.items() if name.lower() not in _SAFE_NAMES], True
     hits = [
-        i for i, name in id2label.items()
+        i
+        for i, name in id2label.items()
         if name.lower() not in _SAFE_NAMES and any(w in name.lower() for w in _UNSAFE_WORDS)
     ]
     if hits:
@@ -222,8 +227,16 @@ class ModerationClassifier:
 
     kind = "classifier"
 
-    def __init__(self, model, tokenizer, *, template: str = BEAVERTAILS_TEMPLATE, unsafe_label: str | None = None,
-                 batch_size: int = 8, what: str = "--moderation-model"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        template: str = BEAVERTAILS_TEMPLATE,
+        unsafe_label: str | None = None,
+        batch_size: int = 8,
+        what: str = "--moderation-model",
+    ):
         _check_head(model, what, "classifier")
         self.model, self.tokenizer, self.template, self.batch_size = model, tokenizer, template, batch_size
         self.unsafe_ids, self.independent = unsafe_label_ids(model.config, unsafe_label, what)
@@ -251,8 +264,9 @@ class GuardLM:
 
     kind = "guard"
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 8, max_new_tokens: int = 8,
-                 what: str = "--moderation-model"):
+    def __init__(
+        self, model, tokenizer, *, batch_size: int = 8, max_new_tokens: int = 8, what: str = "--moderation-model"
+    ):
         _check_head(model, what, "causal")
         if not has_chat_template(tokenizer):
             raise ValueError(f"{what}: a guard LM needs a chat template (its tokenizer has none)")
@@ -280,8 +294,15 @@ class GuardLM:
         return out
 
 
-def load_moderation(spec: Any, device: str, *, template: str = BEAVERTAILS_TEMPLATE,
-                    unsafe_label: str | None = None, batch_size: int = 8, dtype: str | None = None):
+def load_moderation(
+    spec: Any,
+    device: str,
+    *,
+    template: str = BEAVERTAILS_TEMPLATE,
+    unsafe_label: str | None = None,
+    batch_size: int = 8,
+    dtype: str | None = None,
+):
     """A `ModerationClassifier` (sequence-classification model) or a `GuardLM` (causal LM with a chat template)."""
     what = "--moderation-model"
     if isinstance(spec, (tuple, list)):
@@ -292,20 +313,23 @@ def load_moderation(spec: Any, device: str, *, template: str = BEAVERTAILS_TEMPL
         kind = "classifier" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal"
     model, tokenizer = load_judge_parts(spec, what, kind, device, dtype)
     if kind == "classifier":
-        return ModerationClassifier(model, tokenizer, template=template, unsafe_label=unsafe_label,
-                                    batch_size=batch_size)
+        return ModerationClassifier(
+            model, tokenizer, template=template, unsafe_label=unsafe_label, batch_size=batch_size
+        )
     return GuardLM(model, tokenizer, batch_size=batch_size)
 
 
 class RewardModel:
     """Scalar rewards r(prompt, response) from a one-output sequence classifier."""
 
-    def __init__(self, model, tokenizer, *, template: str = REWARD_TEMPLATE, batch_size: int = 8,
-                 what: str = "--reward-model"):
+    def __init__(
+        self, model, tokenizer, *, template: str = REWARD_TEMPLATE, batch_size: int = 8, what: str = "--reward-model"
+    ):
         _check_head(model, what, "classifier")
         if int(model.config.num_labels) != 1:
-            raise ValueError(f"{what}: a reward model has one output (num_labels=1), this one has "
-                             f"{model.config.num_labels}")
+            raise ValueError(
+                f"{what}: a reward model has one output (num_labels=1), this one has {model.config.num_labels}"
+            )
         self.model, self.tokenizer, self.template, self.batch_size = model, tokenizer, template, batch_size
         if model.config.pad_token_id is None:
             model.config.pad_token_id = _pad_id(tokenizer)
@@ -330,8 +354,9 @@ class PairwiseJudge:
     order swapped (position bias cancels). Each order gives 1 (prefers the model's output), 0.5 (equal) or 0;
     the sample's score is their mean, so disagreeing orders make a tie."""
 
-    def __init__(self, model, tokenizer, *, template: str = PAIRWISE_TEMPLATE, batch_size: int = 8,
-                 what: str = "--judge-model"):
+    def __init__(
+        self, model, tokenizer, *, template: str = PAIRWISE_TEMPLATE, batch_size: int = 8, what: str = "--judge-model"
+    ):
         _check_head(model, what, "causal")
         self.model, self.tokenizer, self.template, self.batch_size = model, tokenizer, template, batch_size
 

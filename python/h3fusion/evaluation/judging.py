@@ -72,8 +72,14 @@ def run_judges(run: RunFolder, names, data, judges, device, dtype, batch_size, u
             free_memory()
 
     if "harmful" in data and pending("harmless_gen", "harmless_judged"):
-        mod = load_moderation(judges["moderation"], device, template=moderation_template or BEAVERTAILS_TEMPLATE,
-                              unsafe_label=unsafe_label, batch_size=batch_size, dtype=dtype)
+        mod = load_moderation(
+            judges["moderation"],
+            device,
+            template=moderation_template or BEAVERTAILS_TEMPLATE,
+            unsafe_label=unsafe_label,
+            batch_size=batch_size,
+            dtype=dtype,
+        )
         for name, log_out, todo in each_model("harmless_gen", "harmless_judged"):
             run.say(f"[{name}] moderation: {len(todo)} responses")
             for chunk in _batched(todo, batch_size):
@@ -108,8 +114,11 @@ def run_judges(run: RunFolder, names, data, judges, device, dtype, batch_size, u
             run.say(f"[{name}] pairwise judge: {len(todo)} responses")
             for chunk in _batched(todo, batch_size):
                 items = [by_id["helpful"][g["id"]] for g in chunk]
-                scores = pj.score([it["instruction"] for it in items], [g["response"] for g in chunk],
-                                  [it["reference"] for it in items])
+                scores = pj.score(
+                    [it["instruction"] for it in items],
+                    [g["response"] for g in chunk],
+                    [it["reference"] for it in items],
+                )
                 log_out.append({"id": g["id"], **s} for g, s in zip(chunk, scores))
         del model, pj
         free_memory()

@@ -47,8 +47,12 @@ def _expert_names(config) -> list[str]:
         return []
 
 
-def guess_roles(results: Mapping[str, Mapping[str, Any]], configs: Mapping[str, Any] | None = None,
-                fused: str | None = None, experts: Sequence[str] | None = None) -> tuple[str | None, list[str]]:
+def guess_roles(
+    results: Mapping[str, Mapping[str, Any]],
+    configs: Mapping[str, Any] | None = None,
+    fused: str | None = None,
+    experts: Sequence[str] | None = None,
+) -> tuple[str | None, list[str]]:
     """(fused model, single experts) for the gain column.
 
     Defaults: the fused model is the first whose config names H3Fusion experts (as `fuse_models` records them), else one
@@ -122,12 +126,18 @@ def markdown(results, fused=None, experts=(), title: str = "H3Fusion evaluation"
     if gain:
         cells = [("–" if v is None else f"{100 * v:+.1f}") for v in (gain[k] for k, _, _ in cols)]
         lines.append("| **gain over best expert** | " + " | ".join(cells) + " |")
-    lines += ["", "↑ higher is better, ↓ lower is better; the gain is positive when the fused model is better.",
-              "flagged: share of responses the moderation model flags, with its 95% Wilson interval."]
+    lines += [
+        "",
+        "↑ higher is better, ↓ lower is better; the gain is positive when the fused model is better.",
+        "flagged: share of responses the moderation model flags, with its 95% Wilson interval.",
+    ]
     heur = {n: r["refusal_rate_heuristic"] for n, r in results.items() if _finite(r.get("refusal_rate_heuristic"))}
     if heur:
-        lines += ["", "Refusal-phrase rate (a heuristic, not the harmlessness score): "
-                  + ", ".join(f"{n} {_pct(v)}%" for n, v in heur.items())]
+        lines += [
+            "",
+            "Refusal-phrase rate (a heuristic, not the harmlessness score): "
+            + ", ".join(f"{n} {_pct(v)}%" for n, v in heur.items()),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -180,8 +190,9 @@ def write_report(results, out_dir: str | os.PathLike, *, fused=None, experts=Non
     return data
 
 
-def compare_results(dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, fused=None, experts=None,
-                    overwrite: bool = False) -> dict[str, dict[str, Any]]:
+def compare_results(
+    dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, fused=None, experts=None, overwrite: bool = False
+) -> dict[str, dict[str, Any]]:
     """Join the results.json of earlier evaluations into one report in `out_dir` (a model evaluated in several
     folders gets the folder name appended); returns the joined results."""
     from ..utils.files import OUTPUT_MARKER, OutputDirError, prepare_output_dir

@@ -147,8 +147,13 @@ def evaluate(
         gen = GenerationConfig(max_new_tokens, temperature, top_p, seed, batch_size)
         for name, spec in models.items():
             _run_model(run, name, spec, data, gen, prompt_template, mc_add_special_tokens, backend, device, dtype)
-        judges = {"truth": truth_judge, "info": info_judge, "moderation": moderation_model, "reward": reward_model,
-                  "pairwise": judge_model}
+        judges = {
+            "truth": truth_judge,
+            "info": info_judge,
+            "moderation": moderation_model,
+            "reward": reward_model,
+            "pairwise": judge_model,
+        }
         run_judges(run, list(models), data, judges, device, dtype, batch_size, unsafe_label, moderation_template)
         results = _aggregate(run, list(models), data, threshold)
         atomic_write_json(out / RESULTS_FILE, results)
@@ -209,8 +214,8 @@ def _check_arguments(args: dict[str, Any]) -> dict[str, Any]:
             "helpful_prompts": str(args["helpful_prompts"]) if "helpful" in suites else None,
         },
         "judges": {
-            k: _describe(args[k]) for k in ("truth_judge", "info_judge", "moderation_model", "reward_model",
-                                             "judge_model")
+            k: _describe(args[k])
+            for k in ("truth_judge", "info_judge", "moderation_model", "reward_model", "judge_model")
         },
         "unsafe_label": args["unsafe_label"],
         "moderation_template": args["moderation_template"],
@@ -326,9 +331,15 @@ def _run_model(run: RunFolder, name, spec, data, gen: GenerationConfig, template
     try:
         if pending_mc:
             run.say(f"[{name}] TruthfulQA MC1/MC2: {len(pending_mc)} questions")
-            score_truthfulqa_mc(model, tokenizer, pending_mc, batch_size=gen.batch_size,
-                                add_special_tokens=mc_special, on_result=lambda r: logs["truthfulqa_mc"].append([r]))
-        for stage, items, key, qa in jobs if backend == "hf" else ():
+            score_truthfulqa_mc(
+                model,
+                tokenizer,
+                pending_mc,
+                batch_size=gen.batch_size,
+                add_special_tokens=mc_special,
+                on_result=lambda r: logs["truthfulqa_mc"].append([r]),
+            )
+        for stage, _items, key, qa in jobs if backend == "hf" else ():
             todo = pending[stage]
             if not todo:
                 continue
@@ -355,8 +366,11 @@ def _run_model(run: RunFolder, name, spec, data, gen: GenerationConfig, template
             owners += [(stage, it["id"], qa) for it in pending[stage]]
         outs = generate_vllm(os.fspath(spec), prompts, gen)
         for stage, *_ in jobs:
-            logs[stage].append({"id": i, "response": cut_at_stop(o, _TQA_STOP if qa else ())}
-                               for (st, i, qa), o in zip(owners, outs) if st == stage)
+            logs[stage].append(
+                {"id": i, "response": cut_at_stop(o, _TQA_STOP if qa else ())}
+                for (st, i, qa), o in zip(owners, outs)
+                if st == stage
+            )
 
 
 # ---- stage 3: the metrics -----------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def encode_pair(tokenizer, context: str, continuation: str, add_special_tokens: 
         context = context[:-n_spaces]
     whole = _encode(tokenizer, context + continuation, add_special_tokens)
     ctx = _encode(tokenizer, context, add_special_tokens)
-    cont = whole[len(ctx):]
+    cont = whole[len(ctx) :]
     if not cont:
         raise ValueError(f"continuation {continuation!r} encodes to no tokens after context")
     return ctx, cont
@@ -214,8 +214,12 @@ def score_truthfulqa_mc(
         context = mc_context(rec["question"])
         choices = list(dict.fromkeys(rec["mc1_targets"]["choices"] + rec["mc2_targets"]["choices"]))
         reqs = [encode_pair(tokenizer, context, TARGET_DELIMITER + c, add_special_tokens) for c in choices]
-        ll = dict(zip(choices, continuation_loglikelihoods(model, reqs, max_length=max_length,
-                                                            batch_size=batch_size, pad_id=pad)))
+        ll = dict(
+            zip(
+                choices,
+                continuation_loglikelihoods(model, reqs, max_length=max_length, batch_size=batch_size, pad_id=pad),
+            )
+        )
         mc1_lls = [ll[c] for c in rec["mc1_targets"]["choices"]]
         mc2_lls = [ll[c] for c in rec["mc2_targets"]["choices"]]
         result = {

@@ -20,10 +20,10 @@ from typing import Any
 
 from .outputs import ResumableOutput
 from .records import (
-    read_jsonl_objects,
     JsonlAppender,
     dir_fingerprint,
     file_sha256,
+    read_jsonl_objects,
     read_jsonl_resumable,
     validate_sampled_record,
 )

@@ -35,8 +35,8 @@ from ..losses.gating import (
     load_balancing_loss,
 )
 from ..losses.lm import causal_lm_loss, lm_loss_from_hidden
-from ..models.hf_experts import IMPLEMENTATION, current_experts_implementation, set_experts_implementation
 from ..losses.sharded_drift import full_reference_state, shard_reference_state
+from ..models.hf_experts import IMPLEMENTATION, current_experts_implementation, set_experts_implementation
 from .checkpoint import clean_stale_staging, publish_staged_dir, staging_dir_for
 from .sequence_logprobs import _lm_head_weight
 

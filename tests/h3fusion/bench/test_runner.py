@@ -31,7 +31,8 @@ def fake_benches(monkeypatch):
         {"bench": "fake", "case": "c1", "impl": "reference", "mode": "fwd", "median_ms": 3.0, "tflops": 0.125},
     ]
     monkeypatch.setitem(sys.modules, "fake_bench_for_tests", module)
-    monkeypatch.setattr(bench_run, "BENCH_MODULES", {"fake": "fake_bench_for_tests", "absent": "h3fusion.bench.absent_x"})
+    benches = {"fake": "fake_bench_for_tests", "absent": "h3fusion.bench.absent_x"}
+    monkeypatch.setattr(bench_run, "BENCH_MODULES", benches)
 
 
 def test_runner_writes_report_and_skips_absent_modules(fake_benches, tmp_path, capsys):
