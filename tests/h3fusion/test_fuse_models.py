@@ -193,6 +193,7 @@ def test_checkpoint_dirs_stream_layer_by_layer(tmp_path, monkeypatch, capsys):
     """Sharded safetensors dirs fuse to exactly what the loaded models give, without loading any full model."""
     import safetensors.torch
     import transformers
+    from h3fusion.models.checkpoint_io import CheckpointWeights
 
     base = build_tiny_llama(layers=3, tie_word_embeddings=True)
     aligned = {n: perturbed_copy(base) for n in NAMES}
@@ -207,8 +208,25 @@ def test_checkpoint_dirs_stream_layer_by_layer(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    reads = []  # (checkpoint folder, tensor name) in read order
+    original_get = CheckpointWeights.get
+
+    def counting_get(self, key):
+        reads.append((os.path.basename(str(self.path)), key))
+        return original_get(self, key)
+
+    monkeypatch.setattr(CheckpointWeights, "get", counting_get)
     got = fuse_models(str(tmp_path / "base"), {n: str(tmp_path / n) for n in NAMES}, router_init="zeros", progress=True)
     assert "fusing layers" in capsys.readouterr().err  # the progress bar
+    # streamed: each tensor read once, layer after layer (never back to an earlier layer), each layer's experts read
+    # from their own checkpoints (3 MLP tensors per expert per layer)
+    assert len(reads) == len(set(reads)), "a tensor was read twice"
+    layer_of = [int(key.split("layers.")[1].split(".")[0]) for _, key in reads if "layers." in key]
+    assert layer_of == sorted(layer_of) and set(layer_of) == {0, 1, 2}
+    for layer in range(3):
+        for n in NAMES:
+            mlp = [k for src, k in reads if src == n and f"layers.{layer}.mlp." in k]
+            assert len(mlp) == 3, (layer, n, mlp)
     sd_want, sd_got = want.state_dict(), got.state_dict()
     assert sd_want.keys() == sd_got.keys()
     for key in sd_want:
