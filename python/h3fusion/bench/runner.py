@@ -49,8 +49,8 @@ COLUMNS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """`python -m h3fusion.bench`: the flags of `h3fusion bench` (defined once, in h3fusion.cli.bench)."""
-    from h3fusion.cli.bench import add_arguments
+    """`python -m h3fusion.bench`: the flags of `h3fusion bench` (defined once, in h3fusion.bench.arguments)."""
+    from .arguments import add_arguments
 
     parser = argparse.ArgumentParser(prog="python -m h3fusion.bench", description=__doc__.splitlines()[0])
     add_arguments(parser)

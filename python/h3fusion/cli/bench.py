@@ -5,25 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_device_argument, comma_names, positive_int
+from ..bench.arguments import add_arguments  # noqa: F401  (the subcommand's flags, defined once)
 
-HELP = "benchmark the kernels against the PyTorch reference (tables + JSON)"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The subcommand's flags (shared ones from `h3fusion.cli.common`)."""
-    add_device_argument(parser, indexed=False)
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    parser.add_argument(
-        "--only", type=comma_names(), default=None, help="comma-separated benches: moe,logprob,hf_moe (default: all)"
-    )
-    parser.add_argument("--out", default="bench_results.json", help="JSON output path (default: %(default)s)")
-    parser.add_argument(
-        "--threads",
-        type=positive_int,
-        default=None,
-        help="CPU threads for torch (default: 2 on the CPU, torch's choice on CUDA)",
-    )
+HELP = "benchmark the kernels against transformers' experts implementations and a dense mm (tables + JSON)"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -89,4 +89,13 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # a gloo rank that exits with its process group alive can abort at interpreter shutdown ("terminate called
+        # without an active exception") after all its work is done; leave the group first
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
