@@ -158,3 +158,11 @@ def test_the_reported_cases(command, flag, value, message, base_argv, capsys):
         main([command, *base_argv[command], f"{flag}={value}"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and f"argument {flag}: {message}" in err and "Traceback" not in err
+
+
+def test_double_dash_value_is_refused(base_argv, capsys):
+    # Python < 3.12's argparse turns `--flag=--` into [] without calling the flag's type: main() refuses it itself
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *base_argv["train"], "--warmup-steps=--"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--warmup-steps" in err and "Traceback" not in err

@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run `h3fusion ARGV`; returns the exit status (2 for a bad flag value or input, see the module docstring)."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for arg in argv:
+        # argparse before Python 3.12 turns `--flag=--` into an empty list, skipping the flag's type check
+        if arg.startswith("--") and arg.endswith("=--"):
+            parser.error(f"argument {arg[:-3]}: expected a value, got '--'")
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
