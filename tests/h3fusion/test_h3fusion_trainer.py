@@ -7,27 +7,14 @@ import torch
 from h3fusion.data import InstructionCollator
 from h3fusion.losses import gating_loss, mean_router_probs
 from h3fusion.trainers import H3FusionTrainer, prepare_h3fusion_model
-from training_tiny import separable_features, tiny_fused
-from transformers import TrainingArguments
+from training_tiny import quiet_training_args, separable_features, tiny_fused
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: extra OpenMP threads only spin-wait
 
 
 def args_for(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        learning_rate=2e-2,
-        num_train_epochs=3,
-        logging_steps=2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=int(torch.initial_seed() % 2**31),  # the suite's seed (tests/conftest.py), replayable
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
+    defaults = dict(per_device_train_batch_size=8, learning_rate=2e-2, num_train_epochs=3, logging_steps=2)
+    return quiet_training_args(tmp_path, **{**defaults, **kw})
 
 
 def gate_trainer(model, tmp_path, n_train, epochs, **kw):

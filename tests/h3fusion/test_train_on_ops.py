@@ -20,8 +20,15 @@ from h3fusion.models import (
 )
 from h3fusion.trainers import H3FusionTrainer, prepare_h3fusion_model
 from op_counts import count_h3fusion_ops
-from training_tiny import EXPERT_NAMES, separable_features, tiny_fused, tiny_mixtral_config, word_level_tokenizer
-from transformers import MixtralForCausalLM, TrainingArguments
+from training_tiny import (
+    EXPERT_NAMES,
+    quiet_training_args,
+    separable_features,
+    tiny_fused,
+    tiny_mixtral_config,
+    word_level_tokenizer,
+)
+from transformers import MixtralForCausalLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: extra OpenMP threads only spin-wait
 
@@ -30,20 +37,8 @@ WORDS = [f"w{i}" for i in range(30)]
 
 
 def _args(tmp_path, steps, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        max_steps=steps,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=int(torch.initial_seed() % 2**31),  # the suite's seed (tests/conftest.py), replayable
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
+    defaults = dict(per_device_train_batch_size=4, learning_rate=1e-2, max_steps=steps, logging_steps=1)
+    return quiet_training_args(tmp_path, **{**defaults, **kw})
 
 
 def _randomize_lora_b(model):

@@ -66,3 +66,19 @@ def word_level_tokenizer(words):
     t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def quiet_training_args(tmp_path, **kw):
+    """transformers.TrainingArguments for a tiny CPU run in `tmp_path/out`: no saving, no reports, no progress bar,
+    and the suite's seed (tests/conftest.py), so a failure replays with H3FUSION_TEST_SEED. `kw` overrides/extends."""
+    from transformers import TrainingArguments
+
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=int(torch.initial_seed() % 2**31),
+    )
+    return TrainingArguments(**{**base, **kw})
