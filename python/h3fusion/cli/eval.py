@@ -116,62 +116,61 @@ def _models(specs: list[str]) -> dict[str, str]:
     return models
 
 
-def run(args: argparse.Namespace) -> int:
-    import sys
+def evaluate_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `h3fusion.evaluate` that the parsed `h3fusion eval` flags give (all but the models,
+    the output folder and --experts): the one mapping from flags to the API, used by the CLI and by the demo."""
+    from .common import resolve_device
 
-    from ..utils.files import OutputDirError
+    return dict(
+        suites=args.suite,
+        truthfulqa=args.truthfulqa,
+        harmful_prompts=args.harmful_prompts,
+        helpful_prompts=args.helpful_prompts,
+        truth_judge=args.truth_judge,
+        info_judge=args.info_judge,
+        moderation_model=args.moderation_model,
+        reward_model=args.reward_model,
+        judge_model=args.judge_model,
+        threshold=args.threshold,
+        unsafe_label=args.unsafe_label,
+        moderation_template=args.moderation_template,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        prompt_template=args.prompt_template,
+        mc_add_special_tokens=args.mc_add_special_tokens,
+        backend=args.backend,
+        device=resolve_device(args),
+        dtype=args.dtype,
+        fused=args.fused,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate --model(s) into --out, or join earlier results with --compare. Bad input raises ValueError /
+    OutputDirError, which `h3fusion.cli.main` turns into a one-line error and exit status 2."""
+    from pathlib import Path
 
     experts = [e.strip() for e in args.experts.split(",") if e.strip()] if args.experts else None
-    try:
-        if args.compare:
-            if args.model:
-                raise ValueError("--compare joins earlier results; do not pass --model with it")
-            from ..evaluation.report import compare_results
+    if args.compare:
+        if args.model:
+            raise ValueError("--compare joins earlier results; do not pass --model with it")
+        from ..evaluation.report import compare_results
 
-            compare_results(args.compare, args.out, fused=args.fused, experts=experts, overwrite=args.overwrite)
-            print(f"report written to {args.out}/ (results.json, report.md, report.json, report.png)")
-            return 0
-        if not args.model:
-            raise ValueError("--model: give at least one model (or --compare DIR ...)")
-        models = _models(args.model)
-        from ..evaluation import evaluate
-        from .common import resolve_device
+        compare_results(args.compare, args.out, fused=args.fused, experts=experts, overwrite=args.overwrite)
+        print(f"report written to {args.out}/ (results.json, report.md, report.json, report.png)")
+        return 0
+    if not args.model:
+        raise ValueError("--model: give at least one model (or --compare DIR ...)")
+    from ..evaluation import evaluate
 
-        results = evaluate(
-            models,
-            args.out,
-            suites=args.suite,
-            truthfulqa=args.truthfulqa,
-            harmful_prompts=args.harmful_prompts,
-            helpful_prompts=args.helpful_prompts,
-            truth_judge=args.truth_judge,
-            info_judge=args.info_judge,
-            moderation_model=args.moderation_model,
-            reward_model=args.reward_model,
-            judge_model=args.judge_model,
-            threshold=args.threshold,
-            unsafe_label=args.unsafe_label,
-            moderation_template=args.moderation_template,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            prompt_template=args.prompt_template,
-            mc_add_special_tokens=args.mc_add_special_tokens,
-            backend=args.backend,
-            device=resolve_device(args),
-            dtype=args.dtype,
-            fused=args.fused,
-            experts=experts,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-    except (ValueError, OutputDirError) as exc:
-        print(f"h3fusion eval: error: {exc}", file=sys.stderr)
-        return 2
+    results = evaluate(_models(args.model), args.out, **evaluate_kwargs(args), experts=experts)
     if not args.no_progress:
-        print((__import__("pathlib").Path(args.out) / "report.md").read_text(encoding="utf-8"))
+        print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
     print(f"results for {len(results)} model(s) written to {args.out}/results.json (report.md, report.png)")
     return 0

@@ -320,30 +320,12 @@ def run_demo_evaluation(
         atomic_write_text(os.path.join(out_dir, DATA_DIR, f"{key}.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     cmd = demo_eval_command(out_dir, model_dirs, fused, experts, template, seed)
     from ..cli import build_parser
+    from ..cli.eval import evaluate_kwargs
 
     args = build_parser().parse_args(cmd[1:])  # one source of truth: the demo runs what the command line runs
-    results = evaluate(
-        dict(model_dirs),
-        args.out,
-        truthfulqa=args.truthfulqa,
-        harmful_prompts=args.harmful_prompts,
-        helpful_prompts=args.helpful_prompts,
-        truth_judge=args.truth_judge,
-        info_judge=args.info_judge,
-        moderation_model=args.moderation_model,
-        reward_model=args.reward_model,
-        moderation_template=args.moderation_template,
-        prompt_template=args.prompt_template,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device="cpu",
-        fused=fused,
-        experts=list(experts) if experts else None,
-        overwrite=True,
-        progress=progress,
-        echo=echo,
-    )
+    kwargs = evaluate_kwargs(args)  # the flags' meaning, as `h3fusion eval` reads them
+    kwargs.update(fused=fused, overwrite=True, progress=progress)  # the demo owns its folder and its output
+    results = evaluate(dict(model_dirs), args.out, **kwargs, experts=list(experts) if experts else None, echo=echo)
     with open(os.path.join(args.out, "report.md"), encoding="utf-8") as f:
         table = f.read()
     return results, table, " ".join(shlex.quote(c) for c in cmd)
