@@ -39,12 +39,17 @@ __all__ = [
 CATEGORY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 
 
+def _int(text: str, expected: str) -> int:
+    """`int(text)`, or the argparse error "expected <expected>, got <text>"."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    value = _int(text, "a positive integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
@@ -52,10 +57,7 @@ def positive_int(text: str) -> int:
 
 def nonneg_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    value = _int(text, "an integer >= 0")
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
@@ -98,10 +100,7 @@ def top_p(text: str) -> float:
 
 def int_or_minus_one(text: str) -> int:
     """argparse type: an integer >= 1, or -1 for "no limit" (e.g. --max-steps)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or -1, got {text!r}") from None
+    value = _int(text, "a positive integer or -1")
     if value < 1 and value != -1:
         raise argparse.ArgumentTypeError(f"expected a positive integer or -1 (no limit), got {value}")
     return value
