@@ -2,7 +2,8 @@
 
 Public ops (autograd-aware, `torch.compile`-traceable):
     topk_route(logits[T,E], k, renormalize=True) -> (weights[T,k] fp32, experts[T,k] int32)
-    moe_ffn(x[T,H], weights[T,k], experts[T,k], gate_up_proj[E,2F,H], down_proj[E,H,F]) -> y[T,H]
+    moe_ffn(x[T,H], weights[T,k], experts[T,k], gate_up_proj[E,2F,H], down_proj[E,H,F], *, lora=None,
+            activation="silu") -> y[T,H]   (lora: ExpertLoRA per-expert adapters, optionally on a shared base)
     linear_logprob(hidden[N,H], weight[V,H], targets[N], ignore_index=-100) -> logp[N] fp32
 `h3fusion_ext.reference` has the same functions in plain PyTorch (the test oracle).
 """
@@ -11,10 +12,11 @@ from . import reference
 from ._library import has_cuda_kernels
 from .gemm_backend import moe_ffn_backend, moe_ffn_gemm_mode, set_moe_ffn_gemm_mode
 from .logprob import linear_logprob
-from .moe import moe_combine, moe_ffn, moe_gather, moe_route_plan
+from .moe import ExpertLoRA, moe_combine, moe_ffn, moe_gather, moe_route_plan
 from .routing import topk_route
 
 __all__ = [
+    "ExpertLoRA",
     "has_cuda_kernels",
     "linear_logprob",
     "moe_combine",

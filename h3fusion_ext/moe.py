@@ -6,13 +6,31 @@ slot j of token t; a "row" r is a position in the expert-sorted order given by `
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ._arguments import check_same_device, int_arg
 from ._autograd import check_no_forward_ad_or_func_grad, once_differentiable
 from ._library import ops
 
-__all__ = ["moe_combine", "moe_ffn", "moe_gather", "moe_route_plan"]
+__all__ = ["ExpertLoRA", "moe_combine", "moe_ffn", "moe_gather", "moe_route_plan"]
+
+
+class ExpertLoRA(NamedTuple):
+    """Per-expert LoRA factors for both expert projections: expert e uses W_e + scaling * B_e @ A_e.
+
+    Fields (all in x.dtype, on x's device; r >= 1 is the rank, E the number of experts):
+        gate_up_a: [E, r, H]; gate_up_b: [E, 2F, r] (the gate/up projection's A and B).
+        down_a: [E, r, F]; down_b: [E, H, r] (the down projection's A and B).
+        scaling: s, a Python float (PEFT's lora_alpha / r).
+    """
+
+    gate_up_a: torch.Tensor
+    gate_up_b: torch.Tensor
+    down_a: torch.Tensor
+    down_b: torch.Tensor
+    scaling: float
 
 
 def moe_route_plan(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,11 +109,18 @@ def moe_ffn(
     experts: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
+    *,
+    lora: ExpertLoRA | None = None,
+    activation: str = "silu",
 ) -> torch.Tensor:
-    """The routed expert FFN: y_t = sum_j w_tj W_down[e_tj] (silu(W_gate[e_tj] x_t) * W_up[e_tj] x_t).
+    """The routed expert FFN: y_t = sum_j w_tj W_down[e_tj] (act(W_gate[e_tj] x_t) * W_up[e_tj] x_t).
 
     Weight layout of transformers' `MixtralExperts`. Differentiable with respect to x, weights, gate_up_proj and
     down_proj (once: a second derivative raises); deterministic (bitwise the same run to run).
+
+    With `lora`, expert e computes with W_e + s B_e A_e for both projections without forming that sum (the base
+    GEMM plus a rank-r detour, grouped per expert), and is differentiable with respect to the LoRA factors too.
+    Then the base may be shared: gate_up_proj [1, 2F, H] and down_proj [1, H, F] serve every expert.
 
     Expert ids outside [0, E): the CPU raises a RuntimeError naming `experts`. CUDA cannot check them without a
     host-device sync, so there such a (token, slot) pair contributes exactly zero to y and gets zero gradient
@@ -107,7 +132,10 @@ def moe_ffn(
         weights: [T, k] routing weights, float32 or x.dtype.
         experts: [T, k] int32 expert ids in [0, E).
         gate_up_proj: [E, 2F, H], x.dtype; rows 0..F-1 are the gate projection, F..2F-1 the up projection.
-        down_proj: [E, H, F], x.dtype.
+            With `lora`, [1, 2F, H] is a base shared by every expert.
+        down_proj: [E, H, F], x.dtype ([1, H, F]: shared, with `lora`).
+        lora: optional `ExpertLoRA` factors (E experts, rank r).
+        activation: the gate's activation, "silu" (SwiGLU, Mixtral's), "gelu" (exact) or "gelu_tanh".
 
     Returns:
         y: [T, H], x.dtype.
@@ -116,6 +144,13 @@ def moe_ffn(
         RuntimeError: a wrong rank/shape/dtype/device (the message names the argument), or (CPU) an expert id
             outside [0, E).
     """
+    if activation != "silu":
+        raise NotImplementedError(f"moe_ffn: activation {activation!r} is not implemented yet")  # GELU: in progress
+    if lora is not None:
+        # TEMPORARY: the plain-PyTorch reference until the LoRA kernels land (lora-op branch replaces this).
+        from .reference import moe_lora_ffn
+
+        return moe_lora_ffn(x, weights, experts, gate_up_proj, down_proj, *lora[:4], float(lora.scaling), activation)
     check_no_forward_ad_or_func_grad("moe_ffn", x, weights, gate_up_proj, down_proj)
     # Without autograd the op keeps no [T*k, 2F] pre-activation (it only exists for the backward).
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up_proj, down_proj))

@@ -5,7 +5,17 @@ ordinary autograd.
 """
 
 from .logprob import linear_logprob
-from .moe import moe_combine, moe_ffn, moe_gather, moe_route_plan
+from .moe import ACTIVATIONS, gated_activation, moe_combine, moe_ffn, moe_gather, moe_lora_ffn, moe_route_plan
 from .routing import topk_route
 
-__all__ = ["linear_logprob", "moe_combine", "moe_ffn", "moe_gather", "moe_route_plan", "topk_route"]
+__all__ = [
+    "ACTIVATIONS",
+    "gated_activation",
+    "linear_logprob",
+    "moe_combine",
+    "moe_ffn",
+    "moe_gather",
+    "moe_lora_ffn",
+    "moe_route_plan",
+    "topk_route",
+]

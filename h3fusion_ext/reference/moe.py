@@ -41,14 +41,31 @@ def moe_combine(rows: torch.Tensor, weights: torch.Tensor, pair_rows: torch.Tens
     return (per_pair.to(acc) * weights.to(acc).unsqueeze(-1)).sum(dim=1).to(rows.dtype)
 
 
+# Gated activations the expert FFN supports: act(gate) * up. "gelu" is the exact (erf) GELU, "gelu_tanh" the tanh
+# approximation (transformers' "gelu_pytorch_tanh" / "gelu_new").
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """act(gate) * up for activation in `ACTIVATIONS` (same shapes in and out)."""
+    if activation == "silu":
+        return F.silu(gate) * up
+    if activation == "gelu":
+        return F.gelu(gate) * up
+    if activation == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
 def moe_ffn(
     x: torch.Tensor,
     weights: torch.Tensor,
     experts: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
+    activation: str = "silu",
 ) -> torch.Tensor:
-    """y_t = sum_j w_tj * W_down[e_tj] (silu(W_gate[e_tj] x_t) * W_up[e_tj] x_t), as a loop over experts.
+    """y_t = sum_j w_tj * W_down[e_tj] (act(W_gate[e_tj] x_t) * W_up[e_tj] x_t), as a loop over experts.
 
     Args:
         x: [T, H] activations.
@@ -56,6 +73,7 @@ def moe_ffn(
         experts: [T, k] int32 expert ids.
         gate_up_proj: [E, 2F, H]; rows 0..F-1 are the gate projection, F..2F-1 the up projection.
         down_proj: [E, H, F].
+        activation: one of `ACTIVATIONS` ("silu": SwiGLU, Mixtral's default).
 
     Returns:
         y: [T, H] in x.dtype.
@@ -68,7 +86,45 @@ def moe_ffn(
         if token_idx.numel() == 0:
             continue
         gate, up = F.linear(x[token_idx], gate_up_proj[e]).chunk(2, dim=-1)
-        out = F.linear(F.silu(gate) * up, down_proj[e])
+        out = F.linear(gated_activation(gate, up, activation), down_proj[e])
         out = out * weights[token_idx, slot_idx, None].to(out.dtype)
         y = y.index_add(0, token_idx, out.to(y.dtype))
     return y
+
+
+def moe_lora_ffn(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    experts: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    gate_up_a: torch.Tensor,
+    gate_up_b: torch.Tensor,
+    down_a: torch.Tensor,
+    down_b: torch.Tensor,
+    scaling: float,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """The expert FFN with per-expert LoRA: expert e uses W_e + scaling * B_e A_e for both projections.
+
+    The obvious way: form each expert's effective weights, then run `moe_ffn`'s loop. A base with leading
+    dimension 1 is shared by every expert ("shared-base" experts: the same base FFN plus each expert's adapter).
+
+    Args:
+        x: [T, H].
+        weights: [T, k] routing weights (fp32 or x.dtype).
+        experts: [T, k] int32 expert ids in [0, E).
+        gate_up_proj: [E, 2F, H] or [1, 2F, H] (shared base).
+        down_proj: [E, H, F] or [1, H, F] (shared base).
+        gate_up_a: [E, r, H]; gate_up_b: [E, 2F, r].
+        down_a: [E, r, F]; down_b: [E, H, r].
+        scaling: s, the LoRA scale (alpha / r).
+        activation: one of `ACTIVATIONS`.
+
+    Returns:
+        y: [T, H] in x.dtype.
+    """
+    E = gate_up_a.shape[0]
+    gate_up = gate_up_proj.expand(E, -1, -1) + scaling * torch.bmm(gate_up_b, gate_up_a)
+    down = down_proj.expand(E, -1, -1) + scaling * torch.bmm(down_b, down_a)
+    return moe_ffn(x, weights, experts, gate_up, down, activation)
