@@ -8,7 +8,6 @@ by every expert and is applied once per token.
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -26,13 +25,12 @@ _GRAD_INPUTS = (0, 1, 3, 4, 5, 6, 7, 8)
 
 
 def scaling_arg(value) -> float:
-    """The LoRA scale as a finite Python float; a bool, a non-number or a non-finite value raises naming it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"h3fusion_ext.moe_ffn: lora.scaling must be a real number, got {value!r} ({type(value).__name__})")
-    result = float(value)
-    if not math.isfinite(result):
-        raise ValueError(f"h3fusion_ext.moe_ffn: lora.scaling must be finite, got {result}")
-    return result
+    """The LoRA scale as a Python float; a bool or a non-number raises a TypeError naming it (a non-finite value is
+    refused by the op itself, which also runs under torch.compile, where the scale may be symbolic)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | torch.SymFloat):
+        kind = type(value).__name__
+        raise TypeError(f"h3fusion_ext.moe_ffn: lora.scaling must be a real number, got {value!r} ({kind})")
+    return float(value)
 
 
 def moe_lora_ffn(
@@ -69,7 +67,8 @@ def moe_lora_ffn(
     Raises:
         RuntimeError: a wrong rank/shape/dtype/device (the message names the argument), or (CPU) an expert id
             outside [0, E).
-        TypeError / ValueError: `scaling` not a finite real number; `activation` not one of `ACTIVATIONS`.
+        TypeError: `scaling` not a real number. ValueError: `activation` not one of `ACTIVATIONS`.
+        RuntimeError: `scaling` not finite.
     """
     s = scaling_arg(scaling)
     if activation not in ACTIVATIONS:
