@@ -121,6 +121,31 @@ def test_bitwise_deterministic(device, shared):
 
 
 @SHARED
+# Shapes large enough that two threads really split the work (below that, MKL picks size-dependent kernels for tiny
+# GEMMs whose bits depend on the thread count, for moe_ffn too).
+@pytest.mark.parametrize("shape", [(1024, 64, 96, 2, 1, 8), (256, 64, 96, 16, 4, 4)], ids=["blas-threaded", "expert-threaded"])
+def test_same_bits_on_any_thread_count(shared, shape):
+    # Experts are spread over threads (the rank-r work always, everything with many small experts); every expert's
+    # work runs on one thread, so the thread count must not change a bit. Also checked against the oracle there.
+    tensors, s = make_lora_inputs(*shape, shared=shared)
+    grad_y = torch.randn_like(tensors[0])
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results.append(run_with_grads(ours, tensors, s, grad_y))
+    ref_lp, ref_lp_grads = run_with_grads(reference.moe_lora_ffn, tensors, s, grad_y)
+    hi = tuple(t.double() if t.is_floating_point() else t for t in tensors)
+    ref_hp, ref_hp_grads = run_with_grads(reference.moe_lora_ffn, hi, s, grad_y.double())
+    assert_close_to_reference(results[-1][0], ref_lp, ref_hp, factor=2.0, what="y")
+    for name, g, glp, ghp in zip(GRAD_NAMES, results[-1][1], ref_lp_grads, ref_hp_grads, strict=True):
+        assert_close_to_reference(g, glp, ghp, factor=3.0, atol=1e-5, what=f"grad {name}")
+    for threads, (y, grads) in zip((2, 3), results[1:], strict=True):
+        assert torch.equal(y, results[0][0]), f"y differs between 1 and {threads} threads"
+        for name, g, g0 in zip(GRAD_NAMES, grads, results[0][1], strict=True):
+            assert torch.equal(g, g0), f"grad {name} differs between 1 and {threads} threads: {(g - g0).abs().max()}"
+
+
+@SHARED
 def test_under_torch_compile(shared):
     tensors, s = make_lora_inputs(12, 8, 6, 4, 2, 2, shared=shared)
     compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
