@@ -236,19 +236,22 @@ void for_each_expert(const std::vector<int64_t>& off, bool spread, const Fn& fn)
   });
 }
 
-// One step of the op: `small` (rank-r GEMMs, row passes) for every expert, spread over the threads, then `big` (the
-// base GEMMs) expert after expert with BLAS threads; with many small experts, both on the expert's thread.
-template <bool kHostThreads, typename Small, typename Big>
-void run_step(const std::vector<int64_t>& off, bool many_small, const Small& small, const Big& big) {
+// One step of the op: `small` (rank-r GEMMs, row passes) for every expert, spread over the threads, and `big` (the
+// base GEMMs) expert after expert with BLAS threads, in the order `big_first` says; with many small experts, both on
+// the expert's thread.
+template <bool kHostThreads, typename Big, typename Small>
+void run_step(const std::vector<int64_t>& off, bool many_small, bool big_first, const Big& big, const Small& small) {
   if (many_small) {
     for_each_expert<kHostThreads>(off, true, [&](int64_t e, int64_t r0, int64_t n) {
+      if (big_first) big(e, r0, n);
       small(e, r0, n);
-      big(e, r0, n);
+      if (!big_first) big(e, r0, n);
     });
     return;
   }
+  if (big_first) for_each_expert<kHostThreads>(off, false, big);
   for_each_expert<kHostThreads>(off, true, small);
-  for_each_expert<kHostThreads>(off, false, big);
+  if (!big_first) for_each_expert<kHostThreads>(off, false, big);
 }
 
 }  // namespace h3fusion::lora

@@ -57,34 +57,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Shared base: x W1^T once per token, then into rows; per-expert base: each expert's GEMM below.
   at::Tensor h = d.shared ? Dev::gather(at::mm(x, w1[0].t()), sorted_pairs, d.k) : at::empty({R, 2 * F}, opts);
   at::Tensor z1 = at::empty({R, d.r}, opts);
+  const at::Tensor a = at::empty({R, F}, opts);
+  // The base GEMM first, then its rank-r term added in fp32 (one rounding of the sum, as PyTorch's own bf16 path
+  // rounds W + s B A once): measurably closer to fp64 in bf16 than the other order.
   run_step<kThreads>(
-      off, many_small,
+      off, many_small, /*big_first=*/true,
+      [&](int64_t e, int64_t r0, int64_t n) {
+        if (!d.shared) mm_into(h.narrow(0, r0, n), xs.narrow(0, r0, n), w1[e].t());
+      },
       [&](int64_t e, int64_t r0, int64_t n) {
         const at::Tensor z1e = z1.narrow(0, r0, n), he = h.narrow(0, r0, n);
         mm_into(z1e, xs.narrow(0, r0, n), a1[e].t());
-        if (d.shared) {
-          he.addmm_(z1e, b1[e].t(), /*beta=*/1, /*alpha=*/s);
-        } else {
-          mm_scaled_into(he, z1e, b1[e].t(), s);
-        }
-      },
-      [&](int64_t e, int64_t r0, int64_t n) {
-        if (!d.shared) h.narrow(0, r0, n).addmm_(xs.narrow(0, r0, n), w1[e].t());
+        he.addmm_(z1e, b1[e].t(), /*beta=*/1, /*alpha=*/s);
+        gated_into(a.narrow(0, r0, n), he, F, act);
       });
 
-  const at::Tensor a = at::empty({R, F}, opts);
   at::Tensor z2 = at::empty({R, d.r}, opts);
   const at::Tensor o = at::empty({R, d.H}, opts);  // per-expert base: the expert outputs; shared: the rank-r terms
   run_step<kThreads>(
-      off, many_small,
+      off, many_small, /*big_first=*/true,
       [&](int64_t e, int64_t r0, int64_t n) {
-        const at::Tensor ae = a.narrow(0, r0, n), z2e = z2.narrow(0, r0, n);
-        gated_into(ae, h.narrow(0, r0, n), F, act);
-        mm_into(z2e, ae, a2[e].t());
-        mm_scaled_into(o.narrow(0, r0, n), z2e, b2[e].t(), s);
+        if (!d.shared) mm_into(o.narrow(0, r0, n), a.narrow(0, r0, n), w2[e].t());
       },
       [&](int64_t e, int64_t r0, int64_t n) {
-        if (!d.shared) o.narrow(0, r0, n).addmm_(a.narrow(0, r0, n), w2[e].t());
+        const at::Tensor z2e = z2.narrow(0, r0, n), oe = o.narrow(0, r0, n);
+        mm_into(z2e, a.narrow(0, r0, n), a2[e].t());
+        if (d.shared) {
+          mm_scaled_into(oe, z2e, b2[e].t(), s);
+        } else {
+          oe.addmm_(z2e, b2[e].t(), /*beta=*/1, /*alpha=*/s);
+        }
       });
   zero_tails(off, h, z1, a, z2, o);  // rows of no expert (CUDA only)
   at::Tensor y = Dev::combine(o, weights, pair_rows, d.k);
@@ -198,20 +200,18 @@ Grads backward(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Te
 
   // Step 1, the down projection: a (recomputed), gb, u, and the gradients of A2, B2 and (per expert) W2.
   run_step<kThreads>(
-      off, many_small,
+      off, many_small, /*big_first=*/false,
+      [&](int64_t e, int64_t r0, int64_t n) {
+        if (d.shared) return;
+        if (need_u) mm_into(u.narrow(0, r0, n), gs.narrow(0, r0, n), w2[e]);
+        if (need_w2) mm_into(g_w2[e], gw.narrow(0, r0, n).t(), a.narrow(0, r0, n));
+      },
       [&](int64_t e, int64_t r0, int64_t n) {
         const at::Tensor ge = gs.narrow(0, r0, n), we = w_row.narrow(0, r0, n);
         const at::Tensor ae = need_act ? a.narrow(0, r0, n) : at::Tensor();
         const at::Tensor gbe = need_gb ? gb.narrow(0, r0, n) : at::Tensor();
         if (need_act) gated_into(ae, h.narrow(0, r0, n), F, act);
         if (need_gb) mm_into(gbe, ge, b2[e]);
-        if (need_u) {
-          if (d.shared) {
-            u.narrow(0, r0, n).addmm_(gbe, a2[e], /*beta=*/1, /*alpha=*/s);
-          } else {
-            mm_scaled_into(u.narrow(0, r0, n), gbe, a2[e], s);
-          }
-        }
         if (need_gw) {
           at::Tensor gwe = gw.narrow(0, r0, n);
           at::mul_out(gwe, ge, we);
@@ -222,11 +222,6 @@ Grads backward(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Te
           at::mul_out(gbwe, gbe, we);
           mm_scaled_into(g_a2[e], gbwe.t(), ae, s);
         }
-      },
-      [&](int64_t e, int64_t r0, int64_t n) {
-        if (d.shared) return;
-        if (need_u) u.narrow(0, r0, n).addmm_(gs.narrow(0, r0, n), w2[e]);
-        if (need_w2) mm_into(g_w2[e], gw.narrow(0, r0, n).t(), a.narrow(0, r0, n));
       });
   zero_tails(off, a, u);  // rows of no expert (CUDA only): zero gradients
   if (need_w2 && d.shared) mm_into(g_w2[0], gy.t(), Dev::combine(a, weights, pr, d.k));  // grad_y^T sum_j w_j a_j
@@ -238,9 +233,16 @@ Grads backward(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Te
   const at::Tensor dz1 = need_dz1 ? at::empty({R, r}, opts) : at::Tensor();
   const at::Tensor dxr = need_x ? at::empty({R, H}, opts) : at::Tensor();
   run_step<kThreads>(
-      off, many_small,
+      off, many_small, /*big_first=*/false,
+      [&](int64_t e, int64_t r0, int64_t n) {
+        if (d.shared) return;
+        if (need_x) dxr.narrow(0, r0, n).addmm_(dh.narrow(0, r0, n), w1[e]);
+        if (need_w1) mm_into(g_w1[e], dh.narrow(0, r0, n).t(), xs.narrow(0, r0, n));
+      },
       [&](int64_t e, int64_t r0, int64_t n) {
         const at::Tensor ue = need_u ? u.narrow(0, r0, n) : at::Tensor();
+        // u = G W2_e (the base term, from step 1), plus its rank-r term in fp32: G W2_e + s (G B2_e) A2_e.
+        if (need_u) ue.addmm_(gb.narrow(0, r0, n), a2[e], /*beta=*/1, /*alpha=*/s);
         if (need_w) {
           at::Tensor pe = per_row.narrow(0, r0, n);
           at::sum_out(pe, ue.to(acc_dtype) * a.narrow(0, r0, n).to(acc_dtype), 1);
@@ -252,11 +254,6 @@ Grads backward(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Te
         if (need_b1) mm_scaled_into(g_b1[e], dhe.t(), z1.narrow(0, r0, n), s);
         if (need_a1) mm_scaled_into(g_a1[e], dz1.narrow(0, r0, n).t(), xs.narrow(0, r0, n), s);
         if (need_x) mm_scaled_into(dxr.narrow(0, r0, n), dz1.narrow(0, r0, n), a1[e], s);
-      },
-      [&](int64_t e, int64_t r0, int64_t n) {
-        if (d.shared) return;
-        if (need_x) dxr.narrow(0, r0, n).addmm_(dh.narrow(0, r0, n), w1[e]);
-        if (need_w1) mm_into(g_w1[e], dh.narrow(0, r0, n).t(), xs.narrow(0, r0, n));
       });
   zero_tails(off, per_row, dh, dxr);
 
