@@ -47,32 +47,65 @@ def _meta_model(inputs: FusionInputs):
     return model.to(inputs.dtype)
 
 
-def fused_tensor_specs(model) -> dict[str, TensorSpec]:
-    """The saved tensors of a fused Mixtral (a meta model is enough), in model order, in the layout `save_pretrained`
-    writes: one tensor per expert projection, `block_sparse_moe` names, no tied lm_head.
+def fused_tensor_specs(model) -> tuple[dict[str, TensorSpec], dict[str, tuple[int, int]]]:
+    """The tensors `save_pretrained` writes for a fused Mixtral (a meta model is enough), in the order it shards them.
+
+    transformers decides the saved layout: tied weights dropped (`remove_tied_weights_from_state_dict`), then its
+    weight conversions reverted (`revert_weight_conversion`: the expert stacks become one tensor per expert
+    projection under `block_sparse_moe`). Both run here on meta tensors, so names, shapes and order are exactly the
+    ones `save_fused_model` writes; with a transformers that lacks them, the same layout is built by hand.
 
     Returns:
-        Saved name -> shape and dtype.
+        (specs, storage): saved name -> shape and dtype, in `save_pretrained`'s order; and, for the tensors that
+        in the loaded model are views of one stacked parameter (the experts of a layer), name -> (an id of that
+        parameter, its bytes), which `save_pretrained`'s sharding keeps together (`plan_shards`).
+
+    Raises:
+        ValueError: a saved MLP tensor this module does not know how to build (a layout change in transformers).
     """
-    specs: dict[str, TensorSpec] = {}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError:
+        saved = _original_layout(model)
+    else:
+        state = model.state_dict()
+        if model.config.tie_word_embeddings:  # meta tensors carry no address to see the tie by
+            state.pop("lm_head.weight", None)
+        saved = revert_weight_conversion(model, remove_tied_weights_from_state_dict(state, model))
+    for key in saved:
+        known = _EXPERT_KEY.fullmatch(key) or _ROUTER_KEY.fullmatch(key)
+        if (".mlp." in key or ".block_sparse_moe." in key) and not known:
+            raise ValueError(f"fused model tensor {key!r} is saved in a layout fuse_to_disk does not know")
+    specs = {k: TensorSpec(tuple(t.shape), t.dtype) for k, t in saved.items()}
+    storage = {}
+    for k, t in saved.items():
+        if t._base is not None:  # a view (meta tensors keep their view relation, not a storage address)
+            storage[k] = (id(t._base), t._base.numel() * t._base.element_size())
+    return specs, storage
+
+
+def _original_layout(model) -> dict[str, torch.Tensor]:
+    """Mixtral's original saved layout (meta tensors), for transformers versions without `revert_weight_conversion`."""
+    saved: dict[str, torch.Tensor] = {}
     tied = bool(model.config.tie_word_embeddings)
     for key, t in model.state_dict().items():
-        if key == "lm_head.weight" and tied:
-            continue  # save_pretrained drops tied weights
         prefix, _, leaf = key.partition(".mlp.")
-        if not leaf:
-            specs[key] = TensorSpec(tuple(t.shape), t.dtype)
-        elif leaf == "gate.weight":
-            specs[f"{prefix}.block_sparse_moe.gate.weight"] = TensorSpec(tuple(t.shape), t.dtype)
+        if key == "lm_head.weight" and tied:
+            continue
+        if leaf == "gate.weight":
+            saved[f"{prefix}.block_sparse_moe.gate.weight"] = t
         elif leaf == "experts.gate_up_proj":
-            num_experts, two_f, hidden = t.shape
-            for e in range(num_experts):
-                for w in ("w1", "w2", "w3"):
-                    shape = (hidden, two_f // 2) if w == "w2" else (two_f // 2, hidden)
-                    specs[f"{prefix}.block_sparse_moe.experts.{e}.{w}.weight"] = TensorSpec(shape, t.dtype)
-        elif leaf != "experts.down_proj":  # down_proj is w2, planned with gate_up_proj
-            raise ValueError(f"fused model parameter {key!r} has no known saved layout")
-    return specs
+            for e in range(t.shape[0]):
+                gate, up = t[e].chunk(2, dim=0)
+                saved[f"{prefix}.block_sparse_moe.experts.{e}.w1.weight"] = gate
+                saved[f"{prefix}.block_sparse_moe.experts.{e}.w3.weight"] = up
+        elif leaf == "experts.down_proj":
+            for e in range(t.shape[0]):
+                saved[f"{prefix}.block_sparse_moe.experts.{e}.w2.weight"] = t[e]
+        else:
+            saved[key] = t
+    return saved
 
 
 def _producer(inputs: FusionInputs, routers: Sequence[torch.Tensor], specs: Mapping[str, TensorSpec], bar):
@@ -145,7 +178,7 @@ def fuse_to_disk(
             tokenizer = AutoTokenizer.from_pretrained(os.fspath(base))
     routers = router_weights(inputs, base, prototype_prompts, tokenizer)  # small: N x H per layer
     model = _meta_model(inputs)
-    specs = fused_tensor_specs(model)
+    specs, storage = fused_tensor_specs(model)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -159,7 +192,8 @@ def fuse_to_disk(
         model.config.save_pretrained(tmp)
         if model.can_generate():
             model.generation_config.save_pretrained(tmp)
-        write_sharded(tmp, specs, _producer(inputs, routers, specs, bar), max_shard_size=max_shard_size)
+        produce = _producer(inputs, routers, specs, bar)
+        write_sharded(tmp, specs, produce, max_shard_size=max_shard_size, storage=storage)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         mark_output_dir(tmp, "fuse")

@@ -1,10 +1,10 @@
 """Write a sharded safetensors checkpoint one tensor at a time (design.md §8), laid out like `save_pretrained`.
 
 `safetensors.torch.save_file` takes a whole dict of tensors, so a writer built on it holds a full shard (up to
-`max_shard_size`, 5 GB by default) in memory. The safetensors format is simple and documented — an 8-byte little-endian
-header length, a JSON header giving each tensor's dtype, shape and byte range, then the raw little-endian bytes — and
-every tensor's shape and dtype is known before any weight is read, so the header can be written first and the tensors
-streamed after it: a file is built while holding only the tensor being written.
+`max_shard_size`, 5 GB by default) in memory. The safetensors format is simple and documented (an 8-byte
+little-endian header length, a JSON header giving each tensor's dtype, shape and byte range, then the raw
+little-endian bytes) and every tensor's shape and dtype is known before any weight is read, so the header can be
+written first and the tensors streamed after it: a file is built while holding only the tensor being written.
 
 Within a file the tensors are ordered as safetensors orders them (dtype, larger first, then name) and the header is
 padded with spaces to a multiple of 8 bytes, so a file is byte-identical to `save_file` of the same tensors (tested).
@@ -55,20 +55,35 @@ class TensorSpec:
         return self.numel * self.dtype.itemsize
 
 
-def plan_shards(specs: Mapping[str, TensorSpec], max_shard_size: int | str):
+def plan_shards(
+    specs: Mapping[str, TensorSpec],
+    max_shard_size: int | str,
+    storage: Mapping[str, tuple[object, int]] | None = None,
+):
     """Split tensors into shard files exactly as `save_pretrained(max_shard_size=...)` would, in `specs`' order.
+
+    Args:
+        specs: name -> shape and dtype, in the model's saved order.
+        max_shard_size: bytes or a string like "5GB".
+        storage: name -> (storage id, storage bytes) for tensors that `save_pretrained` would hold as views of one
+            larger tensor (e.g. the experts of a layer, split from one stacked parameter): like huggingface_hub with
+            real tensors, the first of them counts the whole storage and the others join its shard.
 
     Returns:
         huggingface_hub's `StateDictSplit`: `filename_to_tensors`, `tensor_to_filename`, `is_sharded`, `metadata`.
     """
     from huggingface_hub import split_state_dict_into_shards_factory
 
-    return split_state_dict_into_shards_factory(
-        dict(specs),
-        get_storage_size=lambda spec: spec.nbytes,
+    storage = storage or {}
+    keyed = {k: (k, spec) for k, spec in specs.items()}  # the factory sees (name, spec) to look the storage up
+    split = split_state_dict_into_shards_factory(
+        keyed,
+        get_storage_size=lambda item: storage[item[0]][1] if item[0] in storage else item[1].nbytes,
+        get_storage_id=lambda item: storage[item[0]][0] if item[0] in storage else None,
         filename_pattern=SAFE_SINGLE.replace(".safetensors", "{suffix}.safetensors"),
         max_shard_size=max_shard_size,
     )
+    return split
 
 
 def _header(specs: Mapping[str, TensorSpec], order: list[str], metadata: Mapping[str, str]) -> bytes:
@@ -137,6 +152,7 @@ def write_sharded(
     produce: Callable[[str], torch.Tensor],
     *,
     max_shard_size: int | str,
+    storage: Mapping[str, tuple[object, int]] | None = None,
     on_file: Callable[[str, int], None] | None = None,
 ) -> list[str]:
     """Write `specs` into `folder` as `save_pretrained` lays a checkpoint out: `model.safetensors` when it fits one
@@ -149,12 +165,13 @@ def write_sharded(
         specs: tensor name -> shape and dtype, in the order that decides the shards (the model's order).
         produce: name -> the tensor.
         max_shard_size: bytes, or a string such as "5GB" (as `save_pretrained`).
+        storage: shared storages, see `plan_shards`.
         on_file: called with (file name, bytes written) after each file (progress reporting).
 
     Returns:
         The file names written (shards, then the index when sharded).
     """
-    split = plan_shards(specs, max_shard_size)
+    split = plan_shards(specs, max_shard_size, storage)
     names = []
     for filename, keys in split.filename_to_tensors.items():
         n = write_safetensors(
