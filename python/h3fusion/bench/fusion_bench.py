@@ -8,7 +8,7 @@
      (skipped, with the reason, when mergekit-moe cannot be found);
   3. reports per run: wall time, GB read / written per second (input and output safetensors bytes over the wall
      time; the inputs were just written, so they are read from the page cache), peak RSS (the kernel's high-water
-     mark, `wait4` ru_maxrss), and peak anonymous memory and peak file-mapped memory apart: /proc/<pid>/status
+     mark VmHWM), and peak anonymous memory and peak file-mapped memory apart: /proc/<pid>/status
      RssAnon and RssFile sampled every few milliseconds (RssAnon has no high-water mark). Anonymous memory is what
      fusion allocates; file pages are the inputs' mapped, reclaimable page cache. Both are set against the output
      shard size (`--max-shard-size`) and one decoder layer of all experts (N x 3 x H x F weights);
@@ -155,7 +155,8 @@ def _status_kb(pid: int) -> dict[str, int]:
 
 
 def measure_child(cmd: list[str], *, env=None, log_path: str | None = None, interval_s: float = 0.005) -> dict:
-    """Run `cmd` and measure it: wall time, peak RSS (ru_maxrss from wait4), peak RssAnon / RssFile (sampled).
+    """Run `cmd` and measure it: wall time and, sampled from /proc/<pid>/status every `interval_s`, the peak RSS
+    (VmHWM, the kernel's high-water mark), peak RssAnon and peak RssFile (no high-water mark: the sampled maximum).
 
     Returns:
         {"returncode", "wall_s", "peak_rss_bytes", "peak_anon_bytes", "peak_file_bytes", "samples"}.
@@ -167,7 +168,7 @@ def measure_child(cmd: list[str], *, env=None, log_path: str | None = None, inte
         peaks = {"RssAnon": 0, "RssFile": 0, "VmHWM": 0}
         samples = 0
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             try:
@@ -186,7 +187,9 @@ def measure_child(cmd: list[str], *, env=None, log_path: str | None = None, inte
     return {
         "returncode": proc.returncode,
         "wall_s": wall,
-        "peak_rss_bytes": max(usage.ru_maxrss, peaks["VmHWM"]) * 1024,  # ru_maxrss is in KiB on Linux
+        # VmHWM is this process image's own high-water mark (reset at exec); wait4's ru_maxrss is not used: it keeps
+        # the parent's RSS at fork time across the exec, so a small child would report the parent's size
+        "peak_rss_bytes": peaks["VmHWM"] * 1024,
         "peak_anon_bytes": peaks["RssAnon"] * 1024,
         "peak_file_bytes": peaks["RssFile"] * 1024,
         "samples": samples,
