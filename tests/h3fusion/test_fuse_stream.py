@@ -268,3 +268,19 @@ def test_streamed_prototype_rows_equal_the_loaded_base(tmp_path, monkeypatch):
         assert g.shape == (3, 32) and g.dtype == torch.float32
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
     assert not torch.equal(got[0], got[1])
+
+
+def test_stream_from_loaded_models(tmp_path):
+    """Models already in memory (no checkpoint folders) stream too, to the same checkpoint."""
+    import h3fusion
+
+    base = build_tiny_llama(layers=2, tie_word_embeddings=True)
+    aligned = {n: perturbed_copy(base) for n in NAMES[:2]}
+    torch.manual_seed(1)
+    save_fused_model(fuse_models(base, aligned, top_k=1, progress=False), tmp_path / "mem", max_shard_size="10KB")
+    torch.manual_seed(1)
+    h3fusion.fuse_to_disk(base, aligned, tmp_path / "stream", top_k=1, max_shard_size="10KB", progress=False)
+    tensors = _assert_same_checkpoint(tmp_path / "mem", tmp_path / "stream")
+    assert "lm_head.weight" not in tensors  # tied: saved once, as the embedding
+    want = aligned["harmless"].model.layers[1].mlp.up_proj.weight
+    assert torch.equal(tensors["model.layers.1.block_sparse_moe.experts.1.w3.weight"], want)

@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 __all__ = ["SHAPES", "collect", "main", "measure_child", "write_synthetic_llama"]
@@ -292,8 +290,6 @@ def run_bench(args: argparse.Namespace) -> dict:
         base = inputs[names[0]]
         report["input_gb"] = input_bytes / GB
         report["write_inputs_s"] = time.perf_counter() - t0
-        from h3fusion.models.safetensors_stream import plan_shards  # noqa: F401  (import check before the runs)
-
         shard_bytes = _parse_size(args.max_shard_size)
         layer_bytes = shape.layer_experts_bytes(args.experts, itemsize)
         report["layer_experts_gb"] = layer_bytes / GB

@@ -4,7 +4,8 @@
 it. Here nothing of the fused model exists in memory: the output's tensor names, shapes and shard files are planned
 from the config alone (a `meta`-device model), then every output tensor is read from its source checkpoint (safetensors
 `safe_open`, memory-mapped) when its shard file reaches it, written, and freed. Memory beyond the inputs' mapped pages
-is about one tensor (the largest is the embedding / lm_head), not one shard and not the model.
+is about one tensor (the largest is the embedding / lm_head), not one shard and not the model; with attention="mean"
+one fp32 sum of the shared tensor being averaged, with a LoRA expert one fp32 copy of the weight being merged.
 
 The checkpoint is the one `save_fused_model` writes (tensor for tensor, same config.json and generation_config.json,
 same shard naming and index for the same `max_shard_size`): transformers saves a Mixtral in its original layout, one
