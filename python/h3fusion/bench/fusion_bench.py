@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import os
 import shutil
 import subprocess
@@ -275,6 +276,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "experts": args.experts,
         "max_shard_size": args.max_shard_size,
+        "router_init": args.router_init,
         "workdir": work,
         "results": [],
     }
@@ -301,18 +303,28 @@ def run_bench(args: argparse.Namespace) -> dict:
         )
         env = _child_env()
         experts_args = [f"{n}={inputs[n]}" for n in names]
+        router = ["--router-init", "random"]
+        if args.router_init == "prototypes":
+            prompts = os.path.join(work, "prompts.json")
+            words = {n: [" ".join(f"t{3 + 7 * i + j}" for j in range(16))] for i, n in enumerate(names)}
+            with open(prompts, "w") as f:  # one 16-token prompt per expert, in the synthetic tokenizer's words
+                f.write(json.dumps(words))
+            if args.in_memory or args.mergekit is not None:
+                print("--router-init prototypes: only our streamed fusion runs (the comparisons use random routers)")
+            router = ["--router-init", "prototypes", "--prototype-prompts", prompts]
         runs = {
             # what the interpreter, torch and transformers hold before any fusion work (libraries are file pages)
             "baseline: import only": [sys.executable, "-c", _IMPORTS],
             "h3fusion fuse (streamed)": [sys.executable, "-m", "h3fusion", "fuse", "--base", base, "--top-k", "2",
                                          "--seed", "0", "--no-progress", "--max-shard-size", str(args.max_shard_size),
+                                         *router,
                                          *sum((["--expert", e] for e in experts_args), []), "--out", "{out}"],
         }  # fmt: skip
-        if args.in_memory:
+        if args.in_memory and args.router_init == "random":
             runs["fuse_models + save_fused_model"] = [
                 sys.executable, "-c", _IN_MEMORY, base, "{out}", str(args.max_shard_size), *experts_args
             ]  # fmt: skip
-        if args.mergekit is not None:
+        if args.mergekit is not None and args.router_init == "random":
             mk = _find_mergekit(args.mergekit)
             if mk is None:
                 print(f"mergekit-moe: skipped (not found: {args.mergekit})", flush=True)
@@ -381,6 +393,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experts", type=positive_int, default=3, help="aligned models (default 3; the first = base)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--max-shard-size", type=max_shard_size, default="5GB", help="output shard size (default 5GB)")
+    parser.add_argument(
+        "--router-init", choices=("random", "prototypes"), default="random",
+        help="prototypes: one prompt per expert run through the base (ours only; mergekit-moe keeps random routers)",
+    )  # fmt: skip
     parser.add_argument("--in-memory", action="store_true", help="also run fuse_models + save_fused_model")
     parser.add_argument(
         "--mergekit", nargs="?", const="auto", default=None, metavar="PATH",
@@ -416,6 +432,7 @@ def collect(device: str, quick: bool) -> list[dict]:
     args = argparse.Namespace(
         shape="llama-3.2-1b", quick=quick, vocab=None, hidden=None, intermediate=None, layers=None, experts=3,
         dtype="bfloat16", max_shard_size="5GB" if not quick else "200KB", in_memory=False, mergekit=None,
+        router_init="random",
         workdir=None, keep=False,
     )  # fmt: skip
     report = run_bench(args)

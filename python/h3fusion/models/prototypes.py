@@ -3,9 +3,9 @@ and take, per decoder layer, the unit-normalised mean hidden state at the MLP in
 
 When the base is a checkpoint folder it is never loaded whole: the model is built on the `meta` device and each
 decoder layer's weights are read from the checkpoint (fp32) just before the layer runs and dropped right after it, so
-the forward pass holds the embedding, the final norm and one decoder layer at a time. Each prompt runs on its own
-(batch of one, as with a loaded model), so the rows are the same as with the base loaded whole in fp32; the price is
-one read of the base's layers per prompt (prompts are few).
+the forward pass holds one decoder layer (fp32) at a time next to the embedding (in the checkpoint's dtype, mapped).
+Each prompt runs on its own (batch of one, as with a loaded model), so the rows are the same as with the base loaded
+whole in fp32; the price is one read of the base's layers per prompt (prompts are few).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def streamed_base_model(base_src: WeightSource) -> Iterator[torch.nn.Module]:
 
     Yields:
         The decoder module; call it with `input_ids` [1, S] int64. Its weights stay on the meta device except the
-        embedding and final norm, and the one decoder layer running.
+        embedding (checkpoint dtype, output widened to fp32), the final norm, and the one decoder layer running.
     """
     from transformers import AutoModelForCausalLM
 
@@ -67,8 +67,14 @@ def streamed_base_model(base_src: WeightSource) -> Iterator[torch.nn.Module]:
     decoder = causal_lm.model
     # non-persistent buffers (RoPE's inverse frequencies) were computed on meta: compute them again for real
     decoder.rotary_emb = type(decoder.rotary_emb)(config=decoder.config)
-    for name in ("embed_tokens", "norm"):
-        _set_params(getattr(decoder, name), _load(base_src, f"model.{name}.", getattr(decoder, name)))
+    _set_params(decoder.norm, _load(base_src, "model.norm.", decoder.norm))
+    # the embedding stays in the checkpoint's dtype (memory-mapped, no fp32 copy of a vocab x H matrix): a lookup
+    # followed by an exact widening to fp32 gives the rows an fp32 table would
+    embedding = base_src.get("model.embed_tokens.weight")
+    if embedding.shape != decoder.embed_tokens.weight.shape:
+        raise ValueError(f"model.embed_tokens.weight: shape {tuple(embedding.shape)} does not fit the base's config")
+    _set_params(decoder.embed_tokens, {"weight": embedding})
+    widen = decoder.embed_tokens.register_forward_hook(lambda module, args, output: output.float())
 
     def materialise(layer_idx):
         def hook(module, args, kwargs):
@@ -79,7 +85,7 @@ def streamed_base_model(base_src: WeightSource) -> Iterator[torch.nn.Module]:
     def release(module, args, kwargs, output):
         module.to("meta")  # drop this layer's weights before the next layer loads its own
 
-    handles = []
+    handles = [widen]
     for i, layer in enumerate(decoder.layers):
         handles.append(layer.register_forward_pre_hook(materialise(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(release, with_kwargs=True))
