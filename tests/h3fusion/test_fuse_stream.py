@@ -124,7 +124,8 @@ def test_stream_output_loads_and_generates(tmp_path):
 
     base, dirs = _write_trio(tmp_path, dtype=torch.bfloat16)
     torch.manual_seed(3)
-    save_fused_model(fuse_models(base, dirs, progress=False), tmp_path / "mem", base=base, max_shard_size="40KB")
+    fused = fuse_models(base, dirs, progress=False)
+    save_fused_model(fused, tmp_path / "mem", base=base, max_shard_size="40KB")
     torch.manual_seed(3)
     fuse_to_disk(base, dirs, tmp_path / "stream", max_shard_size="40KB", progress=False)
     streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "stream").eval()
@@ -133,6 +134,9 @@ def test_stream_output_loads_and_generates(tmp_path):
     ids = torch.randint(3, streamed.config.vocab_size, (2, 9))
     with torch.no_grad():
         assert torch.equal(streamed(ids).logits, in_memory(ids).logits)
+        # and the fused model in memory computes what its checkpoint does (RoPE stays fp32 in a bf16 model)
+        assert fused.model.rotary_emb.inv_freq.dtype == torch.float32
+        assert torch.equal(fused(ids).logits, streamed(ids).logits)
     # expert 1 of layer 0 is aligned model "harmless"'s MLP, in the model transformers loads
     aligned = AutoModelForCausalLM.from_pretrained(dirs["harmless"])
     F = streamed.config.intermediate_size

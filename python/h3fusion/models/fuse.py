@@ -300,6 +300,9 @@ def fuse_models(
     finally:
         torch.set_default_dtype(previous)
     model.to(dtype)
+    # RoPE's inverse frequencies stay fp32, as from_pretrained keeps them: `to(dtype)` (and the default dtype above)
+    # made them bf16/fp16, and the model in memory then computed other logits than its saved checkpoint loaded
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     model.eval()
 
     layers = model.model.layers
