@@ -288,3 +288,22 @@ def test_stream_from_loaded_models(tmp_path):
     assert "lm_head.weight" not in tensors  # tied: saved once, as the embedding
     want = aligned["harmless"].model.layers[1].mlp.up_proj.weight
     assert torch.equal(tensors["model.layers.1.block_sparse_moe.experts.1.w3.weight"], want)
+
+
+def test_saved_layout_without_transformers_revert(monkeypatch):
+    """Where transformers has no `revert_weight_conversion`, the saved layout is built by hand: the same tensors."""
+    import transformers.core_model_loading as core
+    from h3fusion.models.fuse import prepare_fusion
+    from h3fusion.models.fuse_stream import _meta_model, fused_tensor_specs
+
+    base = build_tiny_llama(layers=2)
+    inputs = prepare_fusion(
+        base, {n: base for n in NAMES}, top_k=2, attention="base", router_init="zeros", prototype_prompts=None,
+        dtype=torch.bfloat16, allow_non_mlp_adapter=False,
+    )  # fmt: skip
+    want, want_storage = fused_tensor_specs(_meta_model(inputs))
+    monkeypatch.delattr(core, "revert_weight_conversion")
+    got, got_storage = fused_tensor_specs(_meta_model(inputs))
+    assert got == want  # same names, shapes and dtypes (dict equality ignores the order)
+    assert got_storage.keys() == want_storage.keys() and len(got) == 3 + 2 * (3 * 3 + 7)  # embed, norm, lm_head
+    assert all(spec.dtype == torch.bfloat16 for spec in got.values())
