@@ -15,10 +15,9 @@ import torch
 from ._arguments import check_same_device
 from ._autograd import check_no_forward_ad_or_func_grad, once_differentiable
 from ._library import ops
+from .reference.moe import ACTIVATIONS
 
 __all__ = ["ACTIVATIONS", "moe_lora_ffn"]
-
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 # Differentiable inputs of moe_lora_ffn_forward, in schema order (positions 0, 1, 3..8): the backward's output_mask.
 _GRAD_INPUTS = (0, 1, 3, 4, 5, 6, 7, 8)

@@ -1,7 +1,9 @@
 // CPU bodies of moe_lora_ffn_forward / moe_lora_ffn_backward (schemas in csrc/ops.cpp, contract in design.md §10,
 // oracle reference.moe_lora_ffn): the shared algorithm of h3fusion/moe_lora_ffn_impl.h over the CPU route plan,
-// gather and combine of moe_cpu.h. GEMMs are ATen's (BLAS threads inside each); experts run one after another.
+// gather and combine of moe_cpu.h and moe_ffn's vectorised gated-activation row passes (row_passes.h). GEMMs are
+// ATen's; the schedule (experts over threads, BLAS threads in the base GEMMs) is moe_lora_common.h's.
 #include "moe_cpu.h"
+#include "row_passes.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -22,6 +24,26 @@ struct CpuPrimitives {
   static at::Tensor combine(const at::Tensor& rows, const at::Tensor& weights, const at::Tensor& pair_rows,
                             int64_t k) {
     return combine_rows(rows, weights, pair_rows, k);
+  }
+  // a[n,F] = act(h[:, :F]) * h[:, F:] (row slices of contiguous buffers).
+  static void gated(const at::Tensor& a, const at::Tensor& h, int64_t F, Activation act) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "h3fusion_lora_gated_cpu", [&] {
+      gated_rows<scalar_t>(h.mutable_data_ptr<scalar_t>(), a.mutable_data_ptr<scalar_t>(), a.stride(0), h.size(0), F,
+                           act);
+    });
+  }
+  // grad_w_pair[sp[i]] = u_i . a_i and dh = the gated backward of w u (either may be undefined); u is left as is.
+  static void gated_backward(const at::Tensor& h, const at::Tensor& u, const at::Tensor& dh, const at::Tensor& sp,
+                             const at::Tensor& w_pair, const at::Tensor& grad_w_pair, int64_t F, Activation act) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "h3fusion_lora_gated_bwd_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      gated_backward_dispatch<scalar_t>(
+          dh.defined(), grad_w_pair.defined(), /*write_a=*/false, h.const_data_ptr<scalar_t>(),
+          u.mutable_data_ptr<scalar_t>(), dh.defined() ? dh.mutable_data_ptr<scalar_t>() : nullptr,
+          sp.const_data_ptr<int32_t>(), w_pair.const_data_ptr<acc_t>(),
+          grad_w_pair.defined() ? grad_w_pair.mutable_data_ptr<acc_t>() : nullptr, /*gy=*/nullptr, /*scale_gy=*/false,
+          h.size(0), F, /*H=*/0, act);
+    });
   }
 };
 

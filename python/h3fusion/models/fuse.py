@@ -9,6 +9,7 @@ Inputs are read one layer at a time (see `checkpoint_io`), so N large checkpoint
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import warnings
@@ -21,6 +22,7 @@ from h3fusion.utils.files import atomic_replace_dir, check_output_dir, make_stag
 
 from .checkpoint_io import WeightSource, open_source
 from .lora_merge import LoraAdapterWeights
+from .prototypes import prototype_rows
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 ROUTER_INITS = ("random", "zeros", "prototypes")
@@ -129,50 +131,41 @@ def _copy_(param: torch.Tensor, value: torch.Tensor, key: str) -> None:
     param.copy_(value.to(dtype=param.dtype, device=param.device))
 
 
-@torch.no_grad()
-def fuse_models(
+@dataclasses.dataclass
+class FusionInputs:
+    """The checked inputs of a fusion: sources opened, the fused config built (shared by `fuse_models` and
+    `fuse_to_disk`, so both build the same model)."""
+
+    names: list[str]
+    base_src: WeightSource
+    sources: list[WeightSource]
+    config: Any  # MixtralConfig, with config.h3fusion = the fusion record
+    dtype: torch.dtype
+    attention: str
+    router_init: str
+
+    def input_paths(self, base: Any, aligned: Mapping[str, Any]) -> list[Any]:
+        """The folders the fusion reads (an output must not overlap them)."""
+        paths = [base, *aligned.values(), self.config.h3fusion.get("base"), *self.config.h3fusion["sources"].values()]
+        return [p for p in paths if isinstance(p, (str, os.PathLike)) and os.path.exists(p)]
+
+
+def prepare_fusion(
     base: Any,
     aligned: Mapping[str, Any],
     *,
-    top_k: int = 2,
-    attention: str = "base",
-    router_init: str = "random",
-    prototype_prompts: Mapping[str, Sequence[Any]] | None = None,
-    tokenizer: Any = None,
-    dtype: torch.dtype | None = None,
-    progress: bool = True,
-    allow_non_mlp_adapter: bool = False,
-):
-    """Fuse a base model and N aligned models of the same architecture into a `MixtralForCausalLM`.
-
-    Args:
-        base: the base model: a loaded `PreTrainedModel` or a checkpoint directory (safetensors).
-        aligned: expert name -> aligned model: a loaded model, a checkpoint directory, or a PEFT LoRA adapter
-            directory on `base`. Its order is the expert order (expert i = the i-th entry's MLP in every layer).
-        top_k: experts per token, 1 <= top_k <= N.
-        attention: "base" takes attention, norms, embeddings and lm_head from the base; "mean" takes their
-            element-wise mean over the aligned models.
-        router_init: "random" (normal, std = initializer_range), "zeros" (uniform routing), or "prototypes":
-            row i of layer l's router = the unit-normalised mean hidden state at layer l's MLP input of
-            `prototype_prompts[name_i]`, run through the base model.
-        prototype_prompts: expert name -> a few prompts (strings, or token-id lists / 1-D tensors); for "prototypes".
-        tokenizer: tokenizes string prompts; default: the tokenizer saved with `base` when it is a directory.
-        dtype: the fused model's dtype; default: the base's.
-        progress: show a per-layer progress bar.
-        allow_non_mlp_adapter: a LoRA adapter's changes outside the MLPs (attention, norms, embeddings, lm_head)
-            are dropped with attention="base" (only its MLP becomes the expert). By default such an adapter is
-            refused, and so is an adapter that changes no MLP at all (its expert would equal the base MLP); with
-            True, fusion goes on and a warning lists the dropped modules.
-
-    Returns:
-        A `MixtralForCausalLM` (eval mode) whose `config.h3fusion` records the expert names, sources and options.
+    top_k: int,
+    attention: str,
+    router_init: str,
+    prototype_prompts: Mapping[str, Sequence[Any]] | None,
+    dtype: torch.dtype | None,
+    allow_non_mlp_adapter: bool,
+) -> FusionInputs:
+    """Check the options (see `fuse_models`), open every source, check they fit together, build the fused config.
 
     Raises:
-        ValueError: bad options, unsupported base architecture, an aligned model whose config differs from the
-            base's (the message names the first difference), or an adapter whose changes fusion would drop.
+        ValueError: as `fuse_models`.
     """
-    from transformers import MixtralForCausalLM
-
     if not isinstance(aligned, Mapping) or len(aligned) == 0:
         raise ValueError("aligned must be a non-empty mapping expert name -> model / checkpoint dir / adapter dir")
     names = [str(n) for n in aligned]
@@ -201,7 +194,104 @@ def fuse_models(
         "top_k": int(top_k),
     }
     config = mixtral_config(base_src.config, names, int(top_k), record)
-    dtype = dtype or base_src.dtype()
+    return FusionInputs(names, base_src, sources, config, dtype or base_src.dtype(), attention, router_init)
+
+
+def shared_weight(inputs: FusionInputs, key: str) -> torch.Tensor:
+    """A weight outside the experts and routers (attention, norms, embeddings, lm_head) in the fused dtype: the
+    base's, or with attention="mean" the element-wise fp32 mean over the aligned models."""
+    return _shared(key, inputs.base_src, inputs.sources, inputs.attention).to(inputs.dtype)
+
+
+def expert_weight(inputs: FusionInputs, expert: int, layer: int, proj: str, shape: Sequence[int]) -> torch.Tensor:
+    """Expert `expert`'s `proj` ("gate_proj", "up_proj", "down_proj") of decoder layer `layer`, in the fused dtype.
+
+    Raises:
+        ValueError: the aligned model's tensor does not have `shape` (naming the expert and the weight).
+    """
+    key = f"model.layers.{layer}.mlp.{proj}.weight"
+    value = inputs.sources[expert].get(key)
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(
+            f"{inputs.names[expert]}: {key}: shape {tuple(value.shape)} does not fit the fused model's {tuple(shape)}"
+        )
+    return value.to(inputs.dtype)
+
+
+def router_weights(
+    inputs: FusionInputs, base: Any, prototype_prompts: Mapping[str, Sequence[Any]] | None, tokenizer: Any = None
+) -> list[torch.Tensor]:
+    """The initial router weight of every decoder layer, [N, H] in the fused dtype (design.md §3 router init).
+
+    "random" draws one normal(0, initializer_range) matrix per layer, in layer order, from torch's global generator
+    (so a seed fixes them); "zeros"; "prototypes" computes `prototype_rows` with the base.
+    """
+    cfg = inputs.config
+    shape = (len(inputs.names), cfg.hidden_size)
+    if inputs.router_init == "random":
+        return [
+            torch.empty(shape, dtype=inputs.dtype).normal_(0.0, cfg.initializer_range)
+            for _ in range(cfg.num_hidden_layers)
+        ]
+    if inputs.router_init == "zeros":
+        return [torch.zeros(shape, dtype=inputs.dtype) for _ in range(cfg.num_hidden_layers)]
+    rows = prototype_rows(base, inputs.base_src, inputs.names, prototype_prompts, tokenizer)
+    return [r.to(inputs.dtype) for r in rows]
+
+
+@torch.no_grad()
+def fuse_models(
+    base: Any,
+    aligned: Mapping[str, Any],
+    *,
+    top_k: int = 2,
+    attention: str = "base",
+    router_init: str = "random",
+    prototype_prompts: Mapping[str, Sequence[Any]] | None = None,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    allow_non_mlp_adapter: bool = False,
+):
+    """Fuse a base model and N aligned models of the same architecture into a `MixtralForCausalLM`.
+
+    The whole fused model is built in memory; `fuse_to_disk` writes the same checkpoint as this function followed
+    by `save_fused_model`, holding only a few tensors at a time.
+
+    Args:
+        base: the base model: a loaded `PreTrainedModel` or a checkpoint directory (safetensors).
+        aligned: expert name -> aligned model: a loaded model, a checkpoint directory, or a PEFT LoRA adapter
+            directory on `base`. Its order is the expert order (expert i = the i-th entry's MLP in every layer).
+        top_k: experts per token, 1 <= top_k <= N.
+        attention: "base" takes attention, norms, embeddings and lm_head from the base; "mean" takes their
+            element-wise mean over the aligned models.
+        router_init: "random" (normal, std = initializer_range), "zeros" (uniform routing), or "prototypes":
+            row i of layer l's router = the unit-normalised mean hidden state at layer l's MLP input of
+            `prototype_prompts[name_i]`, run through the base model (streamed layer by layer from its checkpoint
+            when `base` is a directory; see `h3fusion.models.prototypes`).
+        prototype_prompts: expert name -> a few prompts (strings, or token-id lists / 1-D tensors); for "prototypes".
+        tokenizer: tokenizes string prompts; default: the tokenizer saved with `base` when it is a directory.
+        dtype: the fused model's dtype; default: the base's.
+        progress: show a per-layer progress bar.
+        allow_non_mlp_adapter: a LoRA adapter's changes outside the MLPs (attention, norms, embeddings, lm_head)
+            are dropped with attention="base" (only its MLP becomes the expert). By default such an adapter is
+            refused, and so is an adapter that changes no MLP at all (its expert would equal the base MLP); with
+            True, fusion goes on and a warning lists the dropped modules.
+
+    Returns:
+        A `MixtralForCausalLM` (eval mode) whose `config.h3fusion` records the expert names, sources and options.
+
+    Raises:
+        ValueError: bad options, unsupported base architecture, an aligned model whose config differs from the
+            base's (the message names the first difference), or an adapter whose changes fusion would drop.
+    """
+    from transformers import MixtralForCausalLM
+
+    inputs = prepare_fusion(
+        base, aligned, top_k=top_k, attention=attention, router_init=router_init,
+        prototype_prompts=prototype_prompts, dtype=dtype, allow_non_mlp_adapter=allow_non_mlp_adapter,
+    )  # fmt: skip
+    config, dtype = inputs.config, inputs.dtype
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # allocate in the target dtype directly (no fp32 copy of a large model)
     try:
@@ -210,6 +300,9 @@ def fuse_models(
     finally:
         torch.set_default_dtype(previous)
     model.to(dtype)
+    # RoPE's inverse frequencies stay fp32, as from_pretrained keeps them: `to(dtype)` (and the default dtype above)
+    # made them bf16/fp16, and the model in memory then computed other logits than its saved checkpoint loaded
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     model.eval()
 
     layers = model.model.layers
@@ -223,34 +316,27 @@ def fuse_models(
         prefix = f"model.layers.{i}."
         for key, p in params.items():
             if key.startswith(prefix) and ".mlp." not in key:
-                _copy_(p, _shared(key, base_src, sources, attention), key)
+                _copy_(p, shared_weight(inputs, key), key)
         experts = layers[i].mlp.experts
-        for e, src in enumerate(sources):
-            gate = src.get(prefix + "mlp.gate_proj.weight")
-            up = src.get(prefix + "mlp.up_proj.weight")
-            down = src.get(prefix + "mlp.down_proj.weight")
+        F = config.intermediate_size
+        for e in range(len(inputs.names)):
             # Each expert slice gets its own model's weights: slices never share storage with each other.
-            _copy_(experts.gate_up_proj[e], torch.cat([gate, up], dim=0), f"{names[e]}: {prefix}mlp gate/up")
-            _copy_(experts.down_proj[e], down, f"{names[e]}: {prefix}mlp.down_proj")
+            for target, proj in (
+                (experts.gate_up_proj[e, :F], "gate_proj"),
+                (experts.gate_up_proj[e, F:], "up_proj"),
+                (experts.down_proj[e], "down_proj"),
+            ):
+                target.copy_(expert_weight(inputs, e, i, proj, target.shape))
     for key, p in params.items():
         if not key.startswith("model.layers."):
             if key == "lm_head.weight" and config.tie_word_embeddings:
                 continue
-            _copy_(p, _shared(key, base_src, sources, attention), key)
+            _copy_(p, shared_weight(inputs, key), key)
     if config.tie_word_embeddings:
         model.tie_weights()
 
-    routers = [layer.mlp.gate.weight for layer in layers]
-    if router_init == "random":
-        for w in routers:
-            w.normal_(0.0, config.initializer_range)
-    elif router_init == "zeros":
-        for w in routers:
-            w.zero_()
-    else:
-        protos = prototype_rows(base, base_src, names, prototype_prompts, tokenizer)
-        for w, rows in zip(routers, protos, strict=True):
-            w.copy_(rows.to(w.dtype))
+    for layer, w in zip(layers, router_weights(inputs, base, prototype_prompts, tokenizer), strict=True):
+        layer.mlp.gate.weight.copy_(w)
     return model
 
 
@@ -327,69 +413,6 @@ def check_adapters(sources: Mapping[str, WeightSource], attention: str, allow_no
                 + (", or attention='mean' to average the shared weights" if dropped and not no_mlp else "")
             )
         warnings.warn(problem, UserWarning, stacklevel=3)
-
-
-def _tokenize(prompts, tokenizer) -> list[torch.Tensor]:
-    out = []
-    for p in prompts:
-        if isinstance(p, str):
-            if tokenizer is None:
-                raise ValueError("string prototype prompts need a tokenizer (pass tokenizer=, or a base directory)")
-            out.append(torch.tensor(tokenizer(p)["input_ids"], dtype=torch.long))
-        else:
-            out.append(torch.as_tensor(p, dtype=torch.long).reshape(-1))
-    return out
-
-
-@torch.no_grad()
-def prototype_rows(base, base_src: WeightSource, names, prompts, tokenizer=None) -> list[torch.Tensor]:
-    """Per layer, a [N, H] fp32 matrix whose row i is the unit-normalised mean MLP-input hidden state of expert i's
-    prompts, computed with the base model (loaded from its directory when `base` is a path).
-
-    Returns:
-        One [N, H] float32 tensor per decoder layer.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if isinstance(base, torch.nn.Module):
-        model = base
-    else:
-        model = AutoModelForCausalLM.from_pretrained(os.fspath(base), dtype=torch.float32)
-        if tokenizer is None:
-            with contextlib.suppress(Exception):
-                tokenizer = AutoTokenizer.from_pretrained(os.fspath(base))
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    decoder_layers = model.model.layers
-    sums = [torch.zeros(len(names), base_src.config.hidden_size) for _ in decoder_layers]
-    counts = [0] * len(names)
-    current = {"expert": 0}
-
-    def hook(layer_idx):
-        def fn(module, args):
-            h = args[0].detach().float().reshape(-1, args[0].shape[-1]).cpu()
-            sums[layer_idx][current["expert"]] += h.sum(0)
-
-        return fn
-
-    handles = [layer.mlp.register_forward_pre_hook(hook(i)) for i, layer in enumerate(decoder_layers)]
-    try:
-        for e, name in enumerate(names):
-            current["expert"] = e
-            for ids in _tokenize(prompts[name], tokenizer):
-                if ids.numel() == 0:
-                    continue
-                model(input_ids=ids.unsqueeze(0).to(device))
-                counts[e] += ids.numel()
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if min(counts) == 0:
-        raise ValueError("prototype_prompts: every expert needs at least one non-empty prompt")
-    n = torch.tensor(counts, dtype=torch.float32).unsqueeze(1)
-    return [torch.nn.functional.normalize(s / n, dim=-1) for s in sums]
 
 
 def save_fused_model(
