@@ -130,7 +130,9 @@ def test_bitwise_deterministic(device, shared):
 @SHARED
 # Shapes large enough that two threads really split the work (below that, MKL picks size-dependent kernels for tiny
 # GEMMs whose bits depend on the thread count, for moe_ffn too).
-@pytest.mark.parametrize("shape", [(1024, 64, 96, 2, 1, 8), (256, 64, 96, 16, 4, 4)], ids=["blas-threaded", "expert-threaded"])
+@pytest.mark.parametrize(
+    "shape", [(1024, 64, 96, 2, 1, 8), (256, 64, 96, 16, 4, 4)], ids=["blas-threaded", "expert-threaded"]
+)
 def test_same_bits_on_any_thread_count(shared, shape):
     # Experts are spread over threads (the rank-r work always, everything with many small experts); every expert's
     # work runs on one thread, so the thread count must not change a bit. Also checked against the oracle there.
@@ -143,9 +145,12 @@ def test_same_bits_on_any_thread_count(shared, shape):
     # Against the fp64 oracle, relative to each result's scale (fp32 sums over a thousand rows).
     hi = tuple(t.double() if t.is_floating_point() else t for t in tensors)
     ref_y, ref_grads = run_with_grads(reference.moe_lora_ffn, hi, s, grad_y.double())
-    for name, ours_t, ref_t in zip(("y", *GRAD_NAMES), (results[-1][0], *results[-1][1]), (ref_y, *ref_grads)):
+    ours_all = (results[-1][0], *results[-1][1])
+    for name, ours_t, ref_t in zip(("y", *GRAD_NAMES), ours_all, (ref_y, *ref_grads), strict=True):
         scale = ref_t.abs().max().item()
-        torch.testing.assert_close(ours_t.double(), ref_t, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            ours_t.double(), ref_t, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}"
+        )
     for threads, (y, grads) in zip((2, 3), results[1:], strict=True):
         assert torch.equal(y, results[0][0]), f"y differs between 1 and {threads} threads"
         for name, g, g0 in zip(GRAD_NAMES, grads, results[0][1], strict=True):
