@@ -158,11 +158,11 @@ Grads backward(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Te
   const auto [need_x, need_w, need_w1, need_w2, need_a1, need_b1, need_a2, need_b2] = mask;
   Grads out;
   if (!(need_x || need_w || need_w1 || need_w2 || need_a1 || need_b1 || need_a2 || need_b2)) return out;
-  // What each gradient needs (u: G W2_e + s gb A2_e, then da in place; gb: G B2_e; gw: w G).
+  // What each gradient needs (u: G W2_e + s gb A2_e; gb: G B2_e; gw: w G; a: the recomputed activation).
   const bool need_dh = need_x || need_w1 || need_a1 || need_b1;
   const bool need_u = need_dh || need_w;
   const bool need_gb = need_u || need_a2;
-  const bool need_act = need_w || need_w2 || need_a2;
+  const bool need_act = need_w2 || need_a2;  // grad_w: the row pass recomputes a itself
   const bool need_dz1 = need_x || need_a1;
   const bool need_gw = need_b2 || (need_w2 && !d.shared);
   const bool need_xs = need_a1 || (need_w1 && !d.shared);
