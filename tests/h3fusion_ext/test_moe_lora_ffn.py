@@ -236,3 +236,20 @@ def test_cuda_matches_cpu_and_unrouted_pairs_contribute_zero(shared):
     for name, g, gc in zip(GRAD_NAMES, grads, grads_cpu, strict=True):
         if name != "weights":
             torch.testing.assert_close(g.cpu(), gc, atol=3e-5, rtol=3e-4, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+@pytest.mark.cuda
+@SHARED
+@pytest.mark.parametrize(
+    "shape,skip",
+    [((0, 8, 8, 4, 2, 3), ()), ((20, 8, 8, 6, 2, 3), (1, 4)), ((11, 8, 8, 1, 1, 2), ()), ((9, 17, 23, 3, 3, 1), ())],
+    ids=["T=0", "empty experts", "E=1", "k=E odd sizes r=1"],
+)
+def test_cuda_edge_cases_match_cpu(shared, shape, skip):
+    tensors, s = make_lora_inputs(*shape, shared=shared, skip_experts=skip)
+    grad_y = torch.randn_like(tensors[0])
+    y_cpu, grads_cpu = run_with_grads(ours, tensors, s, grad_y)
+    y, grads = run_with_grads(ours, tuple(t.cuda() for t in tensors), s, grad_y.cuda())
+    torch.testing.assert_close(y.cpu(), y_cpu, atol=3e-5, rtol=3e-4)
+    for name, g, gc in zip(GRAD_NAMES, grads, grads_cpu, strict=True):
+        torch.testing.assert_close(g.cpu(), gc, atol=3e-5, rtol=3e-4, msg=lambda m, n=name: f"grad {n}: {m}")
