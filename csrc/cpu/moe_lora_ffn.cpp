@@ -6,6 +6,7 @@
 #include "row_passes.h"
 
 #include <ATen/ATen.h>
+#include <cstdlib>
 #include <torch/library.h>
 
 #include <h3fusion/moe_lora_ffn_impl.h>
@@ -13,8 +14,8 @@
 namespace h3fusion::cpu {
 namespace {
 
-struct CpuPrimitives {
-  static constexpr bool kHostThreads = true;  // experts may be spread over at::parallel_for threads
+// The CPU plan, gather and combine (moe_cpu.h).
+struct CpuPlan {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> route_plan(const at::Tensor& experts, int64_t E) {
     return h3fusion::cpu::route_plan(experts, E);
   }
@@ -25,6 +26,11 @@ struct CpuPrimitives {
                             int64_t k) {
     return combine_rows(rows, weights, pair_rows, k);
   }
+};
+
+// The CPU op: experts over threads, moe_ffn's vectorised row passes.
+struct CpuPrimitives : CpuPlan {
+  static constexpr bool kHostThreads = true;  // experts may be spread over at::parallel_for threads
   // a[n,F] = act(h[:, :F]) * h[:, F:] (row slices of contiguous buffers).
   static void gated(const at::Tensor& a, const at::Tensor& h, int64_t F, Activation act) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "h3fusion_lora_gated_cpu", [&] {
@@ -47,12 +53,26 @@ struct CpuPrimitives {
   }
 };
 
+// What the CUDA op runs, on the CPU: experts one after another, the ATen row passes. Selected by
+// H3FUSION_LORA_GENERIC=1 (read per call), so that the CPU tests cover the device-generic code paths of the CUDA op.
+struct CpuGenericPrimitives : CpuPlan, lora::AtenRowPasses {
+  static constexpr bool kHostThreads = false;
+};
+
+bool generic_requested() {
+  const char* v = std::getenv("H3FUSION_LORA_GENERIC");
+  return v != nullptr && v[0] == '1';
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_ffn_forward(
     const at::Tensor& x, const at::Tensor& weights, const at::Tensor& experts, const at::Tensor& gate_up_proj,
     const at::Tensor& down_proj, const at::Tensor& gate_up_a, const at::Tensor& gate_up_b, const at::Tensor& down_a,
     const at::Tensor& down_b, double scaling, c10::string_view activation, bool save_for_backward) {
-  return lora::forward<CpuPrimitives>(x, weights, experts, gate_up_proj, down_proj, gate_up_a, gate_up_b, down_a,
-                                      down_b, scaling, activation, save_for_backward);
+  auto run = [&](auto dev) {
+    return lora::forward<decltype(dev)>(x, weights, experts, gate_up_proj, down_proj, gate_up_a, gate_up_b, down_a,
+                                        down_b, scaling, activation, save_for_backward);
+  };
+  return generic_requested() ? run(CpuGenericPrimitives{}) : run(CpuPrimitives{});
 }
 
 lora::Grads moe_lora_ffn_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weights,
@@ -63,9 +83,12 @@ lora::Grads moe_lora_ffn_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                   const at::Tensor& expert_offsets, const at::Tensor& gate_up_out,
                                   const at::Tensor& gate_up_z, const at::Tensor& down_z,
                                   std::array<bool, 8> output_mask) {
-  return lora::backward<CpuPrimitives>(grad_y, x, weights, gate_up_proj, down_proj, gate_up_a, gate_up_b, down_a,
-                                       down_b, scaling, activation, sorted_pairs, pair_rows, expert_offsets,
-                                       gate_up_out, gate_up_z, down_z, output_mask);
+  auto run = [&](auto dev) {
+    return lora::backward<decltype(dev)>(grad_y, x, weights, gate_up_proj, down_proj, gate_up_a, gate_up_b, down_a,
+                                         down_b, scaling, activation, sorted_pairs, pair_rows, expert_offsets,
+                                         gate_up_out, gate_up_z, down_z, output_mask);
+  };
+  return generic_requested() ? run(CpuGenericPrimitives{}) : run(CpuPrimitives{});
 }
 
 }  // namespace
