@@ -15,6 +15,7 @@ from h3fusion_ext._library import ops
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 ACTIVATIONS = ["silu", "gelu", "gelu_tanh"]
+GRAD_NAMES = ("x", "weights", "gate_up_proj", "down_proj")
 GELUS = ["gelu", "gelu_tanh"]
 
 
@@ -67,7 +68,7 @@ def test_fp32_matches_fp64_reference(device, activation, T, H, F, E, k):
     ref_y, ref_grads = forward_backward(theirs, inputs, grad_y, activation, torch.float64)
     lowp_y, lowp_grads = forward_backward(theirs, inputs, grad_y, activation)
     assert_close_to_reference(y, lowp_y, ref_y, factor=2.0, what=f"{activation} y")
-    for name, g, lg, rg in zip(("x", "weights", "gate_up_proj", "down_proj"), grads, lowp_grads, ref_grads, strict=True):
+    for name, g, lg, rg in zip(GRAD_NAMES, grads, lowp_grads, ref_grads, strict=True):
         assert_close_to_reference(g, lg, rg, factor=3.0, atol=1e-5, what=f"{activation} grad {name}")
 
 
@@ -100,7 +101,7 @@ def test_low_precision_tolerance_rule(device, activation, dtype):
     lowp_y, lowp_grads = forward_backward(theirs, inputs, grad_y, activation)
     assert y.dtype == dtype
     assert_close_to_reference(y, lowp_y, ref_y, factor=2.0, what=f"{activation} {dtype} y")
-    for name, g, lg, rg in zip(("x", "weights", "gate_up_proj", "down_proj"), grads, lowp_grads, ref_grads, strict=True):
+    for name, g, lg, rg in zip(GRAD_NAMES, grads, lowp_grads, ref_grads, strict=True):
         assert_close_to_reference(g, lg, rg, factor=3.0, atol=1e-3, what=f"{activation} {dtype} grad {name}")
 
 
