@@ -21,10 +21,12 @@ from h3fusion.utils.files import atomic_replace_dir, check_output_dir, make_stag
 
 from .checkpoint_io import WeightSource, open_source
 from .lora_merge import LoraAdapterWeights
+from .shared_format import is_shared_model, write_shared_model
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 ROUTER_INITS = ("random", "zeros", "prototypes")
 ATTENTION_MODES = ("base", "mean")
+EXPERTS_LAYOUTS = ("materialised", "shared")
 # Compared in this order; the first difference is the one reported.
 _MATCH_FIELDS = (
     "model_type",
@@ -142,6 +144,8 @@ def fuse_models(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     allow_non_mlp_adapter: bool = False,
+    experts: str = "materialised",
+    delta_rank: int | None = None,
 ):
     """Fuse a base model and N aligned models of the same architecture into a `MixtralForCausalLM`.
 
@@ -163,6 +167,13 @@ def fuse_models(
             are dropped with attention="base" (only its MLP becomes the expert). By default such an adapter is
             refused, and so is an adapter that changes no MLP at all (its expert would equal the base MLP); with
             True, fusion goes on and a warning lists the dropped modules.
+        experts: "materialised" (every expert a full FFN: a plain Mixtral) or "shared" (design.md §10: each layer
+            keeps the base FFN once plus every expert's LoRA factors, in `LoRAExperts`; every aligned model must be
+            a LoRA adapter of the base, unless `delta_rank` is given). Save it with `save_fused_model`, load it with
+            `h3fusion.load_fused_model`, make it a plain Mixtral with `h3fusion export`.
+        delta_rank: with experts="shared", full-weight aligned models enter as the rank-`delta_rank` truncated SVD
+            of their delta from the base, per projection (gate/up stacked, down); the relative reconstruction errors
+            are recorded in `config.h3fusion["shared_experts"]["delta_relative_error"]`.
 
     Returns:
         A `MixtralForCausalLM` (eval mode) whose `config.h3fusion` records the expert names, sources and options.
@@ -186,6 +197,10 @@ def fuse_models(
         raise ValueError(f"router_init must be one of {ROUTER_INITS}, got {router_init!r}")
     if router_init == "prototypes":
         check_prototype_prompts(prototype_prompts, names)
+    if experts not in EXPERTS_LAYOUTS:
+        raise ValueError(f"experts must be one of {EXPERTS_LAYOUTS}, got {experts!r}")
+    if delta_rank is not None and experts != "shared":
+        raise ValueError("delta_rank applies to experts='shared' only")
 
     base_src = open_source(base, name="base")
     sources = [open_source(spec, base_src, name=n) for n, spec in aligned.items()]
@@ -199,17 +214,25 @@ def fuse_models(
         "attention": attention,
         "router_init": router_init,
         "top_k": int(top_k),
+        "experts_layout": experts,
     }
     config = mixtral_config(base_src.config, names, int(top_k), record)
     dtype = dtype or base_src.dtype()
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # allocate in the target dtype directly (no fp32 copy of a large model)
-    try:
-        with _no_init():
-            model = MixtralForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.to(dtype)
+    plan = None
+    if experts == "shared":
+        from .shared_experts import SharedExpertsPlan, build_shared_model
+
+        plan = SharedExpertsPlan(names, sources, base_src, delta_rank)
+        model = build_shared_model(config, plan.rank, dtype)
+    else:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # allocate in the target dtype directly (no fp32 copy of a large model)
+        try:
+            with _no_init():
+                model = MixtralForCausalLM(config)
+        finally:
+            torch.set_default_dtype(previous)
+        model.to(dtype)
     model.eval()
 
     layers = model.model.layers
@@ -224,6 +247,9 @@ def fuse_models(
         for key, p in params.items():
             if key.startswith(prefix) and ".mlp." not in key:
                 _copy_(p, _shared(key, base_src, sources, attention), key)
+        if plan is not None:
+            plan.fill_layer(layers[i].mlp.experts, i)
+            continue
         experts = layers[i].mlp.experts
         for e, src in enumerate(sources):
             gate = src.get(prefix + "mlp.gate_proj.weight")
@@ -240,6 +266,8 @@ def fuse_models(
     if config.tie_word_embeddings:
         model.tie_weights()
 
+    if plan is not None:
+        model.config.h3fusion["shared_experts"] = plan.record()
     routers = [layer.mlp.gate.weight for layer in layers]
     if router_init == "random":
         for w in routers:
@@ -433,7 +461,10 @@ def save_fused_model(
             tokenizer = AutoTokenizer.from_pretrained(os.fspath(base))
     tmp = make_staging_dir(out.parent, out.name)
     try:
-        model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+        if is_shared_model(model):  # our shared-base format (design.md §10); one safetensors file
+            write_shared_model(model, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         mark_output_dir(tmp, "fuse")

@@ -5,8 +5,9 @@ forward through `ExpertsInterface` by `config._experts_implementation`. Register
 `from_pretrained(..., experts_implementation="h3fusion")` run the experts on `h3fusion_ext.moe_ffn`.
 `replace_moe_blocks` goes one step further and also routes with `h3fusion_ext.topk_route` (fp32 logits), and
 `set_experts_implementation` switches a model between that and transformers' own implementations (`grouped_mm`,
-`eager`); both see through PEFT's wrappers (LoRA on the expert weights via `target_parameters`, routers in
-`modules_to_save`), so LoRA experts run on our kernels with their effective weights W + BA.
+`eager`). Both keep our `LoRAExperts` (`lora_experts.py`, which run on `moe_ffn` with per-expert LoRA and refuse
+transformers' implementations) and see through PEFT's wrappers (LoRA on the expert weights via `target_parameters`,
+routers in `modules_to_save`), so LoRA experts run on our kernels with their effective weights W + BA.
 
 Importing transformers' MoE integration costs seconds, so importing `h3fusion` does not: it installs a one-shot
 import hook that registers "h3fusion" the moment transformers loads that module (or at once if it already has).
@@ -24,6 +25,7 @@ import h3fusion_ext
 
 from .._lazy_registration import MOE_MODULE as _MOE_MODULE
 from .._lazy_registration import register_lazily  # noqa: F401  (re-exported)
+from .lora_experts import LoRAExperts
 
 IMPLEMENTATION = "h3fusion"
 # What `set_experts_implementation` accepts: ours (router and experts on h3fusion_ext), or transformers' own.
@@ -187,7 +189,12 @@ def check_block(block: nn.Module) -> None:
     _check_experts_layout(experts)
     w, gu, dp = routers[0].weight, experts.gate_up_proj, experts.down_proj
     E, H = w.shape
-    if gu.dim() != 3 or dp.dim() != 3 or gu.shape[0] != E or gu.shape[2] != H or dp.shape != (E, H, gu.shape[1] // 2):
+    lora = isinstance(experts, LoRAExperts)
+    # LoRA experts may share one base FFN ([1, ...]) between their E adapters
+    Eb = 1 if lora and experts.shared_base else E
+    if lora and experts.num_experts != E:
+        raise ValueError(f"{type(block).__name__}: router has {E} experts, its LoRA experts {experts.num_experts}")
+    if gu.dim() != 3 or dp.dim() != 3 or gu.shape[0] != Eb or gu.shape[2] != H or dp.shape != (Eb, H, gu.shape[1] // 2):
         raise ValueError(
             f"{type(block).__name__}: shapes router {tuple(w.shape)}, gate_up_proj {tuple(gu.shape)}, down_proj "
             f"{tuple(dp.shape)} do not match [E,H], [E,2F,H], [E,H,F]"
@@ -217,7 +224,8 @@ def replace_moe_blocks(model: nn.Module) -> int:
     for block in blocks:
         for router in _routers(block.gate):
             _swap_class(router, H3FusionRouterMixin)
-        _swap_class(_base_experts(block.experts), H3FusionExpertsMixin)
+        if not isinstance(block.experts, LoRAExperts):  # LoRA experts run on moe_ffn already
+            _swap_class(_base_experts(block.experts), H3FusionExpertsMixin)
     return len(blocks)
 
 
@@ -272,6 +280,12 @@ def set_experts_implementation(model: nn.Module, implementation: str) -> str:
     if implementation == IMPLEMENTATION:
         replace_moe_blocks(model)
     else:
+        if any(isinstance(b.experts, LoRAExperts) for b in _moe_blocks(model)):
+            raise ValueError(
+                f"experts_implementation={implementation!r}: this model's LoRA experts (LoRAExperts) run on "
+                "h3fusion_ext.moe_ffn only; fold them first with h3fusion.models.lora_experts.merge_lora_experts "
+                "(or `h3fusion export` for a shared-base model)"
+            )
         restore_moe_blocks(model)
         pretrained = _pretrained_model(model)
         if not hasattr(pretrained, "set_experts_implementation"):
@@ -287,7 +301,7 @@ def current_experts_implementation(model: nn.Module) -> str | None:
     """What runs the MoE blocks of `model` now: "h3fusion" when they are replaced (or the config names it), else
     the config's transformers implementation ("grouped_mm", "eager", ...); None for a model without a config."""
     blocks = _moe_blocks(model)
-    if blocks and all(isinstance(_base_experts(b.experts), H3FusionExpertsMixin) for b in blocks):
+    if blocks and all(isinstance(_base_experts(b.experts), (H3FusionExpertsMixin, LoRAExperts)) for b in blocks):
         return IMPLEMENTATION
     config = getattr(_pretrained_model(model), "config", None)
     return getattr(config, "_experts_implementation", None)
