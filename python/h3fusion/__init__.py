@@ -44,6 +44,8 @@ _EXPORTS: dict[str, str] = {
     "H3FusionMoE": "h3fusion.models.moe_block",
     "fuse_models": "h3fusion.models.fuse",
     "save_fused_model": "h3fusion.models.fuse",
+    "load_fused_model": "h3fusion.models.shared_format",
+    "LoRAExperts": "h3fusion.models.lora_experts",
     "current_experts_implementation": "h3fusion.models.hf_experts",
     "register_experts_implementation": "h3fusion.models.hf_experts",
     "replace_moe_blocks": "h3fusion.models.hf_experts",
@@ -94,7 +96,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         restore_moe_blocks,
         set_experts_implementation,
     )
+    from .models.lora_experts import LoRAExperts
     from .models.moe_block import H3FusionMoE
+    from .models.shared_format import load_fused_model
     from .route_report import route_report
     from .trainers.fuse_po import FusePOTrainer
     from .trainers.fuse_sft import FuseSFTTrainer
