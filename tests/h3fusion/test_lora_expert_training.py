@@ -95,7 +95,7 @@ def tiny_fused_from(path):
 
 def test_adapter_round_trip_and_mismatches(tmp_path):
     a = _trainer(tiny_fused(), tmp_path, steps=1).model
-    for n, p in a.named_parameters():
+    for p in a.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p)
     save_lora_adapter(a, tmp_path / "ad")

@@ -14,12 +14,12 @@ from h3fusion.data import InstructionCollator, InstructionExample, save_instruct
 from h3fusion.losses import causal_lm_loss, gating_loss, lm_loss_from_hidden, load_balancing_loss
 from h3fusion.models import (
     EXPERTS_IMPLEMENTATIONS,
+    LoRAExperts,
     current_experts_implementation,
     restore_moe_blocks,
     set_experts_implementation,
 )
 from h3fusion.trainers import H3FusionTrainer, prepare_h3fusion_model
-from h3fusion.models import LoRAExperts
 from op_counts import count_h3fusion_ops, count_lora_moe_calls
 from training_tiny import (
     EXPERT_NAMES,

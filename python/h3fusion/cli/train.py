@@ -124,7 +124,6 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from h3fusion.data import InstructionDataset, expert_names_from_config
-
     from h3fusion.models.shared_format import is_shared_dir, load_fused_model
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -154,7 +153,6 @@ def _train(args, model, tokenizer, dataset, names, gammas, resume, device) -> No
 
     from h3fusion.data import InstructionCollator
     from h3fusion.trainers import H3FusionTrainer
-    from h3fusion.trainers.checkpoint import publish_staged_dir, staging_dir_for
     from h3fusion.utils.files import atomic_write_json
 
     targs = TrainingArguments(

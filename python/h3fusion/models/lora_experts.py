@@ -108,7 +108,7 @@ class LoRAExperts(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "peft") -> None:
-        """"peft": A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform, a=sqrt(5)), B = 0; "zeros": all zero."""
+        """Initialise the factors: "peft": A ~ U(±1/sqrt(in)) (PEFT's kaiming-uniform, a=sqrt(5)), B = 0; "zeros"."""
         if init not in ("peft", "zeros"):
             raise ValueError(f"init must be 'peft', 'zeros' or 'empty', got {init!r}")
         for a_name, b_name in FACTOR_NAMES.values():

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.instructions import expert_names_from_config
 from ..losses.gating import (
@@ -108,11 +108,8 @@ def prepare_h3fusion_model(
     ours = experts_implementation == IMPLEMENTATION or (
         experts_implementation is None and current_experts_implementation(model) == IMPLEMENTATION
     )
-    if existing and lora_rank and (existing[0][1].rank, lora_alpha) not in {
-        (int(lora_rank), None),
-        (int(lora_rank), existing[0][1].lora_alpha),
-    }:
-        m = existing[0][1]
+    m = existing[0][1] if existing else None
+    if m is not None and lora_rank and (int(lora_rank) != m.rank or lora_alpha not in (None, m.lora_alpha)):
         raise ValueError(
             f"the model already has LoRA experts (rank {m.rank}, alpha {m.lora_alpha}); lora_rank={lora_rank}, "
             f"lora_alpha={lora_alpha} would change them"
