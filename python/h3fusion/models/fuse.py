@@ -20,6 +20,7 @@ import torch
 from h3fusion.utils.files import atomic_replace_dir, check_output_dir, make_staging_dir, mark_output_dir
 
 from .checkpoint_io import WeightSource, open_source
+from .construction import no_init_weights as _no_init
 from .lora_merge import LoraAdapterWeights
 from .shared_format import is_shared_model, write_shared_model
 
@@ -40,17 +41,6 @@ _MATCH_FIELDS = (
     "hidden_act",
     "tie_word_embeddings",
 )
-
-
-def _no_init():
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers < 5.x layouts
-        try:
-            from transformers.modeling_utils import no_init_weights
-        except ImportError:
-            return contextlib.nullcontext()
-    return no_init_weights()
 
 
 def check_compatible(base: WeightSource, aligned: Mapping[str, WeightSource]) -> None:

@@ -25,6 +25,8 @@ import h3fusion_ext
 
 from .._lazy_registration import MOE_MODULE as _MOE_MODULE
 from .._lazy_registration import register_lazily  # noqa: F401  (re-exported)
+from .experts_layout import check_experts_layout as _check_experts_layout
+from .experts_layout import moe_blocks as _moe_blocks
 from .lora_experts import LoRAExperts
 
 IMPLEMENTATION = "h3fusion"
@@ -32,36 +34,6 @@ IMPLEMENTATION = "h3fusion"
 EXPERTS_IMPLEMENTATIONS = (IMPLEMENTATION, "grouped_mm", "eager")
 # Routers that compute softmax -> top-k -> (optional) renormalise, i.e. exactly `topk_route`.
 SUPPORTED_ROUTERS = ("MixtralTopKRouter", "Qwen3MoeTopKRouter", "Qwen2MoeTopKRouter", "OlmoeTopKRouter")
-
-
-def _check_experts_layout(experts: nn.Module) -> None:
-    """Raise NotImplementedError when an experts module is not Mixtral's bias-free concatenated SwiGLU layout."""
-    name = type(experts).__name__
-    unsupported = [
-        flag
-        for flag, bad in (
-            ("has_bias", getattr(experts, "has_bias", False)),
-            ("is_transposed", getattr(experts, "is_transposed", False)),
-            ("has_post_expert_norm", getattr(experts, "has_post_expert_norm", False)),
-            ("expert parallelism", getattr(experts, "_is_expert_parallel", False)),
-            ("has_gate=False", not getattr(experts, "has_gate", True)),
-            ("interleaved gate/up (is_concatenated=False)", not getattr(experts, "is_concatenated", True)),
-        )
-        if bad
-    ]
-    if not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
-        unsupported.append("no gate_up_proj/down_proj")
-    act = getattr(getattr(experts, "config", None), "hidden_act", None)
-    if act is None:
-        fn = getattr(experts, "act_fn", None)
-        act = "silu" if fn is None or "silu" in type(fn).__name__.lower() else type(fn).__name__
-    if act not in ("silu", "swish"):
-        unsupported.append(f"activation {act!r} (only SwiGLU/silu)")
-    if unsupported:
-        raise NotImplementedError(
-            f"{name}: experts_implementation='h3fusion' supports Mixtral-layout SwiGLU experts only; "
-            f"unsupported: {', '.join(unsupported)}"
-        )
 
 
 def h3fusion_experts_forward(
@@ -161,14 +133,6 @@ def _base_experts(experts: nn.Module) -> nn.Module:
     while isinstance(getattr(experts, "base_layer", None), nn.Module):
         experts = experts.base_layer
     return experts
-
-
-def _moe_blocks(model: nn.Module) -> list[nn.Module]:
-    return [
-        m
-        for m in model.modules()
-        if isinstance(getattr(m, "gate", None), nn.Module) and isinstance(getattr(m, "experts", None), nn.Module)
-    ]
 
 
 def check_block(block: nn.Module) -> None:

@@ -20,6 +20,8 @@ from torch import nn
 
 import h3fusion_ext
 
+from .experts_layout import check_experts_layout, moe_blocks
+
 __all__ = [
     "FACTOR_NAMES",
     "LoRAExperts",
@@ -135,9 +137,7 @@ class LoRAExperts(nn.Module):
         Returns:
             the new module; `merge_lora_experts` puts `experts` back with the merged weights.
         """
-        from .hf_experts import _check_experts_layout
-
-        _check_experts_layout(experts)
+        check_experts_layout(experts)
         gate_up, down = experts.gate_up_proj, experts.down_proj
         gate_up.requires_grad_(False)
         down.requires_grad_(False)
@@ -215,12 +215,6 @@ def lora_experts_modules(model: nn.Module) -> list[tuple[str, LoRAExperts]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRAExperts)]
 
 
-def _moe_blocks(model: nn.Module) -> list[nn.Module]:
-    from .hf_experts import _moe_blocks as blocks
-
-    return blocks(model)
-
-
 def add_lora_experts(model: nn.Module, rank: int, lora_alpha: float | None = None) -> int:
     """Replace the experts of every MoE block of `model` by `LoRAExperts` on the same (frozen) base weights.
 
@@ -233,18 +227,16 @@ def add_lora_experts(model: nn.Module, rank: int, lora_alpha: float | None = Non
 
     Raises:
         ValueError: a block already has LoRA experts, or its experts are wrapped (PEFT).
-        NotImplementedError: an experts layout our op does not run (see `hf_experts`).
+        NotImplementedError: an experts layout our op does not run (see `experts_layout`).
     """
-    blocks = _moe_blocks(model)
+    blocks = moe_blocks(model)
     for block in blocks:  # validate all first: a refusal changes nothing
         experts = block.experts
         if isinstance(experts, LoRAExperts):
             raise ValueError(f"{type(block).__name__} already has LoRA experts (rank {experts.rank})")
         if isinstance(getattr(experts, "base_layer", None), nn.Module):
             raise ValueError(f"{type(block).__name__}: the experts are wrapped (PEFT); merge or unload them first")
-        from .hf_experts import _check_experts_layout
-
-        _check_experts_layout(experts)
+        check_experts_layout(experts)
     for block in blocks:
         block.experts = LoRAExperts.from_experts(block.experts, rank, lora_alpha)
     return len(blocks)

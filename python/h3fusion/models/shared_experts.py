@@ -180,14 +180,14 @@ def build_shared_model(config, rank: int, dtype: torch.dtype, lora_alpha: float 
     """
     from transformers import MixtralForCausalLM
 
-    from .fuse import _no_init
+    from .construction import no_init_weights
 
     E, k = int(config.num_local_experts), int(config.num_experts_per_tok)
     previous = torch.get_default_dtype()
     config.num_local_experts, config.num_experts_per_tok = 1, 1
     torch.set_default_dtype(dtype)
     try:
-        with _no_init():
+        with no_init_weights():
             model = MixtralForCausalLM(config)
     finally:
         config.num_local_experts, config.num_experts_per_tok = E, k
