@@ -52,6 +52,29 @@ TORCH_LIBRARY(h3fusion, m) {
         "bool[4] output_mask=[True, True, True, True]) -> "
         "(Tensor grad_x, Tensor grad_weights, Tensor grad_gate_up_proj, Tensor grad_down_proj)");
 
+  // ---- fused expert FFN with per-expert LoRA (design.md §10) ----------------------------------------------------
+  // Expert e computes with W_e + scaling * B_e A_e for both projections, never forming that sum: the base GEMM plus
+  // a rank-r detour per expert. x[T,H], weights[T,k], experts[T,k] int32 in [0, E); gate_up_proj[Eb,2F,H] and
+  // down_proj[Eb,H,F] with Eb = E (per-expert base) or 1 (a base shared by every expert); gate_up_a[E,r,H],
+  // gate_up_b[E,2F,r], down_a[E,r,F], down_b[E,H,r] (E and r come from the factors); activation "silu" | "gelu" |
+  // "gelu_tanh" (the gate's activation).
+  //   -> y[T,H] (x.dtype), the plan (as moe_route_plan), and what the backward needs, in expert-sorted rows:
+  //      gate_up_out[T*k,2F] (pre-activation), gate_up_z[T*k,r] = x A_gu^T, down_z[T*k,r] = act A_down^T
+  //      (0 rows each when save_for_backward is false: an inference forward keeps nothing).
+  m.def("moe_lora_ffn_forward(Tensor x, Tensor weights, Tensor experts, Tensor gate_up_proj, Tensor down_proj, "
+        "Tensor gate_up_a, Tensor gate_up_b, Tensor down_a, Tensor down_b, float scaling, str activation=\"silu\", "
+        "bool save_for_backward=True) -> (Tensor y, Tensor sorted_pairs, Tensor pair_rows, Tensor expert_offsets, "
+        "Tensor gate_up_out, Tensor gate_up_z, Tensor down_z)");
+  // -> the gradients of (x, weights, gate_up_proj, down_proj, gate_up_a, gate_up_b, down_a, down_b), each shaped
+  // and typed like its input. output_mask (same order): a false entry skips that gradient's work (a frozen base:
+  // no base weight-gradient GEMMs; weights: no per-pair dot products) and returns an undefined tensor (None).
+  m.def("moe_lora_ffn_backward(Tensor grad_y, Tensor x, Tensor weights, Tensor gate_up_proj, Tensor down_proj, "
+        "Tensor gate_up_a, Tensor gate_up_b, Tensor down_a, Tensor down_b, float scaling, str activation, "
+        "Tensor sorted_pairs, Tensor pair_rows, Tensor expert_offsets, Tensor gate_up_out, Tensor gate_up_z, "
+        "Tensor down_z, bool[8] output_mask=[True, True, True, True, True, True, True, True]) -> "
+        "(Tensor grad_x, Tensor grad_weights, Tensor grad_gate_up_proj, Tensor grad_down_proj, "
+        "Tensor grad_gate_up_a, Tensor grad_gate_up_b, Tensor grad_down_a, Tensor grad_down_b)");
+
   // ---- linear log-prob ------------------------------------------------------------------------------------------
   // hidden[N,H], weight[V,H], targets[N] int64 -> logp[N] fp32 (fp64 for fp64), lse[N] fp32 (fp64 for fp64).
   // Chunked over V with an online logsumexp: at most one [N, chunk] block of logits exists at a time.

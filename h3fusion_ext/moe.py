@@ -144,13 +144,14 @@ def moe_ffn(
         RuntimeError: a wrong rank/shape/dtype/device (the message names the argument), or (CPU) an expert id
             outside [0, E).
     """
+    if lora is not None:
+        if not isinstance(lora, ExpertLoRA):
+            raise TypeError(f"h3fusion_ext.moe_ffn: lora must be an h3fusion_ext.ExpertLoRA, got {type(lora).__name__}")
+        from .moe_lora import moe_lora_ffn  # its own module (design.md §10)
+
+        return moe_lora_ffn(x, weights, experts, gate_up_proj, down_proj, *lora, activation)
     if activation != "silu":
         raise NotImplementedError(f"moe_ffn: activation {activation!r} is not implemented yet")  # GELU: in progress
-    if lora is not None:
-        # TEMPORARY: the plain-PyTorch reference until the LoRA kernels land (lora-op branch replaces this).
-        from .reference import moe_lora_ffn
-
-        return moe_lora_ffn(x, weights, experts, gate_up_proj, down_proj, *lora[:4], float(lora.scaling), activation)
     check_no_forward_ad_or_func_grad("moe_ffn", x, weights, gate_up_proj, down_proj)
     # Without autograd the op keeps no [T*k, 2F] pre-activation (it only exists for the backward).
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up_proj, down_proj))

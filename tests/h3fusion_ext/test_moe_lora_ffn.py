@@ -1,0 +1,201 @@
+"""moe_ffn with per-expert LoRA (ExpertLoRA) against reference.moe_lora_ffn: values, every gradient, per-expert and
+shared base, low precision, edge cases, gradcheck, opcheck, determinism, torch.compile, no saved buffers without
+autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close_to_reference
+from lora_cases import GRAD_NAMES, make_lora_inputs, ours, run_with_grads
+
+from h3fusion_ext import reference
+from h3fusion_ext._library import ops
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+SHARED = pytest.mark.parametrize("shared", [False, True], ids=["per-expert-base", "shared-base"])
+
+
+def check_against_reference(tensors, scaling, atol, rtol, activation="silu"):
+    grad_y = torch.randn_like(tensors[0])
+    y, grads = run_with_grads(ours, tensors, scaling, grad_y, activation)
+    ref_y, ref_grads = run_with_grads(reference.moe_lora_ffn, tensors, scaling, grad_y, activation)
+    assert y.dtype == tensors[0].dtype and y.shape == tensors[0].shape
+    torch.testing.assert_close(y, ref_y, atol=atol, rtol=rtol)
+    like = tensors[:2] + tensors[3:]
+    for name, g, rg, t in zip(GRAD_NAMES, grads, ref_grads, like, strict=True):
+        assert g is not None and g.dtype == t.dtype and g.shape == t.shape, name
+        torch.testing.assert_close(g, rg, atol=atol, rtol=rtol, msg=lambda m, n=name: f"grad {n}: {m}")
+    return grads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SHARED
+@pytest.mark.parametrize(
+    "T,H,F,E,k,r", [(40, 16, 24, 4, 2, 4), (64, 32, 16, 16, 4, 8), (300, 8, 8, 2, 1, 2), (3, 37, 19, 8, 2, 5)]
+)
+def test_fp32_matches_reference(device, shared, T, H, F, E, k, r):
+    tensors, s = make_lora_inputs(T, H, F, E, k, r, torch.float32, shared=shared, device=device)
+    check_against_reference(tensors, s, atol=3e-5, rtol=3e-4)
+
+
+@SHARED
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+def test_fp64_matches_reference(shared, activation):
+    tensors, s = make_lora_inputs(40, 16, 24, 4, 2, 3, torch.float64, shared=shared, w_dtype=torch.float64)
+    check_against_reference(tensors, s, atol=1e-12, rtol=1e-10, activation=activation)
+
+
+@pytest.mark.parametrize(
+    "name,shape,skip",
+    [
+        ("r=1", (20, 8, 6, 4, 2, 1), ()),
+        ("empty experts", (20, 8, 6, 6, 2, 3), (1, 4)),
+        ("T=0", (0, 8, 6, 4, 2, 3), ()),
+        ("k=1", (17, 8, 6, 4, 1, 3), ()),
+        ("E=1", (11, 8, 6, 1, 1, 2), ()),
+        ("k=E", (9, 8, 6, 3, 3, 2), ()),
+        ("T=1", (1, 7, 5, 4, 2, 2), ()),
+        ("r>H,F", (10, 3, 2, 3, 2, 6), ()),
+    ],
+)
+@SHARED
+def test_edge_cases(name, shape, skip, shared):
+    tensors, s = make_lora_inputs(*shape, torch.float64, shared=shared, w_dtype=torch.float64, skip_experts=skip)
+    grads = check_against_reference(tensors, s, atol=1e-12, rtol=1e-10)
+    for e in skip:  # experts without tokens: exactly zero gradient for their factors (and their own base)
+        for name_, g in zip(GRAD_NAMES[4:], grads[4:], strict=True):
+            assert g[e].abs().max() == 0, name_
+        if not shared:
+            assert grads[2][e].abs().max() == 0 and grads[3][e].abs().max() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SHARED
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("w_dtype", ["fp32", "same"])
+def test_low_precision_tolerance_rule(device, shared, dtype, w_dtype):
+    tensors, s = make_lora_inputs(
+        48, 32, 40, 6, 2, 8, dtype, shared=shared, device=device, w_dtype=torch.float32 if w_dtype == "fp32" else dtype
+    )
+    grad_y = torch.randn_like(tensors[0])
+    y, grads = run_with_grads(ours, tensors, s, grad_y)
+    ref_lp, ref_lp_grads = run_with_grads(reference.moe_lora_ffn, tensors, s, grad_y)
+    hi = tuple(t.double() if t.is_floating_point() else t for t in tensors)
+    ref_hp, ref_hp_grads = run_with_grads(reference.moe_lora_ffn, hi, s, grad_y.double())
+    assert y.dtype == dtype and grads[1].dtype == tensors[1].dtype
+    assert_close_to_reference(y, ref_lp, ref_hp, factor=2.0, what="y")
+    for name, g, glp, ghp in zip(GRAD_NAMES, grads, ref_lp_grads, ref_hp_grads, strict=True):
+        assert_close_to_reference(g, glp, ghp, factor=3.0, atol=1e-5, what=f"grad {name}")
+
+
+@SHARED
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_gradcheck_fp64(shared, activation):
+    tensors, s = make_lora_inputs(6, 4, 3, 3, 2, 2, torch.float64, shared=shared, w_dtype=torch.float64)
+    x, w, e, *rest = tensors
+    args = [t.requires_grad_() for t in (x, w, *rest)]
+    assert torch.autograd.gradcheck(lambda x, w, *r: ours(x, w, e, *r, s, activation), args)
+
+
+def test_matches_materialised_experts_through_moe_ffn():
+    # The algebra, independently of the oracle: a LoRA expert equals a plain expert with W + s B A.
+    (x, w, e, gu, dp, a1, b1, a2, b2), s = make_lora_inputs(30, 12, 10, 5, 2, 3, torch.float64, w_dtype=torch.float64)
+    import h3fusion_ext
+
+    plain = h3fusion_ext.moe_ffn(x, w, e, gu + s * torch.bmm(b1, a1), dp + s * torch.bmm(b2, a2))
+    torch.testing.assert_close(ours(x, w, e, gu, dp, a1, b1, a2, b2, s), plain, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SHARED
+def test_bitwise_deterministic(device, shared):
+    tensors, s = make_lora_inputs(64, 16, 24, 4, 2, 4, shared=shared, device=device)
+    grad_y = torch.randn_like(tensors[0])
+    y1, g1 = run_with_grads(ours, tensors, s, grad_y)
+    y2, g2 = run_with_grads(ours, tensors, s, grad_y)
+    assert torch.equal(y1, y2)
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.equal(a, b)
+
+
+@SHARED
+def test_under_torch_compile(shared):
+    tensors, s = make_lora_inputs(12, 8, 6, 4, 2, 2, shared=shared)
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    grad_y = torch.randn_like(tensors[0])
+    y, grads = run_with_grads(compiled, tensors, s, grad_y)
+    ref_y, ref_grads = run_with_grads(ours, tensors, s, grad_y)
+    torch.testing.assert_close(y, ref_y)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg)
+
+
+@SHARED
+def test_forward_without_autograd_keeps_nothing(shared):
+    tensors, s = make_lora_inputs(24, 8, 6, 4, 2, 3, shared=shared)
+    out_saved = ops.moe_lora_ffn_forward(*tensors, s, "silu", True)
+    out_none = ops.moe_lora_ffn_forward(*tensors, s, "silu", False)
+    assert [t.shape[0] for t in out_saved[4:]] == [48, 48, 48]
+    assert [tuple(t.shape) for t in out_none[4:]] == [(0, 12), (0, 3), (0, 3)]
+    assert torch.equal(out_saved[0], out_none[0])
+    with torch.no_grad():
+        assert torch.equal(ours(*tensors, s), out_none[0])
+    grad_y = torch.ones_like(tensors[0])
+    with pytest.raises(RuntimeError, match="save_for_backward=False"):
+        ops.moe_lora_ffn_backward(grad_y, *tensors[:2], *tensors[3:], s, "silu", *out_none[1:])
+
+
+def test_double_backward_is_refused():
+    tensors, s = make_lora_inputs(10, 8, 6, 3, 2, 2)
+    x, w, e, *rest = (t.clone().requires_grad_(t.is_floating_point()) for t in tensors)
+    y = ours(x, w, e, *rest, s)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"double backward is not supported by h3fusion_ext\.moe_lora_ffn"):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SHARED
+@pytest.mark.parametrize("grad", [False, True])
+def test_opcheck(device, shared, grad):
+    tensors, s = make_lora_inputs(10, 8, 6, 4, 2, 3, shared=shared, device=device)
+    args = tuple(t.requires_grad_(grad) if t.is_floating_point() else t for t in tensors)
+    torch.library.opcheck(ops.moe_lora_ffn_forward, (*args, s, "silu", True))
+    # Without saved buffers there is no backward (a clear error, tested above): opcheck that form without grad only.
+    torch.library.opcheck(ops.moe_lora_ffn_forward, (*args, s, "gelu", grad))
+    with torch.no_grad():
+        y, *saved = ops.moe_lora_ffn_forward(*tensors, s, "silu", True)
+    plain = tuple(t.detach() for t in tensors)
+    torch.library.opcheck(
+        ops.moe_lora_ffn_backward, (torch.randn_like(y), *plain[:2], *plain[3:], s, "silu", *saved, [True] * 8)
+    )
+    torch.library.opcheck(
+        ops.moe_lora_ffn_backward,
+        (torch.randn_like(y), *plain[:2], *plain[3:], s, "silu", *saved, [True, False, False, False] + [True] * 4),
+    )
+
+
+@pytest.mark.cuda
+@SHARED
+def test_cuda_matches_cpu_and_unrouted_pairs_contribute_zero(shared):
+    # CUDA cannot check expert ids without a sync: a pair with an id outside [0, E) contributes zero to y and gets
+    # zero gradient, which equals the CPU op on the same inputs with that pair's weight set to 0.
+    tensors, s = make_lora_inputs(40, 16, 24, 4, 2, 4, shared=shared, device="cuda")
+    x, w, e, *rest = tensors
+    e_bad = e.clone()
+    e_bad[3, 1] = 4
+    e_bad[7, 0] = -1
+    w0 = w.clone()
+    w0[3, 1] = 0
+    w0[7, 0] = 0
+    grad_y = torch.randn_like(x)
+    y, grads = run_with_grads(ours, (x, w, e_bad, *rest), s, grad_y)
+    cpu = tuple(t.cpu() for t in (x, w0, e, *rest))
+    y_cpu, grads_cpu = run_with_grads(ours, cpu, s, grad_y.cpu())
+    torch.testing.assert_close(y.cpu(), y_cpu, atol=3e-5, rtol=3e-4)
+    assert grads[1][3, 1] == 0 and grads[1][7, 0] == 0
+    for name, g, gc in zip(GRAD_NAMES, grads, grads_cpu, strict=True):
+        if name != "weights":
+            torch.testing.assert_close(g.cpu(), gc, atol=3e-5, rtol=3e-4, msg=lambda m, n=name: f"grad {n}: {m}")
