@@ -61,6 +61,8 @@ def test_trained_adapter_loads_in_peft_and_merges_like_ours(tmp_path):
     with count_h3fusion_ops() as counts, count_lora_moe_calls() as calls:
         trainer.train()
     assert calls["forward"] == calls["backward"] == LAYERS * 3 and counts["topk_route_backward"] == LAYERS * 3
+    assert counts["moe_lora_ffn_forward"] == counts["moe_lora_ffn_backward"] == LAYERS * 3, dict(counts)
+    assert counts["moe_ffn_forward"] == 0  # nothing ran the LoRA-less op on a materialised W + BA
     ours = trainer.model.eval()
     assert all(p.abs().max() > 0 for n, p in ours.named_parameters() if "lora_B" in n)  # the adapters trained
     save_lora_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "fused"))

@@ -133,3 +133,18 @@ def test_router_expert_count_mismatch_is_refused():
         check_block(block)
     block.experts = LoRAExperts(experts.gate_up_proj[:1].detach(), experts.down_proj[:1].detach(), 3, 2)
     check_block(block)  # a shared base [1, ...] for 3 experts is fine
+
+
+def test_expert_parallelism_refuses_lora_experts(tmp_path):
+    import torch.distributed as dist
+    from h3fusion.parallel import convert_to_expert_parallel
+
+    model = tiny_fused()
+    add_lora_experts(model, rank=2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="LoRA experts.*cannot be made expert-parallel"):
+            convert_to_expert_parallel(model)
+    finally:
+        dist.destroy_process_group()
+    assert all(isinstance(layer.mlp.experts, LoRAExperts) for layer in model.model.layers)  # nothing changed

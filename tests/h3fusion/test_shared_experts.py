@@ -17,7 +17,7 @@ from h3fusion.data import InstructionCollator
 from h3fusion.models import LoRAExperts
 from h3fusion.models.shared_format import SHARED_WEIGHTS, is_shared_dir
 from h3fusion.trainers import H3FusionTrainer
-from op_counts import count_lora_moe_calls
+from op_counts import count_h3fusion_ops, count_lora_moe_calls
 from training_tiny import quiet_training_args
 from transformers import AutoModelForCausalLM
 
@@ -193,9 +193,10 @@ def test_done_when_three_adapters_trained_exported_load_as_plain_mixtral(tmp_pat
         for i in range(2)
         for w in ("gate.weight", *(f"experts.{p}_lora_{x}" for p in ("gate_up", "down") for x in "AB"))
     )
-    with count_lora_moe_calls() as calls:
+    with count_lora_moe_calls() as calls, count_h3fusion_ops() as counts:
         trainer.train()
     assert calls["forward"] == calls["backward"] == 2 * 3
+    assert counts["moe_lora_ffn_forward"] == counts["moe_lora_ffn_backward"] == 2 * 3, dict(counts)
     assert [h for h in trainer.state.log_history if "drift_loss" in h][-1]["drift_loss"] > 0
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) != (n in trainable), n  # base FFN, attention, norms, embeddings frozen

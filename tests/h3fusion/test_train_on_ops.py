@@ -139,8 +139,9 @@ def test_compute_loss_equals_the_logits_path_in_value_and_gradients(tmp_path, lo
         loss = trainer.compute_loss(model, batch)
         grads = torch.autograd.grad(loss, params)
     assert counts["linear_logprob_forward"] == 1 and counts["topk_route"] == LAYERS
-    if lora_rank:  # LoRAExperts: moe_ffn(..., lora=...) in forward and backward
+    if lora_rank:  # LoRAExperts: moe_ffn(..., lora=...) in forward and backward, on the LoRA kernels
         assert lora_calls["forward"] == lora_calls["backward"] == LAYERS, dict(lora_calls)
+        assert counts["moe_lora_ffn_forward"] == counts["moe_lora_ffn_backward"] == LAYERS, dict(counts)
     else:
         assert counts["moe_ffn_forward"] == LAYERS and not lora_calls
 
@@ -196,7 +197,9 @@ def test_train_runs_every_moe_block_and_the_lm_loss_on_our_ops(tmp_path, lora_ra
     trainer, counts = _count_training(tmp_path, steps, lora_rank=lora_rank)
     assert trainer.experts_implementation == "h3fusion"
     per_layer = LAYERS * steps
-    moe = ("lora_moe_ffn_forward", "lora_moe_ffn_backward") if lora_rank else ("moe_ffn_forward", "moe_ffn_backward")
+    moe = ("moe_ffn_forward", "moe_ffn_backward")
+    if lora_rank:  # through the public API (lora=...) down to the LoRA kernels, forward and backward
+        moe = ("lora_moe_ffn_forward", "lora_moe_ffn_backward", "moe_lora_ffn_forward", "moe_lora_ffn_backward")
     for op in ("topk_route", "topk_route_backward", *moe):
         assert counts[op] == per_layer, (op, dict(counts))
     assert counts["linear_logprob_forward"] == counts["linear_logprob_backward"] == steps, dict(counts)
@@ -224,8 +227,9 @@ def test_bf16_training_runs_on_our_ops(tmp_path, lora_rank):
     )
     with count_h3fusion_ops() as counts, count_lora_moe_calls() as lora_calls:
         trainer.train()
-    moe_backward = lora_calls["backward"] if lora_rank else counts["moe_ffn_backward"]
+    moe_backward = counts["moe_lora_ffn_backward"] if lora_rank else counts["moe_ffn_backward"]
     assert moe_backward == counts["topk_route_backward"] == LAYERS * steps, (dict(counts), dict(lora_calls))
+    assert lora_calls["backward"] == (LAYERS * steps if lora_rank else 0)
     assert counts["linear_logprob_backward"] == steps
     logged = [h for h in trainer.state.log_history if "lm_loss" in h]
     assert len(logged) == steps and all(0 < h["lm_loss"] < 10 and 0 < h["gate_loss"] < 10 for h in logged)

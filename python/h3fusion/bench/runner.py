@@ -22,6 +22,7 @@ BENCH_MODULES = {
     "moe": "h3fusion.bench.moe_bench",
     "logprob": "h3fusion.bench.logprob_bench",
     "hf_moe": "h3fusion.bench.hf_moe_bench",
+    "lora": "h3fusion.bench.lora_bench",
 }
 COLUMNS = [
     "case",
@@ -44,6 +45,10 @@ COLUMNS = [
     "speedup_vs_eager",
     "time_vs_materialized",
     "mem_vs_materialized",
+    "weight_mem_mb",
+    "speedup_vs_peft",
+    "mem_vs_peft",
+    "max_abs_diff",
     "error",
 ]
 

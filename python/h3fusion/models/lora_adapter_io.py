@@ -23,7 +23,15 @@ from h3fusion.utils.files import atomic_write_bytes, atomic_write_json, read_jso
 
 from .lora_experts import FACTOR_NAMES, LoRAExperts, lora_experts_modules
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "load_lora_adapter", "peft_adapter_state", "save_lora_adapter"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "from_peft_layout",
+    "load_lora_adapter",
+    "peft_adapter_state",
+    "save_lora_adapter",
+    "to_peft_layout",
+]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -35,6 +43,20 @@ def _factor_key(experts_name: str, projection: str, which: str) -> str:
     order = list(FACTOR_NAMES)  # the registration order of the base weights = PEFT's wrapping order
     outer = len(order) - 1 - order.index(projection)
     return f"{_PREFIX}{experts_name}." + "base_layer." * outer + f"lora_{which}.weight"
+
+
+def to_peft_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our factors `a [E, r, in]`, `b [E, out, r]` -> PEFT's `lora_A.weight [E·r, in]`, `lora_B.weight [out, r·E]`."""
+    E, r = a.shape[0], a.shape[1]
+    return a.reshape(E * r, a.shape[-1]), b.permute(1, 2, 0).reshape(b.shape[1], r * E)
+
+
+def from_peft_layout(lora_a: torch.Tensor, lora_b: torch.Tensor, num_experts: int):
+    """PEFT's `lora_A.weight [E·r, in]`, `lora_B.weight [out, r·E]` -> our `a [E, r, in]`, `b [E, out, r]`."""
+    r = lora_a.shape[0] // num_experts
+    return lora_a.reshape(num_experts, r, lora_a.shape[-1]), lora_b.reshape(lora_b.shape[0], r, num_experts).permute(
+        2, 0, 1
+    )
 
 
 def _check_exportable(modules: list[tuple[str, LoRAExperts]]) -> LoRAExperts:
@@ -60,11 +82,10 @@ def peft_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, m in modules:
-            E = m.num_experts
             for projection, (a_name, b_name) in FACTOR_NAMES.items():
-                a, b = getattr(m, a_name), getattr(m, b_name)  # [E, r, in], [E, out, r]
-                state[_factor_key(name, projection, "A")] = a.reshape(E * m.rank, a.shape[-1])
-                state[_factor_key(name, projection, "B")] = b.permute(1, 2, 0).reshape(b.shape[1], m.rank * E)
+                lora_a, lora_b = to_peft_layout(getattr(m, a_name), getattr(m, b_name))
+                state[_factor_key(name, projection, "A")] = lora_a
+                state[_factor_key(name, projection, "B")] = lora_b
             block = name.rpartition(".")[0]
             gate = model.get_submodule(f"{block}.gate")
             state[f"{_PREFIX}{block}.gate.weight"] = gate.weight
@@ -141,11 +162,10 @@ def load_lora_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike) ->
         if tuple(tensors[key].shape) != tuple(like.shape):
             raise ValueError(f"{file}: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(like.shape)}")
     for name, m in modules:
-        E = m.num_experts
         for projection, (a_name, b_name) in FACTOR_NAMES.items():
-            a, b = getattr(m, a_name), getattr(m, b_name)
-            a.copy_(tensors[_factor_key(name, projection, "A")].reshape(a.shape))
-            lora_b = tensors[_factor_key(name, projection, "B")]
-            b.copy_(lora_b.reshape(b.shape[1], m.rank, E).permute(2, 0, 1))
+            keys = (_factor_key(name, projection, "A"), _factor_key(name, projection, "B"))
+            a, b = from_peft_layout(tensors[keys[0]], tensors[keys[1]], m.num_experts)
+            getattr(m, a_name).copy_(a)
+            getattr(m, b_name).copy_(b)
         block = name.rpartition(".")[0]
         model.get_submodule(f"{block}.gate").weight.copy_(tensors[f"{_PREFIX}{block}.gate.weight"])
