@@ -14,7 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser, indexed=False)
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument(
-        "--only", type=comma_names(), default=None, help="comma-separated benches: moe,logprob,hf_moe,lora (default: all)"
+        "--only",
+        type=comma_names(),
+        default=None,
+        help="comma-separated benches: moe,logprob,hf_moe,lora (default: all)",
     )
     parser.add_argument("--out", default="bench_results.json", help="JSON output path (default: %(default)s)")
     parser.add_argument(
