@@ -3,7 +3,8 @@
     L = L_LM + λ_gate · L_gate + Σ_i γ_i · R_i (+ λ_bal · L_balance)       (design.md §3, `h3fusion.losses.gating`)
 
 A `transformers.Trainer` subclass, so Accelerate, torchrun, FSDP and DeepSpeed launch it as usual. Only the routers
-(`*.mlp.gate.weight`) and the experts (`*.mlp.experts.*`, full weights or PEFT LoRA on the 3-D expert weights) train;
+(`*.mlp.gate.weight`) and the experts (`*.mlp.experts.*`: full weights, or LoRA adapters — our `LoRAExperts` inside
+`moe_ffn`, PEFT's under transformers' implementations, design.md §10) train;
 attention, norms, embeddings and lm_head are frozen. Each loss term is logged separately (`lm_loss`, `gate_loss`,
 `drift_loss`, `balance_loss`). Checkpoints are written into a staging folder and renamed into place, so an
 interrupted save never corrupts the last good checkpoint; the fusion-time expert snapshot θ⁽⁰⁾ is saved with each
