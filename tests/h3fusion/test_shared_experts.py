@@ -236,6 +236,10 @@ def test_cli_fuse_shared_train_export(tmp_path, base_and_adapters, capsys):
     assert main(argv) == 0
     final = tmp_path / "run" / "final"
     assert is_shared_dir(final)
+    argv = ["route-report", str(final), "--data", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "report")]
+    with count_lora_moe_calls() as calls:
+        assert main([*argv, "--device", "cpu", "--batch-size", "8", "--template", "{instruction} :"]) == 0
+    assert calls["forward"] == 2  # one batch, two layers, on the shared-base LoRA experts
     assert main(["export", str(final), "--out", str(tmp_path / "plain")]) == 0
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32).eval()
     ids = torch.randint(0, 34, (2, 7))
