@@ -156,3 +156,36 @@ def test_cli_train_lora_rank_writes_peft_adapter_and_merged_final(tmp_path):
         torch.testing.assert_close(p, theirs[name], rtol=1e-6, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["lora_alpha"] == 4.0 and config["base_model_name_or_path"].endswith("fused")
+
+
+@pytest.mark.parametrize(("E", "r", "H", "F"), [(1, 1, 4, 3), (2, 3, 5, 7), (5, 2, 8, 4)])
+def test_factor_layout_matches_peft_delta_weights(E, r, H, F):
+    """PEFT's ParamWrapper, holding our factors in the layout we save, computes our s·B_e·A_e for every expert."""
+    from h3fusion.bench.moe_bench import hf_experts
+    from h3fusion.models.lora_adapter_io import from_peft_layout, to_peft_layout
+    from h3fusion.models.lora_experts import FACTOR_NAMES
+
+    ours = LoRAExperts(torch.randn(E, 2 * F, H), torch.randn(E, H, F), E, r, lora_alpha=3.0)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.normal_()
+    holder = torch.nn.Module()
+    holder.experts = hf_experts("eager", ours.gate_up_proj, ours.down_proj)
+    config = peft.LoraConfig(
+        r=r, lora_alpha=3.0, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"]
+    )
+    wrapper, seen = peft.inject_adapter_in_model(config, holder).experts, []
+    while hasattr(wrapper, "parameter_name"):
+        a_name, b_name = FACTOR_NAMES[wrapper.parameter_name]
+        lora_a, lora_b = to_peft_layout(getattr(ours, a_name), getattr(ours, b_name))
+        with torch.no_grad():
+            wrapper.lora_A["default"].weight.copy_(lora_a)
+            wrapper.lora_B["default"].weight.copy_(lora_b)
+        delta = wrapper.get_delta_weight("default").reshape(E, *getattr(ours, wrapper.parameter_name).shape[1:])
+        torch.testing.assert_close(delta, ours.delta_weight(wrapper.parameter_name), rtol=1e-5, atol=1e-5)
+        back = from_peft_layout(lora_a, lora_b, E)
+        assert torch.equal(back[0], getattr(ours, a_name)) and torch.equal(back[1], getattr(ours, b_name))
+        seen.append(wrapper.parameter_name)
+        wrapper = wrapper.base_layer
+    assert seen == ["down_proj", "gate_up_proj"]  # outermost first: gate_up_proj is the inner wrapper (its keys)
