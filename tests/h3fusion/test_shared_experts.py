@@ -245,3 +245,30 @@ def test_cli_fuse_shared_train_export(tmp_path, base_and_adapters, capsys):
     ids = torch.randint(0, 34, (2, 7))
     torch.testing.assert_close(_logits(plain, ids), _logits(load_fused_model(final), ids), rtol=1e-5, atol=1e-5)
     assert (tmp_path / "plain" / "tokenizer.json").is_file()
+
+
+def test_large_deltas_take_a_randomized_svd_with_an_exact_error(monkeypatch, base_and_adapters):
+    import h3fusion.models.shared_experts as shared_experts
+
+    base, _ = base_and_adapters
+    full = perturbed_copy(base, scale=0.05)
+    exact = fuse_models(base, {"full": full}, top_k=1, progress=False, experts="shared", delta_rank=2)
+    monkeypatch.setattr(shared_experts, "EXACT_SVD_MAX_NUMEL", 0)  # every delta counts as large
+    fast = fuse_models(base, {"full": full}, top_k=1, progress=False, experts="shared", delta_rank=2)
+    again = fuse_models(base, {"full": full}, top_k=1, progress=False, experts="shared", delta_rank=2)
+    for layer in range(2):
+        p = f"model.layers.{layer}.mlp."
+        ours = fast.config.h3fusion["shared_experts"]["delta_relative_error"][str(layer)]["full"]
+        best = exact.config.h3fusion["shared_experts"]["delta_relative_error"][str(layer)]["full"]
+        merged = fast.model.layers[layer].mlp.experts.merged_weights()
+        for i, (projection, keys) in enumerate(
+            (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",)))
+        ):
+            w = lambda m, k, p=p: m.get_parameter(f"{p}{k}.weight").detach().double()  # noqa: E731
+            delta = torch.cat([w(full, k) - w(base, k) for k in keys])
+            kept = merged[i][0].double() - torch.cat([w(base, k) for k in keys])
+            assert ours[projection] == pytest.approx(float((delta - kept).norm() / delta.norm()), rel=1e-3)
+            assert best[projection] <= ours[projection] <= best[projection] * 1.05  # near the optimum
+    for a, b in zip(fast.model.layers, again.model.layers, strict=True):  # seeded: reproducible
+        for x, y in zip(a.mlp.experts.parameters(), b.mlp.experts.parameters(), strict=True):
+            assert torch.equal(x, y)
