@@ -11,8 +11,8 @@ is 1; adapters of different ranks are padded with zero rows of A / columns of B 
 
 A full-weight aligned model has no factors; with `delta_rank=r` its per-projection delta from the base is replaced
 by its best rank-r approximation (truncated SVD: B = U_r·diag(S_r), A = V_rᵀ; randomized for large matrices, see
-`_truncated`), and the relative reconstruction
-error ‖Δ − Δ_r‖_F / ‖Δ‖_F is recorded per layer, expert and projection.
+`_truncated`), and the relative reconstruction error ‖Δ − Δ_r‖_F / ‖Δ‖_F is recorded per layer, expert and
+projection.
 """
 
 from __future__ import annotations
