@@ -240,7 +240,10 @@ def test_cli_fuse_shared_train_export(tmp_path, base_and_adapters, capsys):
     with count_lora_moe_calls() as calls:
         assert main([*argv, "--device", "cpu", "--batch-size", "8", "--template", "{instruction} :"]) == 0
     assert calls["forward"] == 2  # one batch, two layers, on the shared-base LoRA experts
+    assert main(["export", str(final), "--out", str(final / "inside")]) == 2  # never into its input
     assert main(["export", str(final), "--out", str(tmp_path / "plain")]) == 0
+    assert main(["export", str(final), "--out", str(tmp_path / "plain")]) == 2  # a previous output: --overwrite
+    assert "--overwrite" in capsys.readouterr().err and not (final / "inside").exists()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32).eval()
     ids = torch.randint(0, 34, (2, 7))
     torch.testing.assert_close(_logits(plain, ids), _logits(load_fused_model(final), ids), rtol=1e-5, atol=1e-5)
