@@ -148,3 +148,15 @@ def test_expert_parallelism_refuses_lora_experts(tmp_path):
     finally:
         dist.destroy_process_group()
     assert all(isinstance(layer.mlp.experts, LoRAExperts) for layer in model.model.layers)  # nothing changed
+
+
+def test_save_fused_model_refuses_unmerged_per_expert_lora(tmp_path):
+    from h3fusion.models import save_fused_model
+
+    model = tiny_fused()
+    add_lora_experts(model, rank=2)
+    with pytest.raises(ValueError, match="merge_lora_experts.*save_lora_adapter"):
+        save_fused_model(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    save_fused_model(merge_lora_experts(model), tmp_path / "out")  # merged: a plain checkpoint
+    assert (tmp_path / "out" / "config.json").is_file()

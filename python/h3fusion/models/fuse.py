@@ -21,6 +21,7 @@ from h3fusion.utils.files import atomic_replace_dir, check_output_dir, make_stag
 
 from .checkpoint_io import WeightSource, open_source
 from .construction import no_init_weights as _no_init
+from .lora_experts import lora_experts_modules
 from .lora_merge import LoraAdapterWeights
 from .shared_format import is_shared_model, write_shared_model
 
@@ -437,9 +438,17 @@ def save_fused_model(
     Returns:
         The output directory path (absolute).
 
+    A shared-base model (`fuse_models(..., experts="shared")`) is written in the shared-base format (design.md §10).
+
     Raises:
         h3fusion.utils.files.OutputDirError: `out_dir` may not be written (the message says why).
+        ValueError: LoRA experts on per-expert bases (merge them first, or save the adapter).
     """
+    if lora_experts_modules(model) and not is_shared_model(model):
+        raise ValueError(
+            "the model has LoRA experts on per-expert bases: fold them in first (merge_lora_experts), or save the "
+            "adapter itself (h3fusion.models.lora_adapter_io.save_lora_adapter)"
+        )
     record = getattr(model.config, "h3fusion", None) or {}
     inputs = [base, record.get("base"), *dict(record.get("sources") or {}).values()]
     inputs = [p for p in inputs if isinstance(p, (str, os.PathLike)) and os.path.exists(p)]
