@@ -54,6 +54,10 @@ class LoRAExperts(nn.Module):
         init: "peft" (A ~ U(±1/sqrt(in)), B = 0: PEFT's default, the adapters start at zero), "zeros", or
             "empty" (the caller fills the factors).
 
+    Saving: `h3fusion.save_fused_model` (shared base), `lora_adapter_io.save_lora_adapter` (a PEFT adapter), or
+    `merge_lora_experts` first. transformers' own `save_pretrained` writes the factors under names its
+    `from_pretrained` reports as UNEXPECTED and drops.
+
     Raises:
         ValueError: shapes that do not fit together (the message names the argument).
     """
