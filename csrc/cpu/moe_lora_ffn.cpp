@@ -12,6 +12,7 @@ namespace h3fusion::cpu {
 namespace {
 
 struct CpuPrimitives {
+  static constexpr bool kHostThreads = true;  // experts may be spread over at::parallel_for threads
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> route_plan(const at::Tensor& experts, int64_t E) {
     return h3fusion::cpu::route_plan(experts, E);
   }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 import h3fusion_ext
 from h3fusion_ext import ExpertLoRA, reference
@@ -46,6 +47,28 @@ def ours(x, w, e, gu, dp, a1, b1, a2, b2, scaling, activation="silu"):
     return h3fusion_ext.moe_ffn(x, w, e, gu, dp, lora=ExpertLoRA(a1, b1, a2, b2, scaling), activation=activation)
 
 
+def unmerged_lora_ffn(x, w, e, gu, dp, a1, b1, a2, b2, scaling, activation="silu"):
+    """The same layer as PyTorch runs it with unmerged adapters (PEFT's order: base(x) + s * B(A(x))), per expert.
+
+    The low-precision baseline of the tolerance rule: `reference.moe_lora_ffn` (the oracle) rounds the materialised
+    W + s B A instead, a different but equally plain computation whose own bf16 error is not the fair yardstick for a
+    kernel that never forms that sum.
+    """
+    y = torch.zeros_like(x)
+    e = e.long()
+    for ex in range(a1.shape[0]):
+        ti, si = torch.where(e == ex)
+        if ti.numel() == 0:
+            continue
+        b = 0 if gu.shape[0] == 1 else ex
+        xe = x[ti]
+        h = F.linear(xe, gu[b]) + scaling * F.linear(F.linear(xe, a1[ex]), b1[ex])
+        act = reference.gated_activation(*h.chunk(2, dim=-1), activation)
+        o = F.linear(act, dp[b]) + scaling * F.linear(F.linear(act, a2[ex]), b2[ex])
+        y = y.index_add(0, ti, (o * w[ti, si, None].to(o.dtype)).to(y.dtype))
+    return y
+
+
 def run_with_grads(fn, tensors, scaling, grad_y, activation="silu", requires=(True,) * 8):
     """y and the gradients of the 8 differentiable inputs (None for those not requiring grad) under fn."""
     x, w, e, *rest = (t.detach().clone() for t in tensors)
@@ -59,7 +82,7 @@ def run_with_grads(fn, tensors, scaling, grad_y, activation="silu", requires=(Tr
     if not y.requires_grad:
         # Only the reference may return a constant (its output when no expert has a token); our op's output must
         # always be differentiable, so a zero substitute there would hide a broken autograd registration.
-        assert fn is reference.moe_lora_ffn and x.shape[0] == 0, "y does not require grad"
+        assert fn in (reference.moe_lora_ffn, unmerged_lora_ffn) and x.shape[0] == 0, "y does not require grad"
         return y.detach(), [torch.zeros_like(t) if need else None for t, need in zip(leaves, requires, strict=True)]
     y.backward(grad_y)
     return y.detach(), [t.grad for t in leaves]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_close_to_reference
-from lora_cases import GRAD_NAMES, make_lora_inputs, ours, run_with_grads
+from lora_cases import GRAD_NAMES, make_lora_inputs, ours, run_with_grads, unmerged_lora_ffn
 
 from h3fusion_ext import reference
 from h3fusion_ext._library import ops
@@ -71,6 +71,13 @@ def test_edge_cases(name, shape, skip, shared):
             assert grads[2][e].abs().max() == 0 and grads[3][e].abs().max() == 0
 
 
+@SHARED
+def test_unmerged_baseline_is_the_same_layer(shared):
+    # The low-precision yardstick below must compute what the oracle computes.
+    tensors, s = make_lora_inputs(30, 8, 6, 4, 2, 3, torch.float64, shared=shared, w_dtype=torch.float64)
+    torch.testing.assert_close(unmerged_lora_ffn(*tensors, s), reference.moe_lora_ffn(*tensors, s), atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @SHARED
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -81,7 +88,7 @@ def test_low_precision_tolerance_rule(device, shared, dtype, w_dtype):
     )
     grad_y = torch.randn_like(tensors[0])
     y, grads = run_with_grads(ours, tensors, s, grad_y)
-    ref_lp, ref_lp_grads = run_with_grads(reference.moe_lora_ffn, tensors, s, grad_y)
+    ref_lp, ref_lp_grads = run_with_grads(unmerged_lora_ffn, tensors, s, grad_y)  # PyTorch's own, same dtype
     hi = tuple(t.double() if t.is_floating_point() else t for t in tensors)
     ref_hp, ref_hp_grads = run_with_grads(reference.moe_lora_ffn, hi, s, grad_y.double())
     assert y.dtype == dtype and grads[1].dtype == tensors[1].dtype
@@ -118,6 +125,31 @@ def test_bitwise_deterministic(device, shared):
     assert torch.equal(y1, y2)
     for a, b in zip(g1, g2, strict=True):
         assert torch.equal(a, b)
+
+
+@SHARED
+# Shapes large enough that two threads really split the work (below that, MKL picks size-dependent kernels for tiny
+# GEMMs whose bits depend on the thread count, for moe_ffn too).
+@pytest.mark.parametrize("shape", [(1024, 64, 96, 2, 1, 8), (256, 64, 96, 16, 4, 4)], ids=["blas-threaded", "expert-threaded"])
+def test_same_bits_on_any_thread_count(shared, shape):
+    # Experts are spread over threads (the rank-r work always, everything with many small experts); every expert's
+    # work runs on one thread, so the thread count must not change a bit. Also checked against the oracle there.
+    tensors, s = make_lora_inputs(*shape, shared=shared)
+    grad_y = torch.randn_like(tensors[0])
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results.append(run_with_grads(ours, tensors, s, grad_y))
+    # Against the fp64 oracle, relative to each result's scale (fp32 sums over a thousand rows).
+    hi = tuple(t.double() if t.is_floating_point() else t for t in tensors)
+    ref_y, ref_grads = run_with_grads(reference.moe_lora_ffn, hi, s, grad_y.double())
+    for name, ours_t, ref_t in zip(("y", *GRAD_NAMES), (results[-1][0], *results[-1][1]), (ref_y, *ref_grads)):
+        scale = ref_t.abs().max().item()
+        torch.testing.assert_close(ours_t.double(), ref_t, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
+    for threads, (y, grads) in zip((2, 3), results[1:], strict=True):
+        assert torch.equal(y, results[0][0]), f"y differs between 1 and {threads} threads"
+        for name, g, g0 in zip(GRAD_NAMES, grads, results[0][1], strict=True):
+            assert torch.equal(g, g0), f"grad {name} differs between 1 and {threads} threads: {(g - g0).abs().max()}"
 
 
 @SHARED

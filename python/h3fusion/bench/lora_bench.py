@@ -1,4 +1,4 @@
-"""LoRA experts (design.md §10): ours against PEFT's `target_parameters` path, and shared-base against materialised
+"""LoRA experts (design.md §11): ours against PEFT's `target_parameters` path, and shared-base against materialised
 experts, on the same weights and routing, measured side by side (interleaved call by call, after two warm-ups).
 
 * `lora fwd+bwd`: `LoRAExperts` (adapters inside `moe_ffn(..., lora=...)`, base frozen) against transformers'

@@ -1,6 +1,6 @@
 """`h3fusion export SHARED_DIR --out DIR`: a shared-base fused model -> a plain Mixtral checkpoint.
 
-Every expert is materialised as W_base + s·B_e·A_e (design.md §10), so the output loads with plain
+Every expert is materialised as W_base + s·B_e·A_e (design.md §11), so the output loads with plain
 `AutoModelForCausalLM.from_pretrained` (and serving engines) like any `h3fusion fuse` output.
 """
 

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from h3fusion.models.shared_format import is_shared_dir, load_fused_model
     from h3fusion.route_report import route_report
 
-    if is_shared_dir(args.model):  # shared-base experts (design.md §10)
+    if is_shared_dir(args.model):  # shared-base experts (design.md §11)
         model = load_fused_model(args.model, device=device)
     else:
         model = load_pretrained(AutoModelForCausalLM, args.model, "model").to(device)

@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from h3fusion.models.shared_format import is_shared_dir, load_fused_model
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    if is_shared_dir(args.model):  # shared-base experts (design.md §10): adapters and routers train
+    if is_shared_dir(args.model):  # shared-base experts (design.md §11): adapters and routers train
         model = load_fused_model(args.model, dtype=dtype)
     else:
         model = load_pretrained(AutoModelForCausalLM, args.model, "model", dtype=dtype)

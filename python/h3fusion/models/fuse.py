@@ -158,7 +158,7 @@ def fuse_models(
             are dropped with attention="base" (only its MLP becomes the expert). By default such an adapter is
             refused, and so is an adapter that changes no MLP at all (its expert would equal the base MLP); with
             True, fusion goes on and a warning lists the dropped modules.
-        experts: "materialised" (every expert a full FFN: a plain Mixtral) or "shared" (design.md §10: each layer
+        experts: "materialised" (every expert a full FFN: a plain Mixtral) or "shared" (design.md §11: each layer
             keeps the base FFN once plus every expert's LoRA factors, in `LoRAExperts`; every aligned model must be
             a LoRA adapter of the base, unless `delta_rank` is given). Save it with `save_fused_model`, load it with
             `h3fusion.load_fused_model`, make it a plain Mixtral with `h3fusion export`.
@@ -438,7 +438,7 @@ def save_fused_model(
     Returns:
         The output directory path (absolute).
 
-    A shared-base model (`fuse_models(..., experts="shared")`) is written in the shared-base format (design.md §10).
+    A shared-base model (`fuse_models(..., experts="shared")`) is written in the shared-base format (design.md §11).
 
     Raises:
         h3fusion.utils.files.OutputDirError: `out_dir` may not be written (the message says why).
@@ -460,7 +460,7 @@ def save_fused_model(
             tokenizer = AutoTokenizer.from_pretrained(os.fspath(base))
     tmp = make_staging_dir(out.parent, out.name)
     try:
-        if is_shared_model(model):  # our shared-base format (design.md §10); one safetensors file
+        if is_shared_model(model):  # our shared-base format (design.md §11); one safetensors file
             write_shared_model(model, tmp)
         else:
             model.save_pretrained(tmp, safe_serialization=True, **kwargs)

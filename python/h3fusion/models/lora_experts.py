@@ -1,7 +1,7 @@
 """LoRA experts on `h3fusion_ext.moe_ffn`: expert e computes with W_e + s·B_e·A_e without ever forming that sum.
 
 `LoRAExperts` holds the base expert weights (per expert `[E, ...]`, or one base shared by every expert `[1, ...]`,
-design.md §10) and per-expert LoRA factors for both projections, and has transformers' experts signature
+design.md §11) and per-expert LoRA factors for both projections, and has transformers' experts signature
 `forward(hidden_states[T, H], top_k_index[T, k], top_k_weights[T, k]) -> [T, H]`, so it takes the place of
 `MixtralExperts` inside Mixtral's sparse MoE block (`block.experts`).
 

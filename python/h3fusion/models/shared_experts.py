@@ -1,4 +1,4 @@
-"""Shared-base experts (design.md §10): every expert of a layer = the base FFN (kept once) + that expert's LoRA.
+"""Shared-base experts (design.md §11): every expert of a layer = the base FFN (kept once) + that expert's LoRA.
 
 When the aligned models are LoRA adapters of the base, expert i of layer l is *exactly* W_base,l + Δ_i,l with
 Δ_i,l = s·B·A of adapter i. `SharedExpertsPlan` turns each adapter's gate / up / down factors into the factors of a

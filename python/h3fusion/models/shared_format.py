@@ -1,4 +1,4 @@
-"""The shared-base fused model on disk (design.md §10), `load_fused_model`, and its export to a plain Mixtral.
+"""The shared-base fused model on disk (design.md §11), `load_fused_model`, and its export to a plain Mixtral.
 
 A folder holds
     config.json                   the fused `MixtralConfig` (as a materialised fusion would have it) whose

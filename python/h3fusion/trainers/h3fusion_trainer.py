@@ -4,7 +4,7 @@
 
 A `transformers.Trainer` subclass, so Accelerate, torchrun, FSDP and DeepSpeed launch it as usual. Only the routers
 (`*.mlp.gate.weight`) and the experts (`*.mlp.experts.*`: full weights, or LoRA adapters — our `LoRAExperts` inside
-`moe_ffn`, PEFT's under transformers' implementations, design.md §10) train;
+`moe_ffn`, PEFT's under transformers' implementations, design.md §11) train;
 attention, norms, embeddings and lm_head are frozen. Each loss term is logged separately (`lm_loss`, `gate_loss`,
 `drift_loss`, `balance_loss`). Checkpoints are written into a staging folder and renamed into place, so an
 interrupted save never corrupts the last good checkpoint; the fusion-time expert snapshot θ⁽⁰⁾ is saved with each
@@ -389,7 +389,7 @@ class H3FusionTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Models with our `LoRAExperts` save what trains: a PEFT adapter (LoRA factors + routers) on per-expert
-        bases, the shared-base format (design.md §10) on a shared base. Anything else: `Trainer._save`."""
+        bases, the shared-base format (design.md §11) on a shared base. Anything else: `Trainer._save`."""
         target = self.accelerator.unwrap_model(self.model)
         modules = lora_experts_modules(target)
         if not modules:

@@ -1,0 +1,257 @@
+// Pieces of the per-expert-LoRA expert FFN (design.md §10) shared by its forward and backward
+// (h3fusion/moe_lora_ffn_impl.h) on both devices: the gated activation over ATen, GEMMs into views, the argument
+// checks, the host copy of the expert offsets, and the expert scheduler.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <h3fusion/checks.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace h3fusion::lora {
+
+enum class Activation { kSilu, kGelu, kGeluTanh };
+
+inline Activation parse_activation(c10::string_view name) {
+  if (name == "silu") return Activation::kSilu;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  TORCH_CHECK(false, "activation must be one of \"silu\", \"gelu\", \"gelu_tanh\", got \"", std::string(name), "\"");
+}
+
+// out = act(g) (out may be a strided view).
+inline void activate_into(at::Tensor out, const at::Tensor& g, Activation act) {
+  switch (act) {
+    case Activation::kSilu: at::silu_out(out, g); return;
+    case Activation::kGelu: at::gelu_out(out, g, "none"); return;
+    case Activation::kGeluTanh: at::gelu_out(out, g, "tanh"); return;
+  }
+}
+
+// out = act'(g) * grad.
+inline void activate_backward_into(at::Tensor out, const at::Tensor& grad, const at::Tensor& g, Activation act) {
+  switch (act) {
+    case Activation::kSilu: at::silu_backward_out(out, grad, g); return;
+    case Activation::kGelu: at::gelu_backward_out(out, grad, g, "none"); return;
+    case Activation::kGeluTanh: at::gelu_backward_out(out, grad, g, "tanh"); return;
+  }
+}
+
+// a[n,F] = act(h[:, :F]) * h[:, F:], rounded like the plain-PyTorch expression (act rounded, then the product).
+inline void gated_into(at::Tensor a, const at::Tensor& h, int64_t F, Activation act) {
+  activate_into(a, h.narrow(1, 0, F), act);
+  a.mul_(h.narrow(1, F, F));
+}
+
+// dh[n,2F] <- the gradient of a = act(g) * u given da[n,F]: dg = act'(g) (da u), du = da act(g).
+inline void gated_backward_into(const at::Tensor& dh, const at::Tensor& h, const at::Tensor& da, int64_t F,
+                                Activation act) {
+  const at::Tensor g = h.narrow(1, 0, F), u = h.narrow(1, F, F);
+  activate_backward_into(dh.narrow(1, 0, F), da * u, g, act);
+  at::Tensor du = dh.narrow(1, F, F);
+  activate_into(du, g, act);
+  du.mul_(da);
+}
+
+// out = a @ b, written into a view (a row slice of a buffer, one expert's slice of a gradient).
+inline void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+
+// out = alpha * (a @ b), written into a view (beta = 0: whatever `out` held is ignored, NaN included).
+inline void mm_scaled_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, double alpha) {
+  if (alpha == 1.0) {
+    at::mm_out(out, a, b);
+  } else {
+    at::addmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/alpha);
+  }
+}
+
+struct Dims {
+  int64_t T, H, k, E, F, r;
+  bool shared;  // base with leading dimension 1, shared by every expert
+};
+
+// The checks shared by forward and backward; every error names its argument.
+inline Dims check_args(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& gate_up_proj,
+                       const at::Tensor& down_proj, const at::Tensor& gate_up_a, const at::Tensor& gate_up_b,
+                       const at::Tensor& down_a, const at::Tensor& down_b, double scaling) {
+  check_dim(x, "x", 2);
+  check_float(x, "x");
+  const int64_t T = x.size(0), H = x.size(1);
+  check_dim(weights, "weights", 2);
+  check_float(weights, "weights");
+  check_size(weights, "weights", 0, T, "x.shape[0]");
+  TORCH_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == x.scalar_type(),
+              "weights must have dtype float32 or x's dtype (", x.scalar_type(), "), got ", weights.scalar_type());
+  const int64_t k = weights.size(1);
+  TORCH_CHECK(k >= 1, "weights.shape[1] (k) must be >= 1, got shape ", weights.sizes());
+  TORCH_CHECK(std::isfinite(scaling), "scaling (the LoRA scale) must be finite, got ", scaling);
+
+  // The factors fix E and r.
+  check_dim(gate_up_a, "gate_up_a", 3);
+  check_same_dtype(gate_up_a, "gate_up_a", x, "x");
+  const int64_t E = gate_up_a.size(0), r = gate_up_a.size(1);
+  TORCH_CHECK(E >= 1, "gate_up_a.shape[0] (the number of experts E) must be >= 1, got shape ", gate_up_a.sizes());
+  TORCH_CHECK(r >= 1, "gate_up_a.shape[1] (the LoRA rank r) must be >= 1, got shape ", gate_up_a.sizes());
+  check_size(gate_up_a, "gate_up_a", 2, H, "x.shape[1]");
+
+  check_dim(gate_up_proj, "gate_up_proj", 3);
+  check_same_dtype(gate_up_proj, "gate_up_proj", x, "x");
+  const int64_t Eb = gate_up_proj.size(0);
+  TORCH_CHECK(Eb == 1 || Eb == E, "gate_up_proj.shape[0] must be 1 (a base shared by every expert) or the number of "
+              "experts E = gate_up_a.shape[0] (", E, "), got shape ", gate_up_proj.sizes());
+  TORCH_CHECK(gate_up_proj.size(1) % 2 == 0, "gate_up_proj.shape[1] must be even (2 * intermediate size), got shape ",
+              gate_up_proj.sizes());
+  check_size(gate_up_proj, "gate_up_proj", 2, H, "x.shape[1]");
+  const int64_t F = gate_up_proj.size(1) / 2;
+  check_dim(down_proj, "down_proj", 3);
+  check_same_dtype(down_proj, "down_proj", x, "x");
+  check_size(down_proj, "down_proj", 0, Eb, "gate_up_proj.shape[0]");
+  check_size(down_proj, "down_proj", 1, H, "x.shape[1]");
+  check_size(down_proj, "down_proj", 2, F, "gate_up_proj.shape[1] / 2");
+
+  check_dim(gate_up_b, "gate_up_b", 3);
+  check_same_dtype(gate_up_b, "gate_up_b", x, "x");
+  check_size(gate_up_b, "gate_up_b", 0, E, "gate_up_a.shape[0] (E)");
+  check_size(gate_up_b, "gate_up_b", 1, 2 * F, "gate_up_proj.shape[1]");
+  check_size(gate_up_b, "gate_up_b", 2, r, "gate_up_a.shape[1] (the rank r)");
+  check_dim(down_a, "down_a", 3);
+  check_same_dtype(down_a, "down_a", x, "x");
+  check_size(down_a, "down_a", 0, E, "gate_up_a.shape[0] (E)");
+  check_size(down_a, "down_a", 1, r, "gate_up_a.shape[1] (the rank r)");
+  check_size(down_a, "down_a", 2, F, "gate_up_proj.shape[1] / 2");
+  check_dim(down_b, "down_b", 3);
+  check_same_dtype(down_b, "down_b", x, "x");
+  check_size(down_b, "down_b", 0, E, "gate_up_a.shape[0] (E)");
+  check_size(down_b, "down_b", 1, H, "x.shape[1]");
+  check_size(down_b, "down_b", 2, r, "gate_up_a.shape[1] (the rank r)");
+
+  check_same_device(weights, "weights", x, "x");
+  check_same_device(gate_up_proj, "gate_up_proj", x, "x");
+  check_same_device(down_proj, "down_proj", x, "x");
+  check_same_device(gate_up_a, "gate_up_a", x, "x");
+  check_same_device(gate_up_b, "gate_up_b", x, "x");
+  check_same_device(down_a, "down_a", x, "x");
+  check_same_device(down_b, "down_b", x, "x");
+  return {T, H, k, E, F, r, Eb == 1};
+}
+
+// expert_offsets on the host (one copy; a sync on CUDA), checked: starts at 0, non-decreasing, ends <= R.
+inline std::vector<int64_t> host_offsets(const at::Tensor& offsets, int64_t E, int64_t R) {
+  const at::Tensor o = offsets.to(at::kCPU).contiguous();
+  const int64_t* p = o.const_data_ptr<int64_t>();
+  std::vector<int64_t> off(p, p + E + 1);
+  TORCH_CHECK(off[0] == 0 && off[E] <= R, "expert_offsets must start at 0 and end at most at x.shape[0] * k (", R,
+              ")");
+  for (int64_t e = 0; e < E; ++e)
+    TORCH_CHECK(off[e + 1] >= off[e], "expert_offsets must be non-decreasing, got a drop after expert ", e);
+  return off;
+}
+
+// Rows [off[E], R) belong to no expert (ids outside [0, E), possible on CUDA only): zero, so they contribute nothing.
+inline void zero_tail(const at::Tensor& rows, const std::vector<int64_t>& off) {
+  if (!rows.defined()) return;
+  const int64_t end = off.back(), R = rows.size(0);
+  if (end < R) rows.narrow(0, end, R - end).zero_();
+}
+
+template <typename... Rows>
+void zero_tails(const std::vector<int64_t>& off, const Rows&... rows) {
+  (zero_tail(rows, off), ...);
+}
+
+// A gradient [E, ...] whose expert slices a GEMM will write for every expert with rows: the idle experts' slices are
+// zeroed here. shared ([1, ...]): written whole by one GEMM over the tokens.
+inline at::Tensor empty_idle_zeroed(at::IntArrayRef sizes, const at::TensorOptions& opts, const std::vector<int64_t>& off,
+                                    bool shared) {
+  at::Tensor t = at::empty(sizes, opts);
+  if (!shared)
+    for (int64_t e = 0; e + 1 < static_cast<int64_t>(off.size()); ++e)
+      if (off[e + 1] == off[e]) t[e].zero_();
+  return t;
+}
+
+// ---- expert scheduling -------------------------------------------------------------------------------------------
+// Below this many rows per active expert, one expert per thread beats BLAS threads inside each GEMM (moe_ffn's rule).
+constexpr int64_t kRowsPerExpertForBlasThreads = 256;
+// Cost of one expert's fixed work, in rows, for balancing experts over threads.
+constexpr int64_t kExpertFixedCostRows = 8;
+
+inline int64_t active_experts(const std::vector<int64_t>& off) {
+  int64_t active = 0;
+  for (size_t e = 0; e + 1 < off.size(); ++e) active += off[e + 1] > off[e];
+  return active;
+}
+
+// Many small experts (by the shape alone, so that results never depend on the thread count): all of an expert's
+// work runs on one thread, experts spread over the threads. Otherwise the large GEMMs run one expert after another
+// with BLAS's threads, and only the small rank-r work and the row passes are spread over experts.
+inline bool many_small_experts(const std::vector<int64_t>& off) {
+  const int64_t active = active_experts(off);
+  return active > 1 && off.back() < kRowsPerExpertForBlasThreads * active;
+}
+
+// Calls fn(e, row_begin, rows) for every expert with rows. With `spread` (and a device whose work may run on host
+// threads: the CPU) the experts are handed out in contiguous groups of about equal rows, one group per thread;
+// every ATen op inside then runs single-threaded (a nested parallel region runs inline), so an expert's result does
+// not depend on the thread that ran it. Why spread at all: each GEMM or row pass with its own parallel region costs
+// a thread wake-up, which on a busy machine is worth more than the small rank-r GEMMs themselves.
+template <bool kHostThreads, typename Fn>
+void for_each_expert(const std::vector<int64_t>& off, bool spread, const Fn& fn) {
+  std::vector<int64_t> active;
+  for (size_t e = 0; e + 1 < off.size(); ++e)
+    if (off[e + 1] > off[e]) active.push_back(static_cast<int64_t>(e));
+  const int64_t A = static_cast<int64_t>(active.size());
+  const int64_t nt = (kHostThreads && spread && !at::in_parallel_region()) ? std::min<int64_t>(at::get_num_threads(), A) : 1;
+  if (nt <= 1) {
+    for (const int64_t e : active) fn(e, off[e], off[e + 1] - off[e]);
+    return;
+  }
+  auto cost = [&](int64_t i) { return off[active[i] + 1] - off[active[i]] + kExpertFixedCostRows; };
+  int64_t total = 0;
+  for (int64_t i = 0; i < A; ++i) total += cost(i);
+  std::vector<int64_t> bounds(nt + 1, A);
+  bounds[0] = 0;
+  int64_t acc = 0, g = 1;
+  for (int64_t i = 0; i < A && g < nt; ++i) {
+    acc += cost(i);
+    if (acc * nt >= total * g) bounds[g++] = i + 1;
+  }
+  // Worker threads do not inherit this thread's dispatch state (the below-autograd guard): carry it over.
+  const at::ThreadLocalState tls;
+  at::parallel_for(0, nt, 1, [&](int64_t gb, int64_t ge) {
+    const at::ThreadLocalStateGuard tls_guard(tls);
+    for (int64_t gi = gb; gi < ge; ++gi)
+      for (int64_t i = bounds[gi]; i < bounds[gi + 1]; ++i) {
+        const int64_t e = active[i];
+        fn(e, off[e], off[e + 1] - off[e]);
+      }
+  });
+}
+
+// One step of the op: `small` (rank-r GEMMs, row passes) for every expert, spread over the threads, and `big` (the
+// base GEMMs) expert after expert with BLAS threads, in the order `big_first` says; with many small experts, both on
+// the expert's thread.
+template <bool kHostThreads, typename Big, typename Small>
+void run_step(const std::vector<int64_t>& off, bool many_small, bool big_first, const Big& big, const Small& small) {
+  if (many_small) {
+    for_each_expert<kHostThreads>(off, true, [&](int64_t e, int64_t r0, int64_t n) {
+      if (big_first) big(e, r0, n);
+      small(e, r0, n);
+      if (!big_first) big(e, r0, n);
+    });
+    return;
+  }
+  if (big_first) for_each_expert<kHostThreads>(off, false, big);
+  for_each_expert<kHostThreads>(off, true, small);
+  if (!big_first) for_each_expert<kHostThreads>(off, false, big);
+}
+
+}  // namespace h3fusion::lora
