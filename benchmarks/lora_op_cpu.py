@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from h3fusion.bench.common import time_interleaved
 
 import h3fusion_ext
-from h3fusion.bench.common import time_interleaved
 from h3fusion_ext import ExpertLoRA, reference
 
 
@@ -83,8 +83,10 @@ def report(title, results):
         if isinstance(r, Exception):
             print(f"  {name:28s} failed: {r}")
         else:
-            print(f"  {name:28s} {r['median_ms']:9.1f} ms  (q20 {r['q20_ms']:.1f}, q80 {r['q80_ms']:.1f}, "
-                  f"n={r['repeats']})  {r['median_ms'] / base:5.2f}x ours")
+            print(
+                f"  {name:28s} {r['median_ms']:9.1f} ms  (q20 {r['q20_ms']:.1f}, q80 {r['q80_ms']:.1f}, "
+                f"n={r['repeats']})  {r['median_ms'] / base:5.2f}x ours"
+            )
 
 
 def main():
@@ -102,8 +104,11 @@ def main():
     p = make(T, H, F, 8, 2, r, shared=False)
     trainable = ("x", "weights", "a1", "b1", "a2", "b2")  # base frozen
     res = time_interleaved(
-        {name: fwd_bwd(fn, p, trainable) for name, fn in
-         (("ours", ours), ("reference", via_reference), ("materialised + moe_ffn", materialised))}, **kw
+        {
+            name: fwd_bwd(fn, p, trainable)
+            for name, fn in (("ours", ours), ("reference", via_reference), ("materialised + moe_ffn", materialised))
+        },
+        **kw,
     )
     report(f"fwd+bwd, per-expert base frozen, fp32, T{T} H{H} F{F} E8 k2 r{r}, {args.threads} threads", res)
 

@@ -36,20 +36,21 @@ TORCH_LIBRARY(h3fusion, m) {
 
   // ---- fused expert FFN -----------------------------------------------------------------------------------------
   // x[T,H], weights[T,k] (fp32 or x.dtype), experts[T,k] int32, gate_up_proj[E,2F,H], down_proj[E,H,F]
-  //   -> y[T,H] (x.dtype), and what backward needs: sorted_pairs, pair_rows, expert_offsets (as moe_route_plan),
+  //   -> y[T,H] (x.dtype), y_t = sum_j w_tj W_down[e] (act(W_gate[e] x_t) * W_up[e] x_t), act by `activation`:
+  //      "silu" (SwiGLU), "gelu" (exact, erf) or "gelu_tanh" (the tanh approximation); and what backward needs: sorted_pairs, pair_rows, expert_offsets (as moe_route_plan),
   //      gate_up_out[T*k,2F] (x.dtype, expert-sorted rows, pre-activation; [0,2F] when save_pre_activation is
   //      false, i.e. no backward will follow: the forward then keeps only per-expert scratch).
   // Expert ids outside [0, E): the CPU raises; on CUDA (no host sync) such a pair contributes zero to y and gets
   // zero gradient (its gate_up_out row is zero), as reference.moe_ffn, which skips it.
   m.def("moe_ffn_forward(Tensor x, Tensor weights, Tensor experts, Tensor gate_up_proj, Tensor down_proj, "
-        "bool save_pre_activation=True) -> "
+        "bool save_pre_activation=True, str activation=\"silu\") -> "
         "(Tensor y, Tensor sorted_pairs, Tensor pair_rows, Tensor expert_offsets, Tensor gate_up_out)");
   // -> grad_x[T,H], grad_weights[T,k] (weights.dtype), grad_gate_up_proj[E,2F,H], grad_down_proj[E,H,F].
   // output_mask (x, weights, gate_up_proj, down_proj): a false entry skips that gradient's work (frozen experts:
   // no weight-gradient GEMMs; weights: no per-pair dot products) and returns an undefined tensor (None) for it.
   m.def("moe_ffn_backward(Tensor grad_y, Tensor x, Tensor weights, Tensor gate_up_proj, Tensor down_proj, "
         "Tensor sorted_pairs, Tensor pair_rows, Tensor expert_offsets, Tensor gate_up_out, "
-        "bool[4] output_mask=[True, True, True, True]) -> "
+        "bool[4] output_mask=[True, True, True, True], str activation=\"silu\") -> "
         "(Tensor grad_x, Tensor grad_weights, Tensor grad_gate_up_proj, Tensor grad_down_proj)");
 
   // ---- fused expert FFN with per-expert LoRA (design.md §10) ----------------------------------------------------

@@ -8,12 +8,14 @@ Public ops (autograd-aware, `torch.compile`-traceable):
 `h3fusion_ext.reference` has the same functions in plain PyTorch (the test oracle).
 """
 
-from . import reference
+from . import (
+    moe_lora,  # noqa: F401  (registers the LoRA op's fake kernels and autograd)
+    reference,
+)
 from ._library import has_cuda_kernels
 from .gemm_backend import moe_ffn_backend, moe_ffn_gemm_mode, set_moe_ffn_gemm_mode
 from .logprob import linear_logprob
 from .moe import ExpertLoRA, moe_combine, moe_ffn, moe_gather, moe_route_plan
-from . import moe_lora  # noqa: F401  (registers the LoRA op's fake kernels and autograd)
 from .routing import topk_route
 
 __all__ = [

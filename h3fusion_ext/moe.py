@@ -13,6 +13,7 @@ import torch
 from ._arguments import check_same_device, int_arg
 from ._autograd import check_no_forward_ad_or_func_grad, once_differentiable
 from ._library import ops
+from .reference.moe import ACTIVATIONS
 
 __all__ = ["ExpertLoRA", "moe_combine", "moe_ffn", "moe_gather", "moe_route_plan"]
 
@@ -144,18 +145,18 @@ def moe_ffn(
         RuntimeError: a wrong rank/shape/dtype/device (the message names the argument), or (CPU) an expert id
             outside [0, E).
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"moe_ffn: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if lora is not None:
         if not isinstance(lora, ExpertLoRA):
             raise TypeError(f"h3fusion_ext.moe_ffn: lora must be an h3fusion_ext.ExpertLoRA, got {type(lora).__name__}")
         from .moe_lora import moe_lora_ffn  # its own module (design.md §10)
 
         return moe_lora_ffn(x, weights, experts, gate_up_proj, down_proj, *lora, activation)
-    if activation != "silu":
-        raise NotImplementedError(f"moe_ffn: activation {activation!r} is not implemented yet")  # GELU: in progress
     check_no_forward_ad_or_func_grad("moe_ffn", x, weights, gate_up_proj, down_proj)
     # Without autograd the op keeps no [T*k, 2F] pre-activation (it only exists for the backward).
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up_proj, down_proj))
-    return ops.moe_ffn_forward(x, weights, experts, gate_up_proj, down_proj, save)[0]
+    return ops.moe_ffn_forward(x, weights, experts, gate_up_proj, down_proj, save, activation)[0]
 
 
 # ---- fake (meta) kernels: every shape here is static ----------------------------------------------------------
@@ -184,7 +185,7 @@ def _moe_combine_fake(rows, weights, pair_rows):
 
 
 @torch.library.register_fake("h3fusion::moe_ffn_forward")
-def _moe_ffn_forward_fake(x, weights, experts, gate_up_proj, down_proj, save_pre_activation=True):
+def _moe_ffn_forward_fake(x, weights, experts, gate_up_proj, down_proj, save_pre_activation=True, activation="silu"):
     check_same_device(
         "moe_ffn", "x", x, weights=weights, experts=experts, gate_up_proj=gate_up_proj, down_proj=down_proj
     )
@@ -200,7 +201,17 @@ def _moe_ffn_forward_fake(x, weights, experts, gate_up_proj, down_proj, save_pre
 
 @torch.library.register_fake("h3fusion::moe_ffn_backward")
 def _moe_ffn_backward_fake(
-    grad_y, x, weights, gate_up_proj, down_proj, sorted_pairs, pair_rows, offsets, gate_up_out, output_mask=(True,) * 4
+    grad_y,
+    x,
+    weights,
+    gate_up_proj,
+    down_proj,
+    sorted_pairs,
+    pair_rows,
+    offsets,
+    gate_up_out,
+    output_mask=(True,) * 4,
+    activation="silu",
 ):
     check_same_device(
         "moe_ffn_backward",
@@ -228,6 +239,7 @@ def _moe_ffn_setup(ctx, inputs, output):
     _y, sorted_pairs, pair_rows, offsets, gate_up_out = output
     ctx.mark_non_differentiable(sorted_pairs, pair_rows, offsets, gate_up_out)  # plan + saved activation only
     ctx.save_for_backward(x, weights, gate_up_proj, down_proj, sorted_pairs, pair_rows, offsets, gate_up_out)
+    ctx.activation = inputs[6] if len(inputs) > 6 else "silu"
 
 
 @once_differentiable("moe_ffn")
@@ -238,7 +250,7 @@ def _moe_ffn_backward(ctx, grad_y, *_unused):
     mask = [need[0], need[1], need[3], need[4]]
     if grad_y is None or not any(mask):
         return (None,) * len(need)
-    grad_x, grad_w, grad_gu, grad_down = ops.moe_ffn_backward(grad_y, *ctx.saved_tensors, mask)
+    grad_x, grad_w, grad_gu, grad_down = ops.moe_ffn_backward(grad_y, *ctx.saved_tensors, mask, ctx.activation)
     return (grad_x, grad_w, None, grad_gu, grad_down) + (None,) * (len(need) - 5)
 
 

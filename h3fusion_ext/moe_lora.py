@@ -15,10 +15,9 @@ import torch
 from ._arguments import check_same_device
 from ._autograd import check_no_forward_ad_or_func_grad, once_differentiable
 from ._library import ops
+from .reference.moe import ACTIVATIONS
 
 __all__ = ["ACTIVATIONS", "moe_lora_ffn"]
-
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 # Differentiable inputs of moe_lora_ffn_forward, in schema order (positions 0, 1, 3..8): the backward's output_mask.
 _GRAD_INPUTS = (0, 1, 3, 4, 5, 6, 7, 8)
@@ -86,11 +85,32 @@ def moe_lora_ffn(
 
 
 @torch.library.register_fake("h3fusion::moe_lora_ffn_forward")
-def _forward_fake(x, weights, experts, gate_up_proj, down_proj, gate_up_a, gate_up_b, down_a, down_b, scaling,
-                  activation="silu", save_for_backward=True):
+def _forward_fake(
+    x,
+    weights,
+    experts,
+    gate_up_proj,
+    down_proj,
+    gate_up_a,
+    gate_up_b,
+    down_a,
+    down_b,
+    scaling,
+    activation="silu",
+    save_for_backward=True,
+):
     check_same_device(
-        "moe_ffn", "x", x, weights=weights, experts=experts, gate_up_proj=gate_up_proj, down_proj=down_proj,
-        gate_up_a=gate_up_a, gate_up_b=gate_up_b, down_a=down_a, down_b=down_b,
+        "moe_ffn",
+        "x",
+        x,
+        weights=weights,
+        experts=experts,
+        gate_up_proj=gate_up_proj,
+        down_proj=down_proj,
+        gate_up_a=gate_up_a,
+        gate_up_b=gate_up_b,
+        down_a=down_a,
+        down_b=down_b,
     )
     P = experts.shape[0] * experts.shape[1]
     E, r = gate_up_a.shape[0], gate_up_a.shape[1]
@@ -107,15 +127,45 @@ def _forward_fake(x, weights, experts, gate_up_proj, down_proj, gate_up_a, gate_
 
 
 @torch.library.register_fake("h3fusion::moe_lora_ffn_backward")
-def _backward_fake(grad_y, x, weights, gate_up_proj, down_proj, gate_up_a, gate_up_b, down_a, down_b, scaling,
-                   activation, sorted_pairs, pair_rows, offsets, gate_up_out, gate_up_z, down_z,
-                   output_mask=(True,) * 8):
+def _backward_fake(
+    grad_y,
+    x,
+    weights,
+    gate_up_proj,
+    down_proj,
+    gate_up_a,
+    gate_up_b,
+    down_a,
+    down_b,
+    scaling,
+    activation,
+    sorted_pairs,
+    pair_rows,
+    offsets,
+    gate_up_out,
+    gate_up_z,
+    down_z,
+    output_mask=(True,) * 8,
+):
     like = (x, weights, gate_up_proj, down_proj, gate_up_a, gate_up_b, down_a, down_b)
     check_same_device(
-        "moe_lora_ffn_backward", "x", x, grad_y=grad_y, weights=weights, gate_up_proj=gate_up_proj,
-        down_proj=down_proj, gate_up_a=gate_up_a, gate_up_b=gate_up_b, down_a=down_a, down_b=down_b,
-        sorted_pairs=sorted_pairs, pair_rows=pair_rows, expert_offsets=offsets, gate_up_out=gate_up_out,
-        gate_up_z=gate_up_z, down_z=down_z,
+        "moe_lora_ffn_backward",
+        "x",
+        x,
+        grad_y=grad_y,
+        weights=weights,
+        gate_up_proj=gate_up_proj,
+        down_proj=down_proj,
+        gate_up_a=gate_up_a,
+        gate_up_b=gate_up_b,
+        down_a=down_a,
+        down_b=down_b,
+        sorted_pairs=sorted_pairs,
+        pair_rows=pair_rows,
+        expert_offsets=offsets,
+        gate_up_out=gate_up_out,
+        gate_up_z=gate_up_z,
+        down_z=down_z,
     )
     # A gradient left out by output_mask is an undefined tensor (None), as in the real kernels.
     return tuple(torch.empty_like(t) if need else None for t, need in zip(like, output_mask, strict=True))
@@ -130,8 +180,22 @@ def _setup(ctx, inputs, output):
     ]
     _y, sorted_pairs, pair_rows, offsets, gate_up_out, gate_up_z, down_z = output
     ctx.mark_non_differentiable(sorted_pairs, pair_rows, offsets, gate_up_out, gate_up_z, down_z)
-    ctx.save_for_backward(x, weights, gate_up_proj, down_proj, gate_up_a, gate_up_b, down_a, down_b,
-                          sorted_pairs, pair_rows, offsets, gate_up_out, gate_up_z, down_z)
+    ctx.save_for_backward(
+        x,
+        weights,
+        gate_up_proj,
+        down_proj,
+        gate_up_a,
+        gate_up_b,
+        down_a,
+        down_b,
+        sorted_pairs,
+        pair_rows,
+        offsets,
+        gate_up_out,
+        gate_up_z,
+        down_z,
+    )
     ctx.scaling = scaling
     ctx.activation = activation
 

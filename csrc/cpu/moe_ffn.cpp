@@ -1,4 +1,4 @@
-// CPU fused expert FFN: plan -> per expert: gather -> gate/up GEMM -> SwiGLU -> down GEMM -> weighted sum into y;
+// CPU fused expert FFN: plan -> per expert: gather -> gate/up GEMM -> act(gate) * up -> down GEMM -> weighted sum into y;
 // and its backward, which recomputes the activation from the saved pre-activation and computes only the gradients
 // that output_mask asks for.
 //
@@ -7,8 +7,10 @@
 // parallel region). Memory: every scratch buffer is per expert (or per row block of an expert) and per thread, so a
 // forward without autograd holds only y and one block of scratch; only the training forward keeps the [T*k, 2F]
 // pre-activation for the backward.
-// The SwiGLU row passes use an exp written to vectorise, compiled for three ISA levels (the loader picks the best).
+// The gated-activation row passes (row_passes.h: silu, gelu, gelu_tanh) are written to vectorise and compiled for
+// three ISA levels (the loader picks the best).
 #include "moe_cpu.h"
+#include "row_passes.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -180,11 +182,6 @@ void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_
 constexpr int64_t kSkinnyMaxRows = 8;
 constexpr int64_t kPrefetchFloats = 2048;
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define H3F_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define H3F_ISA_CLONES
-#endif
 
 template <int NB>
 __attribute__((always_inline)) inline void skinny_rows(const float* __restrict__ a, int64_t lda,
@@ -240,275 +237,6 @@ void linear_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w
   mm_into(out, a, w.t());
 }
 
-// ---- SwiGLU row passes ------------------------------------------------------------------------------------------
-// fp32 and bf16 rows run on GCC vector-extension types of 16 floats (one AVX-512 register; two or four on older
-// ISAs), so that the selects of exp/sigmoid and the bf16 rounding vectorise whatever the compiler's auto-vectoriser
-// decides; each row function is compiled for three ISA levels. fp64 (tests, gradcheck) and fp16 run a scalar loop.
-// Results do not depend on the ISA level: every lane does the same operations (no FMA contraction differences
-// across clones matter for determinism, since one machine always picks the same clone).
-#define H3F_INLINE inline __attribute__((always_inline))
-#define H3F_ROW_FN __attribute__((noinline)) H3F_ISA_CLONES
-
-constexpr int64_t kLanes = 16;
-// The 64-byte vector types never cross a call boundary of another translation unit: GCC's ABI note does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-typedef float vfloat __attribute__((vector_size(64)));
-typedef int32_t vint __attribute__((vector_size(64)));
-typedef uint32_t vuint __attribute__((vector_size(64)));
-typedef uint16_t vhalfword __attribute__((vector_size(32)));
-
-template <typename scalar_t>
-constexpr bool kVectorRows = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
-
-H3F_INLINE vfloat splat(float v) { return vfloat{} + v; }
-
-// exp(x) with x clamped to [-87, 88]: Cody-Waite reduction x = n ln2 + r, a degree-6 polynomial for e^r (Cephes
-// coefficients), 2^n built in the exponent bits. Relative error about 1e-7.
-H3F_INLINE vfloat vexp(vfloat x) {
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;
-  x = x > splat(88.0f) ? splat(88.0f) : x;
-  const vfloat t = x * 1.44269504088896341f + 12582912.0f;  // round(x / ln2) in the low mantissa bits
-  const vfloat n = t - 12582912.0f;
-  const vfloat r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  vfloat p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const vint bits = (((vint)t) - 0x4B400000 + 127) << 23;
-  return p * (vfloat)bits;
-}
-
-H3F_INLINE vfloat vsigmoid(vfloat g) { return 1.0f / (1.0f + vexp(-g)); }
-
-template <typename scalar_t>
-H3F_INLINE vfloat vload(const scalar_t* p) {
-  vfloat v;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    std::memcpy(&v, p, sizeof(v));
-  } else {
-    vhalfword h;
-    std::memcpy(&h, p, sizeof(h));
-    v = (vfloat)(__builtin_convertvector(h, vuint) << 16);
-  }
-  return v;
-}
-
-// bf16: round to nearest even, NaN stays NaN (c10::BFloat16's rounding).
-template <typename scalar_t>
-H3F_INLINE void vstore(scalar_t* p, vfloat v) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    std::memcpy(p, &v, sizeof(v));
-  } else {
-    const vuint u = (vuint)v;
-    const vuint rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const vuint bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? vuint{} + 0x7FC0u : rounded;
-    const vhalfword h = __builtin_convertvector(bits, vhalfword);
-    std::memcpy(p, &h, sizeof(h));
-  }
-}
-
-// Rounds to scalar_t and back (what a stored and reloaded value is).
-template <typename scalar_t>
-H3F_INLINE vfloat vround(vfloat v) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return v;
-  } else {
-    scalar_t tmp[kLanes];
-    vstore(tmp, v);
-    return vload(tmp);
-  }
-}
-
-// Scalar twins for the tails and for fp64/fp16.
-inline float sigmoid(float g) {
-  const float x = std::fmin(std::fmax(-g, -87.0f), 88.0f);
-  return 1.0f / (1.0f + std::exp(x));
-}
-inline double sigmoid(double g) { return 1.0 / (1.0 + std::exp(-g)); }
-
-template <typename scalar_t>
-H3F_INLINE at::opmath_type<scalar_t> load(scalar_t v) {
-  return static_cast<at::opmath_type<scalar_t>>(v);
-}
-template <typename scalar_t>
-H3F_INLINE scalar_t store(at::opmath_type<scalar_t> v) {
-  return static_cast<scalar_t>(v);
-}
-
-// out[f] = silu(g[f]) * u[f] for one row (out may be gate: then the activation overwrites the gate half in place;
-// every element is read before it is written).
-template <typename scalar_t>
-H3F_ROW_FN void swiglu_row(const scalar_t* gate, const scalar_t* up, scalar_t* out, int64_t F) {
-  int64_t f = 0;
-  if constexpr (kVectorRows<scalar_t>) {
-    for (; f + kLanes <= F; f += kLanes) {
-      const vfloat g = vload(gate + f);
-      vstore(out + f, g * vsigmoid(g) * vload(up + f));
-    }
-  }
-  for (; f < F; ++f) {
-    const auto g = load(gate[f]);
-    out[f] = store<scalar_t>(g * sigmoid(g) * load(up[f]));
-  }
-}
-
-// Backward of one row, with h = [g | u] the saved pre-activation, U = grad_y row @ W_down[e] and w the routing weight:
-//   a = silu(g) u;  grad_w = U . a;  dA = w U;  du = dA silu(g);  dg = dA u silu'(g),  silu'(g) = s (1 + g (1 - s)).
-// `ua` holds U on entry (when kDH or kGW) and the activation a on return (when kWriteA): read and written at the same
-// index, so one buffer serves both. a is rounded to scalar_t before the dot product, as grad_down sees it. The dot
-// product sums in 16 fixed lanes, then a fixed tree: the same order every run.
-template <typename scalar_t, bool kDH, bool kGW, bool kWriteA>
-H3F_ROW_FN void swiglu_backward_row(const scalar_t* __restrict__ hr, scalar_t* ua, scalar_t* __restrict__ dr,
-                                    at::opmath_type<scalar_t> w, at::opmath_type<scalar_t>* grad_w, int64_t F) {
-  using acc_t = at::opmath_type<scalar_t>;
-  acc_t dot = 0;
-  int64_t f = 0;
-  if constexpr (kVectorRows<scalar_t>) {
-    vfloat vdot{};
-    for (; f + kLanes <= F; f += kLanes) {
-      const vfloat g = vload(hr + f), u = vload(hr + F + f);
-      const vfloat s = vsigmoid(g), silu = g * s;
-      const vfloat a = vround<scalar_t>(silu * u);
-      vfloat U{};
-      if constexpr (kDH || kGW) U = vload(ua + f);
-      if constexpr (kGW) vdot += U * a;
-      if constexpr (kDH) {
-        const vfloat dA = w * U;
-        vstore(dr + f, dA * u * s * (1.0f + g * (1.0f - s)));
-        vstore(dr + F + f, dA * silu);
-      }
-      if constexpr (kWriteA) vstore(ua + f, a);
-    }
-    if constexpr (kGW) {
-      float lanes[kLanes];
-      std::memcpy(lanes, &vdot, sizeof(lanes));
-      for (int64_t half = kLanes / 2; half >= 1; half /= 2)
-        for (int64_t l = 0; l < half; ++l) lanes[l] += lanes[l + half];
-      dot = lanes[0];
-    }
-  }
-  for (; f < F; ++f) {
-    const acc_t g = load(hr[f]), u = load(hr[F + f]);
-    const acc_t s = sigmoid(g), silu = g * s;
-    const acc_t a = load(store<scalar_t>(silu * u));
-    acc_t U = 0;
-    if constexpr (kDH || kGW) U = load(ua[f]);
-    if constexpr (kGW) dot += U * a;
-    if constexpr (kDH) {
-      const acc_t dA = w * U;
-      dr[f] = store<scalar_t>(dA * u * s * (acc_t(1) + g * (acc_t(1) - s)));
-      dr[F + f] = store<scalar_t>(dA * silu);
-    }
-    if constexpr (kWriteA) ua[f] = store<scalar_t>(a);
-  }
-  if constexpr (kGW) *grad_w = dot;
-}
-
-// g[i] *= w, rounded once.
-template <typename scalar_t>
-H3F_ROW_FN void scale_row(scalar_t* __restrict__ g, at::opmath_type<scalar_t> w, int64_t n) {
-  int64_t i = 0;
-  if constexpr (kVectorRows<scalar_t>)
-    for (; i + kLanes <= n; i += kLanes) vstore(g + i, w * vload(g + i));
-  for (; i < n; ++i) g[i] = store<scalar_t>(w * load(g[i]));
-}
-
-// dst[i] += w * src[i] in the accumulation dtype.
-template <typename scalar_t, typename acc_t>
-H3F_ROW_FN void accumulate_row(acc_t* __restrict__ dst, const scalar_t* __restrict__ src, acc_t w, int64_t n) {
-  int64_t i = 0;
-  if constexpr (kVectorRows<scalar_t>) {
-    for (; i + kLanes <= n; i += kLanes) {
-      vfloat d;
-      std::memcpy(&d, dst + i, sizeof(d));
-      d += w * vload(src + i);
-      std::memcpy(dst + i, &d, sizeof(d));
-    }
-  }
-  for (; i < n; ++i) dst[i] += w * load(src[i]);
-}
-
-// act[r, :] = silu(h[r, :F]) * h[r, F:] for n rows of h[n, 2F]; act == h writes the activation over the gate half.
-template <typename scalar_t>
-void swiglu_rows(scalar_t* h, scalar_t* act, int64_t ld_act, int64_t n, int64_t F) {
-  at::parallel_for(0, n, std::max<int64_t>(1, 8192 / std::max<int64_t>(F, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      scalar_t* hr = h + r * 2 * F;
-      swiglu_row(hr, hr + F, act == h ? hr : act + r * ld_act, F);
-    }
-  });
-}
-
-// The backward row pass over the n rows of one expert (pointers at its first row): rows r of the expert are pairs
-// sp[r] with routing weight w_pair[sp[r]]; grad_w_pair[sp[r]] gets the dot product; gy rows are scaled by w in place
-// when `scale_gy` (for grad_down).
-template <typename scalar_t, bool kDH, bool kGW, bool kWriteA>
-void swiglu_backward_rows(const scalar_t* h, scalar_t* ua, scalar_t* dh, const int32_t* sp,
-                          const at::opmath_type<scalar_t>* w_pair, at::opmath_type<scalar_t>* grad_w_pair,
-                          scalar_t* gy, bool scale_gy, int64_t n, int64_t F, int64_t H) {
-  using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(F, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const int64_t p = sp[r];
-      const acc_t w = w_pair[p];
-      swiglu_backward_row<scalar_t, kDH, kGW, kWriteA>(h + r * 2 * F, ua + r * F, kDH ? dh + r * 2 * F : nullptr, w,
-                                                       kGW ? grad_w_pair + p : nullptr, F);
-      if (scale_gy) scale_row(gy + r * H, w, H);
-    }
-  });
-}
-
-template <typename scalar_t>
-void swiglu_backward_dispatch(bool dh, bool gw, bool write_a, const scalar_t* h, scalar_t* ua, scalar_t* dhp,
-                              const int32_t* sp, const at::opmath_type<scalar_t>* w_pair,
-                              at::opmath_type<scalar_t>* grad_w_pair, scalar_t* gy, bool scale_gy, int64_t n,
-                              int64_t F, int64_t H) {
-#define H3F_BWD(DH, GW, WA) \
-  return swiglu_backward_rows<scalar_t, DH, GW, WA>(h, ua, dhp, sp, w_pair, grad_w_pair, gy, scale_gy, n, F, H)
-  if (dh) {
-    if (gw) {
-      if (write_a) H3F_BWD(true, true, true);
-      H3F_BWD(true, true, false);
-    }
-    if (write_a) H3F_BWD(true, false, true);
-    H3F_BWD(true, false, false);
-  }
-  if (gw) {
-    if (write_a) H3F_BWD(false, true, true);
-    H3F_BWD(false, true, false);
-  }
-  H3F_BWD(false, false, true);  // only the activation (grad_down alone)
-#undef H3F_BWD
-}
-
-// dst[i] = x[sp[i] / k] for n rows (dst contiguous [n, H]).
-void gather_into(const at::Tensor& dst, const at::Tensor& x, const int32_t* sp, int64_t n, int64_t k) {
-  const int64_t row_bytes = x.size(1) * x.element_size();
-  const auto* src = static_cast<const char*>(x.const_data_ptr());
-  auto* out = static_cast<char*>(dst.mutable_data_ptr());
-  // A chunk copies at least 1 MiB: an expert block's gather is one memcpy loop, not a parallel region to wait on.
-  at::parallel_for(0, n, std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(row_bytes, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) std::memcpy(out + i * row_bytes, src + (sp[i] / k) * row_bytes, row_bytes);
-  });
-}
-
-// acc[t, :] += w_pair[p] * o[i, :] for the n rows i of a block, p = sp[i], t = p / k. Split by columns over threads
-// (a token may hold two rows of one expert), so every element is summed in expert order: deterministic.
-template <typename scalar_t, typename acc_t>
-void accumulate_rows(acc_t* acc, const scalar_t* o, const int32_t* sp, const acc_t* w_pair, int64_t n, int64_t k,
-                     int64_t H) {
-  // A chunk sums at least 2^18 elements (a parallel region costs more than that on a busy machine).
-  at::parallel_for(0, H, std::max<int64_t>(64, (int64_t(1) << 18) / std::max<int64_t>(n, 1)), [&](int64_t c0, int64_t c1) {
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t p = sp[i];
-      accumulate_row<scalar_t, acc_t>(acc + (p / k) * H + c0, o + i * H + c0, w_pair[p], c1 - c0);
-    }
-  });
-}
-
 // Rows per block of one expert in the serial forward: the scratch (gathered x, pre-activation, output) stays at about
 // an eighth of the experts' rows, so a forward without autograd holds little beyond y.
 int64_t forward_block_rows(int64_t R, int64_t active) {
@@ -518,8 +246,10 @@ int64_t forward_block_rows(int64_t R, int64_t active) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_forward(
     const at::Tensor& x_in, const at::Tensor& weights_in, const at::Tensor& experts_in,
-    const at::Tensor& gate_up_in, const at::Tensor& down_in, bool save_pre_activation) {
+    const at::Tensor& gate_up_in, const at::Tensor& down_in, bool save_pre_activation,
+    c10::string_view activation_name) {
   const Dims d = check_ffn_args(x_in, weights_in, gate_up_in, down_in);
+  const Activation activation = parse_activation(activation_name);
   // The internal GEMMs are not part of any autograd graph (autograd for this op is registered in Python).
   tune_malloc_once();
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -550,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
       at::Tensor h = save_pre_activation ? gate_up_out.narrow(0, r0, n) : h_scratch;
       linear_into(h, xs, w_gu[e]);
       at::Tensor act = save_pre_activation ? act_scratch : h.narrow(1, 0, F);
-      swiglu_rows(h.mutable_data_ptr<scalar_t>(), act.mutable_data_ptr<scalar_t>(), act.stride(0), n, F);
+      gated_rows(h.mutable_data_ptr<scalar_t>(), act.mutable_data_ptr<scalar_t>(), act.stride(0), n, F, activation);
       linear_into(out, act, w_down[e]);
     };
     if (expert_parallel_mode(off, d.E)) {
@@ -600,8 +330,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weights_in, const at::Tensor& gate_up_in,
     const at::Tensor& down_in, const at::Tensor& sorted_pairs_in, const at::Tensor& pair_rows_in,
-    const at::Tensor& offsets_in, const at::Tensor& gate_up_out_in, std::array<bool, 4> output_mask) {
+    const at::Tensor& offsets_in, const at::Tensor& gate_up_out_in, std::array<bool, 4> output_mask,
+    c10::string_view activation_name) {
   const Dims d = check_ffn_args(x_in, weights_in, gate_up_in, down_in);
+  const Activation activation = parse_activation(activation_name);
   // The internal GEMMs are not part of any autograd graph (autograd for this op is registered in Python).
   tune_malloc_once();
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -674,9 +406,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward(
       at::Tensor DH_e = need_dh ? DH[slot].narrow(0, 0, n) : at::Tensor();
       gather_into(G_e, grad_y, sp + r0, n, d.k);
       if (need_u) mm_into(UA_e, G_e, w_down[e]);
-      swiglu_backward_dispatch<scalar_t>(need_dh, need_w, need_act, hp + r0 * 2 * F, UA_e.mutable_data_ptr<scalar_t>(),
+      gated_backward_dispatch<scalar_t>(need_dh, need_w, need_act, hp + r0 * 2 * F, UA_e.mutable_data_ptr<scalar_t>(),
                                          need_dh ? DH_e.mutable_data_ptr<scalar_t>() : nullptr, sp + r0, wp, gwp,
-                                         G_e.mutable_data_ptr<scalar_t>(), need_down, n, F, H);
+                                         G_e.mutable_data_ptr<scalar_t>(), need_down, n, F, H, activation);
       if (need_down) mm_into(grad_down[e], G_e.t(), UA_e);
       if (need_gu) {
         at::Tensor X_e = X[slot].narrow(0, 0, n);

@@ -12,19 +12,22 @@
 
 #include <cstdint>
 
+#include <h3fusion/activation.h>
+
 namespace h3fusion::cuda {
 
 // expert_offsets[E+1] int64 -> tile_starts[E+1] int64, tile_starts[e] = sum_{e' < e} ceil(count_e' / 64):
 // the schedule of the row-grouped GEMMs below (one block per 64-row tile of one expert). Device-only work.
 at::Tensor grouped_tile_starts(const at::Tensor& expert_offsets);
 
-// Forward gate/up projection with the SwiGLU fused into the epilogue (grouped_gemm_fwd.cu):
+// Forward gate/up projection with the gated activation fused into the epilogue (grouped_gemm_fwd.cu):
 //   h[r, n]    = sum_i x[sorted_pairs[r] / k, i] * gate_up_proj[e(r), n, i]      (n in [0, 2F), written to h)
-//   act[r, f]  = silu(h[r, f]) * h[r, F + f]                                     (f in [0, F), from the rounded h)
+//   act[r, f]  = act(h[r, f]) * h[r, F + f]                                      (f in [0, F), from the rounded h)
 // x[T,H], sorted_pairs[R] int32, gate_up_proj[E,2F,H]; h[R,2F] and act[R,F] preallocated in x.dtype.
-void grouped_gate_up_swiglu(const at::Tensor& x, const at::Tensor& sorted_pairs, int64_t k,
-                            const at::Tensor& gate_up_proj, const at::Tensor& expert_offsets,
-                            const at::Tensor& tile_starts, const at::Tensor& h, const at::Tensor& act);
+void grouped_gate_up_act(const at::Tensor& x, const at::Tensor& sorted_pairs, int64_t k,
+                         const at::Tensor& gate_up_proj, const at::Tensor& expert_offsets,
+                         const at::Tensor& tile_starts, const at::Tensor& h, const at::Tensor& act,
+                         Activation activation);
 
 // out[r, n] = sum_i a[r, i] * w[e(r), n, i]  (a "linear" per expert; grouped_gemm_fwd.cu).
 // a[R,K], w[E,N,K] (same dtype), out[R,N] preallocated in a.dtype.
@@ -46,14 +49,14 @@ void grouped_wgrad(const at::Tensor& p, const at::Tensor& p_rows, int64_t p_div,
                    const at::Tensor& q, const at::Tensor& q_rows, int64_t q_div, const at::Tensor& expert_offsets,
                    const at::Tensor& out);
 
-// Backward of act = silu(g) * u and of the routing weight (grouped_gemm_wgrad.cu), one block per row r:
+// Backward of a = act(g) * u and of the routing weight (grouped_gemm_wgrad.cu), one block per row r:
 //   with w = weights_f32[sorted_pairs[r]], a = act recomputed from h exactly as the forward rounded it,
 //   grad_w[sorted_pairs[r]] = sum_f u_grad[r, f] * a[r, f]        (u_grad = W_down^T grad_y, float32 [R,F])
-//   dh[r, f] = w u_grad[r,f] * up * silu'(gate),  dh[r, F+f] = w u_grad[r,f] * silu(gate)
+//   dh[r, f] = w u_grad[r,f] * up * act'(gate),  dh[r, F+f] = w u_grad[r,f] * act(gate)
 // h[R,2F] (x.dtype), weights_f32[T*k] float32; writes dh[R,2F] (x.dtype), act[R,F] (x.dtype),
 // grad_w[T*k] float32 (every pair is written exactly once, by its own row).
-void swiglu_backward(const at::Tensor& u_grad, const at::Tensor& h, const at::Tensor& weights_f32,
-                     const at::Tensor& sorted_pairs, const at::Tensor& dh, const at::Tensor& act,
-                     const at::Tensor& grad_w);
+void gated_act_backward(const at::Tensor& u_grad, const at::Tensor& h, const at::Tensor& weights_f32,
+                        const at::Tensor& sorted_pairs, const at::Tensor& dh, const at::Tensor& act,
+                        const at::Tensor& grad_w, Activation activation);
 
 }  // namespace h3fusion::cuda

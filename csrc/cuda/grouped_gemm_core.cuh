@@ -23,6 +23,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "gated_activation.cuh"
+
 namespace h3fusion::cuda::gemm {
 
 constexpr int kBM = 64;        // output rows per block
@@ -61,8 +63,6 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
-// silu(g) = g * sigmoid(g) = g / (1 + exp(-g)); exp overflowing to inf gives -0 for very negative g, as it should.
-__device__ __forceinline__ float silu_f32(float g) { return g / (1.0f + expf(-g)); }
 
 // ---- the multiply of one staged BK slice into the block's 64x64 accumulators -----------------------------------
 // fp32: thread (tr = tid / 16, tc = tid % 16) owns rows tr + 8i (i < 8) and columns tc + 16j (j < 4).
@@ -170,7 +170,7 @@ static_assert((kBM * staging_ld<__half>() * 2) % 32 == 0 && (kBM * kLdc * 4) % 3
 // stored [N, K] (kNK: a per-expert nn.Linear weight, out = A W^T) or [K, N] (!kNK: out = A W).
 // kDual (kNK only): the fused gate/up projection; the grid covers n in [0, N) with N = F, the block computes both
 // the gate column n (weight row n) and the up column (weight row N + n), writes both to h[R, 2N] and
-// act[r, n] = silu(gate) * up (from the values rounded to T, so that backward recomputes the same bits).
+// act[r, n] = act(gate) * up (from the values rounded to T, so that backward recomputes the same bits).
 template <typename T>
 struct RowGemmArgs {
   const T* a;                  // [a_num_rows, K]
@@ -188,6 +188,7 @@ struct RowGemmArgs {
   void* out;                   // [R, N] of OutT (!kDual)
   T* h;                        // [R, 2N] (kDual)
   T* act;                      // [R, N] (kDual)
+  Activation activation;       // the gate's activation (kDual)
 };
 
 // The expert of a tile: the largest e with tile_starts[e] <= tile (skips experts whose tile count is 0).
@@ -287,7 +288,7 @@ __global__ void __launch_bounds__(kThreads) row_gemm_kernel(const RowGemmArgs<T>
       const T u = from_f32<T>(sC2[m * kLdc + n]);
       p.h[r * 2 * p.n + col] = g;
       p.h[r * 2 * p.n + p.n + col] = u;
-      p.act[r * p.n + col] = from_f32<T>(silu_f32(to_f32(g)) * to_f32(u));
+      p.act[r * p.n + col] = from_f32<T>(gated_act_f32(to_f32(g), p.activation) * to_f32(u));
     } else {
       static_cast<OutT*>(p.out)[r * p.n + col] = from_f32<OutT>(sC[m * kLdc + n]);
     }

@@ -1,4 +1,4 @@
-// Forward grouped GEMMs of moe_ffn on CUDA: the fused gate/up projection + SwiGLU, and the down projection.
+// Forward grouped GEMMs of moe_ffn on CUDA: the fused gate/up projection + gated activation, and the down projection.
 //
 // Design: the rows of the T*k (token, slot) pairs are grouped by expert (expert_offsets, on the device). Group
 // sizes are unknown on the host, so the grid is an upper bound on the number of 64-row tiles
@@ -6,7 +6,7 @@
 // ceil(count_e / 64)); each block binary-searches its expert in it and leaves if its index is past the last tile.
 // The gate/up GEMM reads x's rows through sorted_pairs (no gathered copy of x) and computes, per block, the same
 // 64 columns of the gate half and of the up half, so the epilogue writes h (kept for backward) and
-// act = silu(gate) * up in one pass.
+// act = act(gate) * up (silu, gelu or gelu_tanh) in one pass.
 // Tile shape: 64 x 64 output per 128-thread block, reduction step 32 (see grouped_gemm_core.cuh); bf16/fp16 via
 // WMMA 16x16x16 with fp32 accumulation, fp32 via a SIMT loop.
 // Known limits: element-wise global loads (no vectorisation, no cp.async, no pipelining): correct for any shape
@@ -57,20 +57,21 @@ at::Tensor grouped_tile_starts(const at::Tensor& expert_offsets) {
   return tile_starts;
 }
 
-void grouped_gate_up_swiglu(const at::Tensor& x, const at::Tensor& sorted_pairs, int64_t k,
-                            const at::Tensor& gate_up_proj, const at::Tensor& expert_offsets,
-                            const at::Tensor& tile_starts, const at::Tensor& h, const at::Tensor& act) {
+void grouped_gate_up_act(const at::Tensor& x, const at::Tensor& sorted_pairs, int64_t k,
+                         const at::Tensor& gate_up_proj, const at::Tensor& expert_offsets,
+                         const at::Tensor& tile_starts, const at::Tensor& h, const at::Tensor& act,
+                         Activation activation) {
   const int64_t rows = sorted_pairs.size(0);
   const int64_t num_experts = gate_up_proj.size(0);
   const int64_t F = gate_up_proj.size(1) / 2;
   const int64_t H = gate_up_proj.size(2);
   TORCH_CHECK(x.is_contiguous() && gate_up_proj.is_contiguous() && h.is_contiguous() && act.is_contiguous() &&
                   sorted_pairs.is_contiguous(),
-              "grouped_gate_up_swiglu: operands must be contiguous");
-  TORCH_CHECK(k >= 1, "grouped_gate_up_swiglu: k must be >= 1, got ", k);
+              "grouped_gate_up_act: operands must be contiguous");
+  TORCH_CHECK(k >= 1, "grouped_gate_up_act: k must be >= 1, got ", k);
   if (rows == 0 || F == 0) return;  // nothing to write (h and act have no elements)
   const int64_t tiles_x = gemm::row_tiles_upper_bound(rows, num_experts);
-  check_grid(tiles_x, F, "grouped_gate_up_swiglu");
+  check_grid(tiles_x, F, "grouped_gate_up_act");
   const dim3 grid(static_cast<unsigned>(tiles_x), static_cast<unsigned>((F + gemm::kBN - 1) / gemm::kBN));
   gemm::dispatch_gemm_dtype(x.scalar_type(), "x", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -90,6 +91,7 @@ void grouped_gate_up_swiglu(const at::Tensor& x, const at::Tensor& sorted_pairs,
     args.out = nullptr;
     args.h = reinterpret_cast<T*>(h.data_ptr());
     args.act = reinterpret_cast<T*>(act.data_ptr());
+    args.activation = activation;
     gemm::row_gemm_kernel<T, T, true, true><<<grid, gemm::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -122,8 +122,8 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradArgs<T> p) {
 // One block per row r (see the file comment). h, dh: [R, 2F]; act: [R, F]; u_grad: [R, F] fp32.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    swiglu_backward_kernel(const float* u_grad, const T* h, const float* weights, const int32_t* sorted_pairs,
-                           int64_t num_pairs, int64_t F, T* dh, T* act, float* grad_w) {
+    gated_act_backward_kernel(const float* u_grad, const T* h, const float* weights, const int32_t* sorted_pairs,
+                              int64_t num_pairs, int64_t F, T* dh, T* act, float* grad_w, Activation activation) {
   __shared__ float s_part[kThreads];
   const int64_t r = blockIdx.x;
   const int tid = threadIdx.x;
@@ -137,16 +137,16 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t f = tid; f < F; f += kThreads) {
     const float g = gemm::to_f32(h_r[f]);
     const float u = gemm::to_f32(h_r[F + f]);
-    const float sig = 1.0f / (1.0f + expf(-g));
-    const float silu = g * sig;
-    // the forward epilogue's act, bit for bit: silu_f32 of the stored gate times the stored up, rounded to T
-    const T a = gemm::from_f32<T>(gemm::silu_f32(g) * u);
+    const float P = gemm::gate_p_f32(g, activation);
+    const float gp = g * P;
+    // the forward epilogue's act, bit for bit: gated_act_f32 of the stored gate times the stored up, rounded to T
+    const T a = gemm::from_f32<T>(gemm::gated_act_f32(g, activation) * u);
     act[r * F + f] = a;
     const float ug = u_r[f];
     part = fmaf(ug, gemm::to_f32(a), part);
     const float da = w * ug;
-    dh_r[f] = gemm::from_f32<T>(da * u * sig * (1.0f + g * (1.0f - sig)));
-    dh_r[F + f] = gemm::from_f32<T>(da * silu);
+    dh_r[f] = gemm::from_f32<T>(da * u * (P + g * gemm::gate_dp_f32(g, P, activation)));
+    dh_r[F + f] = gemm::from_f32<T>(da * gp);
   }
   s_part[tid] = part;
   __syncthreads();
@@ -210,29 +210,29 @@ void grouped_wgrad(const at::Tensor& p, const at::Tensor& p_rows, int64_t p_div,
   });
 }
 
-void swiglu_backward(const at::Tensor& u_grad, const at::Tensor& h, const at::Tensor& weights_f32,
-                     const at::Tensor& sorted_pairs, const at::Tensor& dh, const at::Tensor& act,
-                     const at::Tensor& grad_w) {
+void gated_act_backward(const at::Tensor& u_grad, const at::Tensor& h, const at::Tensor& weights_f32,
+                        const at::Tensor& sorted_pairs, const at::Tensor& dh, const at::Tensor& act,
+                        const at::Tensor& grad_w, Activation activation) {
   const int64_t rows = h.size(0);
   const int64_t F = h.size(1) / 2;
   TORCH_CHECK(u_grad.is_contiguous() && h.is_contiguous() && weights_f32.is_contiguous() &&
                   sorted_pairs.is_contiguous() && dh.is_contiguous() && act.is_contiguous() && grad_w.is_contiguous(),
-              "swiglu_backward: operands must be contiguous");
+              "gated_act_backward: operands must be contiguous");
   TORCH_CHECK(u_grad.scalar_type() == at::kFloat && weights_f32.scalar_type() == at::kFloat &&
                   grad_w.scalar_type() == at::kFloat && sorted_pairs.scalar_type() == at::kInt,
-              "swiglu_backward: u_grad, weights_f32, grad_w must be float32 and sorted_pairs int32");
+              "gated_act_backward: u_grad, weights_f32, grad_w must be float32 and sorted_pairs int32");
   TORCH_CHECK(u_grad.size(0) == rows && u_grad.size(1) == F && sorted_pairs.numel() == rows &&
                   weights_f32.numel() == rows && grad_w.numel() == rows && dh.sizes() == h.sizes() &&
                   act.size(0) == rows && act.size(1) == F,
-              "swiglu_backward: shapes do not match");
+              "gated_act_backward: shapes do not match");
   if (rows == 0) return;
-  TORCH_CHECK(rows < (int64_t(1) << 31), "swiglu_backward: too many rows");
+  TORCH_CHECK(rows < (int64_t(1) << 31), "gated_act_backward: too many rows");
   gemm::dispatch_gemm_dtype(h.scalar_type(), "h", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    swiglu_backward_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    gated_act_backward_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         u_grad.data_ptr<float>(), reinterpret_cast<const T*>(h.data_ptr()), weights_f32.data_ptr<float>(),
         sorted_pairs.data_ptr<int32_t>(), rows, F, reinterpret_cast<T*>(dh.data_ptr()),
-        reinterpret_cast<T*>(act.data_ptr()), grad_w.data_ptr<float>());
+        reinterpret_cast<T*>(act.data_ptr()), grad_w.data_ptr<float>(), activation);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -5,11 +5,11 @@
 // and can be captured in a CUDA graph. Every reduction has a fixed order (no floating-point atomics), so results
 // are bitwise reproducible.
 //   forward:  (sorted_pairs, pair_rows, offsets) = route_plan(experts, E)              (moe_plan.cu)
-//             h[r] = W_gu[e] x[t(r)], act[r] = silu(h[r,:F]) * h[r,F:]   one grouped GEMM, x read via sorted_pairs
+//             h[r] = W_gu[e] x[t(r)], act[r] = act(h[r,:F]) * h[r,F:]    one grouped GEMM, x read via sorted_pairs
 //             o[r] = W_down[e] act[r]                                    grouped GEMM
 //             y[t] = sum_j w[t,j] o[pair_rows[t*k+j]]                   combine_rows (moe_plan.cu)
 //   backward: U[r] = W_down[e]^T grad_y[t(r)]            (fp32)   grouped GEMM, grad_y read via sorted_pairs
-//             grad_w[t,j] = U[r] . act[r], dH[r] = SwiGLU'(h[r]) (w U[r]), act recomputed from h (one row kernel)
+//             grad_w[t,j] = U[r] . act[r], dH[r] = act'(h[r]) (w U[r]), act recomputed from h (one row kernel)
 //             grad_down[e] = sum_{r in e} (w_r grad_y[t(r)]) act[r]^T                  grouped "K = rows" GEMM
 //             grad_gate_up[e] = sum_{r in e} dH[r] x[t(r)]^T                           grouped "K = rows" GEMM
 //             dX[r] = W_gu[e]^T dH[r]; grad_x[t] = sum_j dX[pair_rows[t*k+j]]           grouped GEMM + combine_rows
@@ -93,8 +93,10 @@ MoeDims check_common(const at::Tensor& x, const at::Tensor& weights, const at::T
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_forward_cuda(
     const at::Tensor& x_in, const at::Tensor& weights_in, const at::Tensor& experts_in,
-    const at::Tensor& gate_up_in, const at::Tensor& down_in, bool save_pre_activation) {
+    const at::Tensor& gate_up_in, const at::Tensor& down_in, bool save_pre_activation,
+    c10::string_view activation_name) {
   const MoeDims d = check_common(x_in, weights_in, gate_up_in, down_in);
+  const Activation activation = parse_activation(activation_name);
   check_dim(experts_in, "experts", 2);
   check_dtype(experts_in, "experts", at::kInt);
   check_same_device(experts_in, "experts", x_in, "x");
@@ -102,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
   check_size(experts_in, "experts", 1, d.k, "weights.shape[1]");
   const c10::cuda::CUDAGuard guard(x_in.device());
   if (choose_moe_gemm_backend(x_in, gate_up_in, down_in) == MoeGemmBackend::kTorch) {
-    auto out = moe_ffn_forward_torch_gemm(x_in, weights_in, experts_in, gate_up_in, down_in);
+    auto out = moe_ffn_forward_torch_gemm(x_in, weights_in, experts_in, gate_up_in, down_in, activation);
     // without a backward to follow, the pre-activation is not kept (freed when this call returns)
     if (!save_pre_activation) std::get<4>(out) = at::empty({0, gate_up_in.size(1)}, x_in.options());
     return out;
@@ -123,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
   const at::Tensor tile_starts = grouped_tile_starts(offsets);
   at::Tensor h = at::empty({R, 2 * d.F}, x.options());
   at::Tensor act = at::empty({R, d.F}, x.options());
-  grouped_gate_up_swiglu(x, sorted_pairs, d.k, gate_up, offsets, tile_starts, h, act);
+  grouped_gate_up_act(x, sorted_pairs, d.k, gate_up, offsets, tile_starts, h, act, activation);
   zero_unrouted_rows(h, offsets);  // pairs with an expert id outside [0, E): saved for backward as zeros
   at::Tensor o = at::empty({R, d.H}, x.options());
   grouped_linear(act, down, offsets, tile_starts, o);
@@ -137,11 +139,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cuda(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weights_in, const at::Tensor& gate_up_in,
     const at::Tensor& down_in, const at::Tensor& sorted_pairs_in, const at::Tensor& pair_rows_in,
-    const at::Tensor& offsets_in, const at::Tensor& gate_up_out_in, std::array<bool, 4> output_mask) {
+    const at::Tensor& offsets_in, const at::Tensor& gate_up_out_in, std::array<bool, 4> output_mask,
+    c10::string_view activation_name) {
   const MoeDims d = check_common(x_in, weights_in, gate_up_in, down_in);
+  const Activation activation = parse_activation(activation_name);
   const int64_t R = d.T * d.k;
   // output_mask: x, weights, gate_up_proj, down_proj. A gradient left out skips its GEMMs and comes back undefined.
-  // (The per-pair dot products of grad_weights are fused into swiglu_backward and cost no extra pass here.)
+  // (The per-pair dot products of grad_weights are fused into gated_act_backward and cost no extra pass here.)
   const auto [need_x, need_w, need_gu, need_down] = output_mask;
   if (!need_x && !need_w && !need_gu && !need_down) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   check_dim(grad_y_in, "grad_y", 2);
@@ -171,7 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cuda
   const c10::cuda::CUDAGuard guard(x_in.device());
   if (choose_moe_gemm_backend(x_in, gate_up_in, down_in) == MoeGemmBackend::kTorch) {
     return moe_ffn_backward_torch_gemm(grad_y_in, x_in, weights_in, gate_up_in, down_in, sorted_pairs_in,
-                                       pair_rows_in, offsets_in, gate_up_out_in, need_x, need_w, need_gu, need_down);
+                                       pair_rows_in, offsets_in, gate_up_out_in, need_x, need_w, need_gu, need_down,
+                                       activation);
   }
 
   if (d.T == 0) {  // no rows: every weight gradient is exactly zero, nothing to launch beyond the fills
@@ -199,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cuda
   at::Tensor dh = at::empty({R, 2 * d.F}, x.options());
   at::Tensor act = at::empty({R, d.F}, x.options());
   at::Tensor grad_w_f32 = at::empty({R}, x.options().dtype(at::kFloat));
-  swiglu_backward(u_grad, h, w_f32, sorted_pairs, dh, act, grad_w_f32);
+  gated_act_backward(u_grad, h, w_f32, sorted_pairs, dh, act, grad_w_f32, activation);
   u_grad = at::Tensor();  // free before the next large temporaries
 
   at::Tensor grad_down, grad_gate_up, grad_x, grad_weights;

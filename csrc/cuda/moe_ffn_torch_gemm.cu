@@ -4,10 +4,10 @@
 // GEMMs. Group ends = expert_offsets[1:] as int32 (a device-side cast, so nothing is read on the host). R = T*k rows
 // in expert order; xs, gys = x, grad_y gathered into that order (moe_plan.cu's gather_rows).
 //   forward:  h = grouped(xs [R,H] x gate_up[e]^T)                       2-D x 3-D (gate_up viewed [E,H,2F])
-//             act = silu(h[:, :F]) * h[:, F:]                             swiglu_forward_kernel
+//             act = act(h[:, :F]) * h[:, F:]                              gated_act_forward_kernel
 //             o = grouped(act [R,F] x down[e]^T); y = combine_rows(o, w)  2-D x 3-D
 //   backward: U = grouped(gys [R,H] x down[e]) [R,F]                      dgrad of the down projection
-//             swiglu_backward_kernel: grad_w[p] = U[r].act[r], dH = SwiGLU'(h) (w U), act_w = w act (act recomputed)
+//             gated_act_backward_kernel: grad_w[p] = U[r].act[r], dH = act'(h) (w U), act_w = w act (recomputed)
 //             grad_down[e] = gys_e^T act_w_e      [E,H,F]                 2-D x 2-D, K = the expert's rows
 //             grad_gate_up[e] = dH_e^T xs_e       [E,2F,H]                2-D x 2-D
 //             dX = grouped(dH [R,2F] x gate_up[e]) [R,H]; grad_x = combine_rows(dX, 1)
@@ -65,10 +65,11 @@ __device__ __forceinline__ void store16(T* p, const Vec16<T>& v) {
   *reinterpret_cast<Vec16<T>*>(p) = v;
 }
 
-// act[r, f] = silu(h[r, f]) * h[r, F + f] from the stored (rounded) h, as our own GEMM epilogue computes it.
+// act[r, f] = act(h[r, f]) * h[r, F + f] from the stored (rounded) h, as our own GEMM epilogue computes it.
 template <typename T>
-__global__ void __launch_bounds__(kEltThreads)
-    swiglu_forward_kernel(const T* __restrict__ h, int64_t rows, int64_t F, T* __restrict__ act) {
+__global__ void __launch_bounds__(kEltThreads) gated_act_forward_kernel(const T* __restrict__ h, int64_t rows,
+                                                                        int64_t F, T* __restrict__ act,
+                                                                        Activation activation) {
   constexpr int V = Vec16<T>::kN;
   const int64_t vecs_per_row = F / V;
   const int64_t n = rows * vecs_per_row;
@@ -80,13 +81,14 @@ __global__ void __launch_bounds__(kEltThreads)
     const Vec16<T> u = load16(h + r * 2 * F + F + c);
     Vec16<T> a;
 #pragma unroll
-    for (int j = 0; j < V; ++j) a.v[j] = gemm::from_f32<T>(gemm::silu_f32(gemm::to_f32(g.v[j])) * gemm::to_f32(u.v[j]));
+    for (int j = 0; j < V; ++j)
+      a.v[j] = gemm::from_f32<T>(gemm::gated_act_f32(gemm::to_f32(g.v[j]), activation) * gemm::to_f32(u.v[j]));
     store16(act + r * F + c, a);
   }
 }
 
 template <typename T>
-struct SwigluBackwardArgs {
+struct GatedActBackwardArgs {
   const T* u_grad;             // [R, F] = W_down^T grad_y per row; nullable (then dh and grad_w must be null)
   const T* h;                  // [R, 2F] pre-activation
   const float* weights;        // [R] fp32 routing weights, by pair
@@ -96,12 +98,13 @@ struct SwigluBackwardArgs {
   T* dh;                       // [R, 2F] or null
   T* act_w;                    // [R, F] = w * act, or null
   float* grad_w;               // [R] by pair, or null
+  Activation activation;
 };
 
 // One block per row r, pair p = sorted_pairs[r], w = weights[p], a = act recomputed from h (rounded to T):
-//   grad_w[p] = sum_f U[r,f] a[r,f];  dh[r,f] = w U u silu'(g), dh[r,F+f] = w U silu(g);  act_w[r,f] = w a[r,f].
+//   grad_w[p] = sum_f U[r,f] a[r,f];  dh[r,f] = w U u act'(g), dh[r,F+f] = w U act(g);  act_w[r,f] = w a[r,f].
 template <typename T>
-__global__ void __launch_bounds__(kRowThreads) swiglu_backward_kernel(const SwigluBackwardArgs<T> p) {
+__global__ void __launch_bounds__(kRowThreads) gated_act_backward_kernel(const GatedActBackwardArgs<T> p) {
   constexpr int V = Vec16<T>::kN;
   __shared__ float s_warp[kRowWarps];
   const int64_t r = blockIdx.x;
@@ -120,15 +123,16 @@ __global__ void __launch_bounds__(kRowThreads) swiglu_backward_kernel(const Swig
     for (int j = 0; j < V; ++j) {
       const float gf = gemm::to_f32(g.v[j]);
       const float uf = gemm::to_f32(up.v[j]);
-      const float af = gemm::to_f32(gemm::from_f32<T>(gemm::silu_f32(gf) * uf));  // the forward's act, bit for bit
+      // the forward's act, bit for bit
+      const float af = gemm::to_f32(gemm::from_f32<T>(gemm::gated_act_f32(gf, p.activation) * uf));
       aw.v[j] = gemm::from_f32<T>(w * af);
       if (p.u_grad != nullptr) {
         const float uu = gemm::to_f32(ug.v[j]);
         part = fmaf(uu, af, part);
-        const float sig = 1.0f / (1.0f + expf(-gf));
+        const float P = gemm::gate_p_f32(gf, p.activation);
         const float da = w * uu;
-        dg.v[j] = gemm::from_f32<T>(da * uf * sig * (1.0f + gf * (1.0f - sig)));
-        du.v[j] = gemm::from_f32<T>(da * gf * sig);
+        dg.v[j] = gemm::from_f32<T>(da * uf * (P + gf * gemm::gate_dp_f32(gf, P, p.activation)));
+        du.v[j] = gemm::from_f32<T>(da * gf * P);
       }
     }
     if (p.dh != nullptr) {
@@ -171,39 +175,40 @@ void check_vec16(const at::Tensor& t, int64_t F, const char* what) {
               what, ": operands must be contiguous, 16-byte aligned, with rows of a multiple of 16 bytes");
 }
 
-at::Tensor swiglu_forward(const at::Tensor& h, int64_t F) {
+at::Tensor gated_act_forward(const at::Tensor& h, int64_t F, Activation activation) {
   const int64_t rows = h.size(0);
   at::Tensor act = at::empty({rows, F}, h.options());
   if (rows == 0 || F == 0) return act;
-  check_vec16(h, F, "swiglu_forward");
+  check_vec16(h, F, "gated_act_forward");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   gemm::dispatch_gemm_dtype(h.scalar_type(), "h", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const int64_t n = rows * (F / Vec16<T>::kN);
-    swiglu_forward_kernel<T><<<elementwise_blocks(n), kEltThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(h.const_data_ptr()), rows, F, reinterpret_cast<T*>(act.mutable_data_ptr()));
+    gated_act_forward_kernel<T><<<elementwise_blocks(n), kEltThreads, 0, stream>>>(
+        reinterpret_cast<const T*>(h.const_data_ptr()), rows, F, reinterpret_cast<T*>(act.mutable_data_ptr()),
+        activation);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return act;
 }
 
-// Fills whichever of dh, act_w, grad_w are defined (see swiglu_backward_kernel); u_grad may be undefined only when
-// dh and grad_w are.
-void swiglu_backward(const at::Tensor& u_grad, const at::Tensor& h, const at::Tensor& w_f32,
-                     const at::Tensor& sorted_pairs, const at::Tensor& dh, const at::Tensor& act_w,
-                     const at::Tensor& grad_w) {
+// Fills whichever of dh, act_w, grad_w are defined (see gated_act_backward_kernel); u_grad may be undefined only
+// when dh and grad_w are.
+void gated_act_backward(const at::Tensor& u_grad, const at::Tensor& h, const at::Tensor& w_f32,
+                        const at::Tensor& sorted_pairs, const at::Tensor& dh, const at::Tensor& act_w,
+                        const at::Tensor& grad_w, Activation activation) {
   const int64_t rows = h.size(0);
   const int64_t F = h.size(1) / 2;
-  TORCH_CHECK(u_grad.defined() || (!dh.defined() && !grad_w.defined()), "swiglu_backward: dh and grad_w need U");
+  TORCH_CHECK(u_grad.defined() || (!dh.defined() && !grad_w.defined()), "gated_act_backward: dh and grad_w need U");
   if (rows == 0 || F == 0 || (!dh.defined() && !act_w.defined() && !grad_w.defined())) return;
-  TORCH_CHECK(rows < (int64_t(1) << 31), "swiglu_backward: too many rows for one launch");
-  check_vec16(h, F, "swiglu_backward");
+  TORCH_CHECK(rows < (int64_t(1) << 31), "gated_act_backward: too many rows for one launch");
+  check_vec16(h, F, "gated_act_backward");
   for (const at::Tensor* t : {&u_grad, &dh, &act_w}) {
-    if (t->defined()) check_vec16(*t, F, "swiglu_backward");
+    if (t->defined()) check_vec16(*t, F, "gated_act_backward");
   }
   gemm::dispatch_gemm_dtype(h.scalar_type(), "h", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    SwigluBackwardArgs<T> args{};
+    GatedActBackwardArgs<T> args{};
     args.u_grad = u_grad.defined() ? reinterpret_cast<const T*>(u_grad.const_data_ptr()) : nullptr;
     args.h = reinterpret_cast<const T*>(h.const_data_ptr());
     args.weights = w_f32.const_data_ptr<float>();
@@ -213,7 +218,8 @@ void swiglu_backward(const at::Tensor& u_grad, const at::Tensor& h, const at::Te
     args.dh = dh.defined() ? reinterpret_cast<T*>(dh.mutable_data_ptr()) : nullptr;
     args.act_w = act_w.defined() ? reinterpret_cast<T*>(act_w.mutable_data_ptr()) : nullptr;
     args.grad_w = grad_w.defined() ? grad_w.mutable_data_ptr<float>() : nullptr;
-    swiglu_backward_kernel<T>
+    args.activation = activation;
+    gated_act_backward_kernel<T>
         <<<static_cast<unsigned>(rows), kRowThreads, 0, at::cuda::getCurrentCUDAStream()>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -259,7 +265,7 @@ at::Tensor grouped_wgrad_mm(const at::Tensor& p, const at::Tensor& q, const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_forward_torch_gemm(
     const at::Tensor& x_in, const at::Tensor& weights_in, const at::Tensor& experts_in,
-    const at::Tensor& gate_up_in, const at::Tensor& down_in) {
+    const at::Tensor& gate_up_in, const at::Tensor& down_in, Activation activation) {
   const int64_t T = x_in.size(0), H = x_in.size(1), k = weights_in.size(1), E = gate_up_in.size(0);
   const int64_t F = gate_up_in.size(1) / 2;
   const int64_t R = T * k;
@@ -281,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
   // rows >= offsets[E] (pairs with an expert id outside [0, E)) belong to no group: no GEMM writes them, so they
   // are zeroed (saved as zeros for backward, contributing zero to y), as in the "own" backend
   zero_unrouted_rows(h, offsets);
-  const at::Tensor o = grouped_mm(swiglu_forward(h, F), down.transpose(1, 2), ends);
+  const at::Tensor o = grouped_mm(gated_act_forward(h, F, activation), down.transpose(1, 2), ends);
   zero_unrouted_rows(o, offsets);
   at::Tensor y = combine_rows(o, weights, pair_rows);
   return {y, sorted_pairs, pair_rows, offsets, h};
@@ -291,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_torc
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weights_in, const at::Tensor& gate_up_in,
     const at::Tensor& down_in, const at::Tensor& sorted_pairs_in, const at::Tensor& pair_rows_in,
     const at::Tensor& offsets_in, const at::Tensor& gate_up_out_in, bool need_x, bool need_weights,
-    bool need_gate_up, bool need_down) {
+    bool need_gate_up, bool need_down, Activation activation) {
   const int64_t T = x_in.size(0), H = x_in.size(1), k = weights_in.size(1), E = gate_up_in.size(0);
   const int64_t F = gate_up_in.size(1) / 2;
   const int64_t R = T * k;
@@ -324,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_torc
   at::Tensor dh = need_dh ? at::empty({R, 2 * F}, opts) : at::Tensor();
   at::Tensor act_w = need_down ? at::empty({R, F}, opts) : at::Tensor();
   at::Tensor grad_w_f32 = need_weights ? at::empty({R}, opts.dtype(at::kFloat)) : at::Tensor();
-  swiglu_backward(u_grad, h, w_f32, sorted_pairs, dh, act_w, grad_w_f32);
+  gated_act_backward(u_grad, h, w_f32, sorted_pairs, dh, act_w, grad_w_f32, activation);
   u_grad = at::Tensor();  // free before the next large temporaries
 
   if (need_down) grad_down = grouped_wgrad_mm(gy_sorted, act_w, ends, offsets);  // [E,H,F]

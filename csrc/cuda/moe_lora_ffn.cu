@@ -19,7 +19,7 @@
 namespace h3fusion::cuda {
 namespace {
 
-struct CudaPrimitives {
+struct CudaPrimitives : lora::AtenRowPasses {  // the row passes over ATen ops
   static constexpr bool kHostThreads = false;  // one stream: experts are launched one after another
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> route_plan(const at::Tensor& experts, int64_t E) {
     return h3fusion::cuda::route_plan(experts, E);

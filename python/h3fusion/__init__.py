@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     # models
     "H3FusionMoE": "h3fusion.models.moe_block",
     "fuse_models": "h3fusion.models.fuse",
+    "fuse_to_disk": "h3fusion.models.fuse_stream",
     "save_fused_model": "h3fusion.models.fuse",
     "load_fused_model": "h3fusion.models.shared_format",
     "LoRAExperts": "h3fusion.models.lora_experts",
@@ -89,6 +90,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .losses.gating import drift_regularization, gating_loss, load_balancing_loss
     from .losses.preference import rloo_loss, simpo_loss, weighted_dpo_loss, weighted_sft_loss, wrpo_alpha, wrpo_loss
     from .models.fuse import fuse_models, save_fused_model
+    from .models.fuse_stream import fuse_to_disk
     from .models.hf_experts import (
         current_experts_implementation,
         register_experts_implementation,

@@ -95,6 +95,46 @@ def test_experts_implementation_and_replace_match_eager(kind):
     assert any("mlp.gate.weight" in n and g.abs().sum() > 0 for n, g in ref[1].items())
 
 
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_pytorch_tanh", "gelu_new"])
+def test_gelu_gated_experts_match_eager(hidden_act):
+    """GeGLU experts (exact and tanh GELU) run on moe_ffn's gelu / gelu_tanh and give the eager model's logits and
+    gradients, through the experts interface and replace_moe_blocks."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config("mixtral")
+    cfg.hidden_act = hidden_act
+    cfg._experts_implementation = "eager"
+    eager = AutoModelForCausalLM.from_config(cfg).float().train()
+    expected = "gelu" if hidden_act == "gelu" else "gelu_tanh"
+    assert h3fusion.models.hf_experts.experts_activation(eager.model.layers[0].mlp.experts) == expected
+    via_interface = copy.deepcopy(eager)
+    via_interface.set_experts_implementation("h3fusion")
+    replaced = copy.deepcopy(eager)
+    assert replace_moe_blocks(replaced) == LAYERS
+    ids = torch.randint(0, VOCAB, (2, 10))
+    ref = _logits_and_grads(eager, ids)
+    _assert_same(_logits_and_grads(via_interface, ids), ref)
+    _assert_same(_logits_and_grads(replaced, ids), ref)
+    # and a SwiGLU kernel would not have matched: the activations really differ on this model
+    silu = copy.deepcopy(eager)
+    silu.config.hidden_act = "silu"
+    for layer in silu.model.layers:
+        layer.mlp.experts.act_fn = torch.nn.SiLU()
+    assert not torch.allclose(_logits_and_grads(silu, ids)[0], ref[0], atol=1e-4)
+
+
+def test_unsupported_activation_is_refused_by_name():
+    from transformers import MixtralConfig
+    from transformers.activations import ACT2FN
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    router = MixtralTopKRouter(MixtralConfig(hidden_size=8, num_local_experts=4, num_experts_per_tok=2))
+    experts = _Experts()
+    experts.act_fn = ACT2FN["quick_gelu"]
+    with pytest.raises(NotImplementedError, match="activation 'QuickGELUActivation'"):
+        replace_moe_blocks(nn.Sequential(_Block(router, experts)))
+
+
 @pytest.mark.parametrize("kind", ["qwen2_moe", "olmoe"])
 def test_replace_keeps_shared_expert_and_other_layouts(kind):
     eager = _model(kind)

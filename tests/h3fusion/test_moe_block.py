@@ -125,6 +125,27 @@ def test_from_hf_block_shares_parameters():
         torch.testing.assert_close(ours(x)[0], hf(x.unsqueeze(0))[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_pytorch_tanh"])
+def test_from_hf_block_keeps_a_gelu_activation(hidden_act):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = MixtralConfig(hidden_size=16, intermediate_size=24, num_local_experts=3, num_experts_per_tok=2)
+    cfg.hidden_act = hidden_act
+    cfg._experts_implementation = "eager"
+    hf = MixtralSparseMoeBlock(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)
+    ours = H3FusionMoE.from_hf_block(hf)
+    assert ours.experts.activation == ("gelu" if hidden_act == "gelu" else "gelu_tanh")
+    x = torch.randn(7, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], hf(x.unsqueeze(0))[0], rtol=1e-5, atol=1e-6)
+    plain = H3FusionMoE(16, 24, 3, 2, activation="gelu")
+    assert plain.experts.activation == "gelu" and "activation=gelu" in repr(plain)
+
+
 def test_from_hf_block_refuses_a_peft_wrapped_block():
     peft = pytest.importorskip("peft")
 

@@ -12,8 +12,22 @@ from h3fusion_ext import ExpertLoRA, reference
 GRAD_NAMES = ("x", "weights", "gate_up_proj", "down_proj", "gate_up_a", "gate_up_b", "down_a", "down_b")
 
 
-def make_lora_inputs(T, H, F, E, k, r, dtype=torch.float32, *, shared=False, device="cpu", w_dtype=None,
-                     skip_experts=(), scaling=None, generator=None):
+def make_lora_inputs(
+    T,
+    H,
+    F,
+    E,
+    k,
+    r,
+    dtype=torch.float32,
+    *,
+    shared=False,
+    device="cpu",
+    w_dtype=None,
+    skip_experts=(),
+    scaling=None,
+    generator=None,
+):
     """Random inputs (x, weights, experts, gate_up_proj, down_proj, gate_up_a, gate_up_b, down_a, down_b), scaling.
 
     Routing from real logits (distinct experts per token when k <= E); the experts in `skip_experts` get no token.

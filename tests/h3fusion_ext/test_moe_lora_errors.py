@@ -138,3 +138,15 @@ def test_lora_must_be_expert_lora():
     args, factors = good()
     with pytest.raises(TypeError, match=r"lora must be an h3fusion_ext\.ExpertLoRA"):
         h3fusion_ext.moe_ffn(**args, lora=(*factors.values(), 1.0))
+
+
+def test_func_transforms_and_forward_ad_are_refused():
+    args, factors = good()
+    lora = ExpertLoRA(**factors, scaling=1.0)
+    with pytest.raises(RuntimeError, match=r"h3fusion_ext\.moe_lora_ffn does not support the differentiating"):
+        torch.func.grad(lambda x: h3fusion_ext.moe_ffn(x, *list(args.values())[1:], lora=lora).sum())(args["x"])
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match=r"moe_lora_ffn does not support forward-mode AD"):
+        dual = fwAD.make_dual(args["x"], torch.randn_like(args["x"]))
+        h3fusion_ext.moe_ffn(dual, *list(args.values())[1:], lora=lora)

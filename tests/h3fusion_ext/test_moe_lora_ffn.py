@@ -130,7 +130,9 @@ def test_bitwise_deterministic(device, shared):
 @SHARED
 # Shapes large enough that two threads really split the work (below that, MKL picks size-dependent kernels for tiny
 # GEMMs whose bits depend on the thread count, for moe_ffn too).
-@pytest.mark.parametrize("shape", [(1024, 64, 96, 2, 1, 8), (256, 64, 96, 16, 4, 4)], ids=["blas-threaded", "expert-threaded"])
+@pytest.mark.parametrize(
+    "shape", [(1024, 64, 96, 2, 1, 8), (256, 64, 96, 16, 4, 4)], ids=["blas-threaded", "expert-threaded"]
+)
 def test_same_bits_on_any_thread_count(shared, shape):
     # Experts are spread over threads (the rank-r work always, everything with many small experts); every expert's
     # work runs on one thread, so the thread count must not change a bit. Also checked against the oracle there.
@@ -143,9 +145,12 @@ def test_same_bits_on_any_thread_count(shared, shape):
     # Against the fp64 oracle, relative to each result's scale (fp32 sums over a thousand rows).
     hi = tuple(t.double() if t.is_floating_point() else t for t in tensors)
     ref_y, ref_grads = run_with_grads(reference.moe_lora_ffn, hi, s, grad_y.double())
-    for name, ours_t, ref_t in zip(("y", *GRAD_NAMES), (results[-1][0], *results[-1][1]), (ref_y, *ref_grads)):
+    ours_all = (results[-1][0], *results[-1][1])
+    for name, ours_t, ref_t in zip(("y", *GRAD_NAMES), ours_all, (ref_y, *ref_grads), strict=True):
         scale = ref_t.abs().max().item()
-        torch.testing.assert_close(ours_t.double(), ref_t, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            ours_t.double(), ref_t, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}"
+        )
     for threads, (y, grads) in zip((2, 3), results[1:], strict=True):
         assert torch.equal(y, results[0][0]), f"y differs between 1 and {threads} threads"
         for name, g, g0 in zip(GRAD_NAMES, grads, results[0][1], strict=True):
@@ -231,3 +236,20 @@ def test_cuda_matches_cpu_and_unrouted_pairs_contribute_zero(shared):
     for name, g, gc in zip(GRAD_NAMES, grads, grads_cpu, strict=True):
         if name != "weights":
             torch.testing.assert_close(g.cpu(), gc, atol=3e-5, rtol=3e-4, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+@pytest.mark.cuda
+@SHARED
+@pytest.mark.parametrize(
+    "shape,skip",
+    [((0, 8, 8, 4, 2, 3), ()), ((20, 8, 8, 6, 2, 3), (1, 4)), ((11, 8, 8, 1, 1, 2), ()), ((9, 17, 23, 3, 3, 1), ())],
+    ids=["T=0", "empty experts", "E=1", "k=E odd sizes r=1"],
+)
+def test_cuda_edge_cases_match_cpu(shared, shape, skip):
+    tensors, s = make_lora_inputs(*shape, shared=shared, skip_experts=skip)
+    grad_y = torch.randn_like(tensors[0])
+    y_cpu, grads_cpu = run_with_grads(ours, tensors, s, grad_y)
+    y, grads = run_with_grads(ours, tuple(t.cuda() for t in tensors), s, grad_y.cuda())
+    torch.testing.assert_close(y.cpu(), y_cpu, atol=3e-5, rtol=3e-4)
+    for name, g, gc in zip(GRAD_NAMES, grads, grads_cpu, strict=True):
+        torch.testing.assert_close(g.cpu(), gc, atol=3e-5, rtol=3e-4, msg=lambda m, n=name: f"grad {n}: {m}")

@@ -18,7 +18,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def lora_cases(draw):
     E = draw(st.integers(1, 9))
     k = draw(st.integers(1, E))
-    shape = (draw(st.integers(0, 40)), draw(st.integers(1, 20)), draw(st.integers(1, 20)), E, k, draw(st.integers(1, 6)))
+    shape = (
+        draw(st.integers(0, 40)),
+        draw(st.integers(1, 20)),
+        draw(st.integers(1, 20)),
+        E,
+        k,
+        draw(st.integers(1, 6)),
+    )
     requires = tuple(draw(st.lists(st.booleans(), min_size=8, max_size=8)))
     return shape, draw(st.booleans()), draw(st.sampled_from(["silu", "gelu", "gelu_tanh"])), requires
 

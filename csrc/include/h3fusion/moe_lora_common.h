@@ -1,6 +1,7 @@
 // Pieces of the per-expert-LoRA expert FFN (design.md §10) shared by its forward and backward
-// (h3fusion/moe_lora_ffn_impl.h) on both devices: the gated activation over ATen, GEMMs into views, the argument
-// checks, the host copy of the expert offsets, and the expert scheduler.
+// (h3fusion/moe_lora_ffn_impl.h) on both devices: the gated activation over ATen ops (AtenRowPasses, the device-
+// generic row passes; the CPU has vectorised ones in csrc/cpu/row_passes.h), GEMMs into views, the argument checks,
+// the host copy of the expert offsets, and the expert scheduler.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,6 +10,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include <h3fusion/activation.h>
 #include <h3fusion/checks.h>
 
 #include <algorithm>
@@ -17,15 +19,6 @@
 #include <vector>
 
 namespace h3fusion::lora {
-
-enum class Activation { kSilu, kGelu, kGeluTanh };
-
-inline Activation parse_activation(c10::string_view name) {
-  if (name == "silu") return Activation::kSilu;
-  if (name == "gelu") return Activation::kGelu;
-  if (name == "gelu_tanh") return Activation::kGeluTanh;
-  TORCH_CHECK(false, "activation must be one of \"silu\", \"gelu\", \"gelu_tanh\", got \"", std::string(name), "\"");
-}
 
 // out = act(g) (out may be a strided view).
 inline void activate_into(at::Tensor out, const at::Tensor& g, Activation act) {
@@ -60,6 +53,29 @@ inline void gated_backward_into(const at::Tensor& dh, const at::Tensor& h, const
   activate_into(du, g, act);
   du.mul_(da);
 }
+
+// The row passes of the op over ATen ops, for any device (h3fusion/activation.h gives the math; at::silu / at::gelu
+// compute the same functions):
+//   gated(a[n,F], h[n,2F]):  a = act(h[:, :F]) * h[:, F:]
+//   gated_backward(h, u[n,F], dh[n,2F] or undefined, sorted_pairs of these rows [n] int32, w_pair[R] and
+//       grad_w_pair[R] (or undefined) in the accumulation dtype, by pair):  with w = w_pair[sp[i]] and a recomputed,
+//       grad_w_pair[sp[i]] = u_i . a_i (a rounded to x.dtype first), dh = the gated backward of da = w u.
+struct AtenRowPasses {
+  static void gated(const at::Tensor& a, const at::Tensor& h, int64_t F, Activation act) { gated_into(a, h, F, act); }
+
+  static void gated_backward(const at::Tensor& h, const at::Tensor& u, const at::Tensor& dh, const at::Tensor& sp,
+                             const at::Tensor& w_pair, const at::Tensor& grad_w_pair, int64_t F, Activation act) {
+    const at::Tensor idx = sp.to(at::kLong);
+    if (grad_w_pair.defined()) {
+      at::Tensor a = at::empty_like(u);
+      gated_into(a, h, F, act);
+      const auto acc = grad_w_pair.scalar_type();
+      at::Tensor g = grad_w_pair;
+      g.index_copy_(0, idx, (u.to(acc) * a.to(acc)).sum(1));
+    }
+    if (dh.defined()) gated_backward_into(dh, h, u * w_pair.index_select(0, idx).unsqueeze(1), F, act);
+  }
+};
 
 // out = a @ b, written into a view (a row slice of a buffer, one expert's slice of a gradient).
 inline void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }

@@ -8,6 +8,7 @@
 //   gather(x[T,C], sorted_pairs, k) -> rows[R,C], rows[r] = x[sorted_pairs[r] / k]
 //   combine(rows[R,C], weights[T,k] or undefined (= ones), pair_rows, k) -> [T,C], summed in slot order with fp32
 //       (fp64) accumulation, no atomics
+//   gated, gated_backward: the row passes of the gated activation (as AtenRowPasses in moe_lora_common.h)
 // with R = T*k rows in expert order. The expert offsets are read on the host once per call (on CUDA a sync).
 //
 // Never forms W + s B A. Per expert e (its rows from the plan; X = its x rows), the rank-r detours z:
@@ -69,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const at::Tensor z1e = z1.narrow(0, r0, n), he = h.narrow(0, r0, n);
         mm_into(z1e, xs.narrow(0, r0, n), a1[e].t());
         he.addmm_(z1e, b1[e].t(), /*beta=*/1, /*alpha=*/s);
-        gated_into(a.narrow(0, r0, n), he, F, act);
+        Dev::gated(a.narrow(0, r0, n), he, F, act);
       });
 
   at::Tensor z2 = at::empty({R, d.r}, opts);
@@ -157,11 +158,11 @@ Grads backward(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Te
   const auto [need_x, need_w, need_w1, need_w2, need_a1, need_b1, need_a2, need_b2] = mask;
   Grads out;
   if (!(need_x || need_w || need_w1 || need_w2 || need_a1 || need_b1 || need_a2 || need_b2)) return out;
-  // What each gradient needs (u: G W2_e + s gb A2_e, then da in place; gb: G B2_e; gw: w G).
+  // What each gradient needs (u: G W2_e + s gb A2_e; gb: G B2_e; gw: w G; a: the recomputed activation).
   const bool need_dh = need_x || need_w1 || need_a1 || need_b1;
   const bool need_u = need_dh || need_w;
   const bool need_gb = need_u || need_a2;
-  const bool need_act = need_w || need_w2 || need_a2;
+  const bool need_act = need_w2 || need_a2;  // grad_w: the row pass recomputes a itself
   const bool need_dz1 = need_x || need_a1;
   const bool need_gw = need_b2 || (need_w2 && !d.shared);
   const bool need_xs = need_a1 || (need_w1 && !d.shared);
@@ -177,8 +178,9 @@ Grads backward(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Te
   const auto opts = x.options();
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor gy = grad_y_in.to(x.scalar_type()).contiguous();
-  // The routing weight of each row, as a column for broadcasting.
-  const at::Tensor w_row = weights.reshape({-1}).to(acc_dtype).index_select(0, sp.to(at::kLong)).unsqueeze(1);
+  // The routing weights by pair, and of each row as a column for broadcasting.
+  const at::Tensor w_pair = weights.reshape({-1}).to(acc_dtype).contiguous();
+  const at::Tensor w_row = w_pair.index_select(0, sp.to(at::kLong)).unsqueeze(1);
 
   const at::Tensor gs = Dev::gather(gy, sp, d.k);  // [R,H] grad_y rows
   const at::Tensor a = need_act ? at::empty({R, F}, opts) : at::Tensor();
@@ -210,7 +212,7 @@ Grads backward(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Te
         const at::Tensor ge = gs.narrow(0, r0, n), we = w_row.narrow(0, r0, n);
         const at::Tensor ae = need_act ? a.narrow(0, r0, n) : at::Tensor();
         const at::Tensor gbe = need_gb ? gb.narrow(0, r0, n) : at::Tensor();
-        if (need_act) gated_into(ae, h.narrow(0, r0, n), F, act);
+        if (need_act) Dev::gated(ae, h.narrow(0, r0, n), F, act);
         if (need_gb) mm_into(gbe, ge, b2[e]);
         if (need_gw) {
           at::Tensor gwe = gw.narrow(0, r0, n);
@@ -228,7 +230,8 @@ Grads backward(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Te
 
   // Step 2, the gate/up projection: grad_w, da and dh (row passes), dz1, and the gradients of A1, B1, (per expert) W1
   // and the rows of grad_x.
-  const at::Tensor per_row = need_w ? at::empty({R}, opts.dtype(acc_dtype)) : at::Tensor();
+  // By pair, zero for pairs of no expert (CUDA only).
+  const at::Tensor grad_w_pair = need_w ? at::zeros({R}, opts.dtype(acc_dtype)) : at::Tensor();
   const at::Tensor dh = need_dh ? at::empty({R, 2 * F}, opts) : at::Tensor();
   const at::Tensor dz1 = need_dz1 ? at::empty({R, r}, opts) : at::Tensor();
   const at::Tensor dxr = need_x ? at::empty({R, H}, opts) : at::Tensor();
@@ -243,19 +246,16 @@ Grads backward(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Te
         const at::Tensor ue = need_u ? u.narrow(0, r0, n) : at::Tensor();
         // u = G W2_e (the base term, from step 1), plus its rank-r term in fp32: G W2_e + s (G B2_e) A2_e.
         if (need_u) ue.addmm_(gb.narrow(0, r0, n), a2[e], /*beta=*/1, /*alpha=*/s);
-        if (need_w) {
-          at::Tensor pe = per_row.narrow(0, r0, n);
-          at::sum_out(pe, ue.to(acc_dtype) * a.narrow(0, r0, n).to(acc_dtype), 1);
-        }
+        // grad_w (by pair) = u . a; dh = the gated backward of da = w u.
+        const at::Tensor dhe = need_dh ? dh.narrow(0, r0, n) : at::Tensor();
+        if (need_u) Dev::gated_backward(h.narrow(0, r0, n), ue, dhe, sp.narrow(0, r0, n), w_pair, grad_w_pair, F, act);
         if (!need_dh) return;
-        const at::Tensor dhe = dh.narrow(0, r0, n);
-        gated_backward_into(dhe, h.narrow(0, r0, n), ue.mul_(w_row.narrow(0, r0, n)), F, act);  // u becomes da
         if (need_dz1) mm_into(dz1.narrow(0, r0, n), dhe, b1[e]);
         if (need_b1) mm_scaled_into(g_b1[e], dhe.t(), z1.narrow(0, r0, n), s);
         if (need_a1) mm_scaled_into(g_a1[e], dz1.narrow(0, r0, n).t(), xs.narrow(0, r0, n), s);
         if (need_x) mm_scaled_into(dxr.narrow(0, r0, n), dz1.narrow(0, r0, n), a1[e], s);
       });
-  zero_tails(off, per_row, dh, dxr);
+  zero_tails(off, dh, dxr);
 
   if (need_x || need_w1) {
     // Shared base: the per-token sum of the rows' dh meets W1 once (grad_x) and x once (grad_W1).
@@ -266,7 +266,7 @@ Grads backward(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Te
       if (d.shared) std::get<0>(out) = at::addmm(std::get<0>(out), dh_tok, w1[0]);
     }
   }
-  if (need_w) std::get<1>(out) = per_row.index_select(0, pr.to(at::kLong)).view({d.T, d.k}).to(weights.scalar_type());
+  if (need_w) std::get<1>(out) = grad_w_pair.view({d.T, d.k}).to(weights.scalar_type());
   std::get<2>(out) = g_w1;
   std::get<3>(out) = g_w2;
   std::get<4>(out) = g_a1;

@@ -23,7 +23,9 @@ BENCH_MODULES = {
     "logprob": "h3fusion.bench.logprob_bench",
     "hf_moe": "h3fusion.bench.hf_moe_bench",
     "lora": "h3fusion.bench.lora_bench",
+    "fusion": "h3fusion.bench.fusion_bench",  # writes GBs of checkpoints: run only when named (--only fusion)
 }
+DEFAULT_BENCHES = ["moe", "logprob", "hf_moe", "lora"]
 COLUMNS = [
     "case",
     "impl",
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    names = list(BENCH_MODULES) if args.only is None else args.only
+    names = [n for n in DEFAULT_BENCHES if n in BENCH_MODULES] if args.only is None else args.only
     unknown = [n for n in names if n not in BENCH_MODULES]
     if unknown:
         print(f"error: unknown bench {unknown}; choose from {sorted(BENCH_MODULES)}", file=sys.stderr)
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         _add_ceiling_pct(rows, ceiling)
         report["results"][name] = rows
-        columns = [c for c in COLUMNS if any(c in r for r in rows)]
+        columns = [c for c in getattr(module, "COLUMNS", COLUMNS) if any(c in r for r in rows)]
         print(f"\n[{name}]\n" + format_table(rows, columns))
         _write_json(report, args.out)  # after every bench, so a run cut short by a time limit keeps what it measured
     _write_json(report, args.out)

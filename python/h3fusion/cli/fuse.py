@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .common import CATEGORY_RE, add_overwrite_argument, max_shard_size, positive_int
@@ -85,7 +86,8 @@ def load_prototype_prompts(path: str, names: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the options, inputs and --out; fuse (holding --out); swap the saved model into --out atomically."""
+    """Check the options, inputs and --out; fuse straight into a staging folder
+    (fuse_to_disk: streamed, holding --out's lock) that is swapped into --out atomically."""
     import warnings
 
     from h3fusion.utils.files import check_output_dir, claim_output_dir
@@ -110,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from h3fusion.models.fuse import fuse_models, save_fused_model
+    from h3fusion.models.fuse_stream import fuse_to_disk
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -118,31 +121,50 @@ def run(args: argparse.Namespace) -> int:
     with claim_output_dir(args.out, kind="fuse", overwrite=args.overwrite, inputs=inputs, clear=False) as out:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
-            model = fuse_models(
-                args.base,
-                dict(args.expert),
-                top_k=args.top_k,
-                attention=args.attention,
-                router_init=args.router_init,
-                prototype_prompts=prompts,
-                dtype=dtype,
-                progress=not args.no_progress,
-                allow_non_mlp_adapter=args.allow_non_mlp_adapter,
-                experts=args.experts,
-                delta_rank=args.delta_rank,
-            )
+            if args.experts == "shared":  # built in memory (FFNs: the base once + adapters), then saved
+                model = fuse_models(
+                    args.base,
+                    dict(args.expert),
+                    top_k=args.top_k,
+                    attention=args.attention,
+                    router_init=args.router_init,
+                    prototype_prompts=prompts,
+                    dtype=dtype,
+                    progress=not args.no_progress,
+                    allow_non_mlp_adapter=args.allow_non_mlp_adapter,
+                    experts="shared",
+                    delta_rank=args.delta_rank,
+                )
+                out = save_fused_model(model, out, base=args.base, overwrite=True)
+            else:
+                # streamed: tensor by tensor from the inputs into the output shards, never the whole fused model
+                out = fuse_to_disk(
+                    args.base,
+                    dict(args.expert),
+                    out,
+                    top_k=args.top_k,
+                    attention=args.attention,
+                    router_init=args.router_init,
+                    prototype_prompts=prompts,
+                    dtype=dtype,
+                    max_shard_size=args.max_shard_size,
+                    overwrite=True,
+                    progress=not args.no_progress,
+                    allow_non_mlp_adapter=args.allow_non_mlp_adapter,
+                )
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
-        out = save_fused_model(model, out, base=args.base, max_shard_size=args.max_shard_size, overwrite=True)
-    cfg = model.config
-    shared = cfg.h3fusion.get("shared_experts") or {}
+    from h3fusion.utils.files import read_json
+
+    cfg = read_json(os.path.join(out, "config.json"))
+    shared = (cfg.get("h3fusion") or {}).get("shared_experts") or {}
     for layer, experts in sorted((shared.get("delta_relative_error") or {}).items(), key=lambda kv: int(kv[0])):
         worst = ", ".join(f"{n} {max(e.values()):.3g}" for n, e in experts.items())
         print(f"layer {layer}: relative delta reconstruction error at rank {args.delta_rank}: {worst}")
     layout = f"shared base + rank-{shared['rank']} adapters" if shared else "materialised"
     print(
-        f"fused {len(names)} experts ({', '.join(names)}) x {cfg.num_hidden_layers} layers, "
-        f"top-{cfg.num_experts_per_tok}, attention={args.attention}, router={args.router_init}, experts {layout}, "
-        f"{model.dtype} -> {out}"
+        f"fused {len(names)} experts ({', '.join(names)}) x {cfg['num_hidden_layers']} layers, "
+        f"top-{cfg['num_experts_per_tok']}, attention={args.attention}, router={args.router_init}, "
+        f"experts {layout}, {cfg['dtype']} -> {out}"
     )
     return 0

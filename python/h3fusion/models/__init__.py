@@ -1,6 +1,7 @@
 """h3fusion.models."""
 
 from .fuse import fuse_models, save_fused_model  # noqa: F401
+from .fuse_stream import fuse_to_disk  # noqa: F401
 from .hf_experts import (  # noqa: F401
     EXPERTS_IMPLEMENTATIONS,
     current_experts_implementation,

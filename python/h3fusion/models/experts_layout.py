@@ -3,13 +3,63 @@ drop-in) and `lora_experts` (our LoRA experts); their own module, as `hf_experts
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["check_experts_layout", "moe_blocks"]
+__all__ = ["check_experts_layout", "experts_activation", "moe_blocks"]
 
 
-def check_experts_layout(experts: nn.Module) -> None:
-    """Raise NotImplementedError when an experts module is not Mixtral's bias-free concatenated SwiGLU layout."""
+# transformers' activation names (config.hidden_act) and act_fn classes -> moe_ffn's gated activations. Every tanh
+# form of GELU is the same function, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), written differently.
+_HIDDEN_ACTS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_accurate": "gelu_tanh",
+}
+_ACT_CLASSES = {
+    "SiLU": "silu",
+    "SiLUActivation": "silu",
+    "GELUActivation": "gelu",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "NewGELUActivation": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh",
+    "AccurateGELUActivation": "gelu_tanh",
+}
+
+
+def experts_activation(experts: nn.Module) -> str | None:
+    """The `moe_ffn` activation ("silu", "gelu", "gelu_tanh") of a transformers experts module, None if unsupported.
+
+    Read from the module's `act_fn` (what its own forward runs), else from `config.hidden_act`; no activation at all
+    means SwiGLU (Mixtral's default).
+    """
+    own = getattr(experts, "moe_ffn_activation", None)  # our LoRAExperts say it themselves
+    if own is not None:
+        return own if own in set(_HIDDEN_ACTS.values()) else None
+    fn = getattr(experts, "act_fn", None)
+    if fn is not None:
+        if isinstance(fn, nn.GELU):
+            return "gelu_tanh" if fn.approximate == "tanh" else "gelu"
+        found = _ACT_CLASSES.get(type(fn).__name__)
+        if found is not None:
+            return found
+        if fn is F.silu:
+            return "silu"
+        if fn is F.gelu:
+            return "gelu"
+        return None
+    act = getattr(getattr(experts, "config", None), "hidden_act", None)
+    return "silu" if act is None else _HIDDEN_ACTS.get(act)
+
+
+def check_experts_layout(experts: nn.Module) -> str:
+    """The experts' `moe_ffn` activation; NotImplementedError when the module is not Mixtral's bias-free
+    concatenated gated (SwiGLU / GeGLU) layout."""
     name = type(experts).__name__
     unsupported = [
         flag
@@ -25,17 +75,17 @@ def check_experts_layout(experts: nn.Module) -> None:
     ]
     if not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
         unsupported.append("no gate_up_proj/down_proj")
-    act = getattr(getattr(experts, "config", None), "hidden_act", None)
-    if act is None:
+    activation = experts_activation(experts)
+    if activation is None:
         fn = getattr(experts, "act_fn", None)
-        act = "silu" if fn is None or "silu" in type(fn).__name__.lower() else type(fn).__name__
-    if act not in ("silu", "swish"):
-        unsupported.append(f"activation {act!r} (only SwiGLU/silu)")
+        what = type(fn).__name__ if fn is not None else getattr(getattr(experts, "config", None), "hidden_act", None)
+        unsupported.append(f"activation {what!r} (supported: {', '.join(sorted(_HIDDEN_ACTS))})")
     if unsupported:
         raise NotImplementedError(
-            f"{name}: experts_implementation='h3fusion' supports Mixtral-layout SwiGLU experts only; "
+            f"{name}: experts_implementation='h3fusion' supports Mixtral-layout gated experts (SwiGLU, GeGLU) only; "
             f"unsupported: {', '.join(unsupported)}"
         )
+    return activation
 
 
 def moe_blocks(model: nn.Module) -> list[nn.Module]:

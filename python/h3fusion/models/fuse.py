@@ -9,6 +9,7 @@ Inputs are read one layer at a time (see `checkpoint_io`), so N large checkpoint
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import warnings
@@ -23,6 +24,7 @@ from .checkpoint_io import WeightSource, open_source
 from .construction import no_init_weights as _no_init
 from .lora_experts import lora_experts_modules
 from .lora_merge import LoraAdapterWeights
+from .prototypes import prototype_rows
 from .shared_format import is_shared_model, write_shared_model
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -122,6 +124,114 @@ def _copy_(param: torch.Tensor, value: torch.Tensor, key: str) -> None:
     param.copy_(value.to(dtype=param.dtype, device=param.device))
 
 
+@dataclasses.dataclass
+class FusionInputs:
+    """The checked inputs of a fusion: sources opened, the fused config built (shared by `fuse_models` and
+    `fuse_to_disk`, so both build the same model)."""
+
+    names: list[str]
+    base_src: WeightSource
+    sources: list[WeightSource]
+    config: Any  # MixtralConfig, with config.h3fusion = the fusion record
+    dtype: torch.dtype
+    attention: str
+    router_init: str
+
+    def input_paths(self, base: Any, aligned: Mapping[str, Any]) -> list[Any]:
+        """The folders the fusion reads (an output must not overlap them)."""
+        paths = [base, *aligned.values(), self.config.h3fusion.get("base"), *self.config.h3fusion["sources"].values()]
+        return [p for p in paths if isinstance(p, (str, os.PathLike)) and os.path.exists(p)]
+
+
+def prepare_fusion(
+    base: Any,
+    aligned: Mapping[str, Any],
+    *,
+    top_k: int,
+    attention: str,
+    router_init: str,
+    prototype_prompts: Mapping[str, Sequence[Any]] | None,
+    dtype: torch.dtype | None,
+    allow_non_mlp_adapter: bool,
+) -> FusionInputs:
+    """Check the options (see `fuse_models`), open every source, check they fit together, build the fused config.
+
+    Raises:
+        ValueError: as `fuse_models`.
+    """
+    if not isinstance(aligned, Mapping) or len(aligned) == 0:
+        raise ValueError("aligned must be a non-empty mapping expert name -> model / checkpoint dir / adapter dir")
+    names = [str(n) for n in aligned]
+    if any(not n for n in names):
+        raise ValueError("aligned: expert names must be non-empty")
+    if not 1 <= int(top_k) <= len(names):
+        raise ValueError(f"top_k must be in [1, {len(names)}] (the number of experts), got {top_k}")
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    if router_init not in ROUTER_INITS:
+        raise ValueError(f"router_init must be one of {ROUTER_INITS}, got {router_init!r}")
+    if router_init == "prototypes":
+        check_prototype_prompts(prototype_prompts, names)
+
+    base_src = open_source(base, name="base")
+    sources = [open_source(spec, base_src, name=n) for n, spec in aligned.items()]
+    check_compatible(base_src, dict(zip(names, sources, strict=True)))
+    check_adapters(dict(zip(names, sources, strict=True)), attention, allow_non_mlp_adapter)
+
+    record = {
+        "experts": names,
+        "sources": {n: s.description for n, s in zip(names, sources, strict=True)},
+        "base": base_src.description,
+        "attention": attention,
+        "router_init": router_init,
+        "top_k": int(top_k),
+    }
+    config = mixtral_config(base_src.config, names, int(top_k), record)
+    return FusionInputs(names, base_src, sources, config, dtype or base_src.dtype(), attention, router_init)
+
+
+def shared_weight(inputs: FusionInputs, key: str) -> torch.Tensor:
+    """A weight outside the experts and routers (attention, norms, embeddings, lm_head) in the fused dtype: the
+    base's, or with attention="mean" the element-wise fp32 mean over the aligned models."""
+    return _shared(key, inputs.base_src, inputs.sources, inputs.attention).to(inputs.dtype)
+
+
+def expert_weight(inputs: FusionInputs, expert: int, layer: int, proj: str, shape: Sequence[int]) -> torch.Tensor:
+    """Expert `expert`'s `proj` ("gate_proj", "up_proj", "down_proj") of decoder layer `layer`, in the fused dtype.
+
+    Raises:
+        ValueError: the aligned model's tensor does not have `shape` (naming the expert and the weight).
+    """
+    key = f"model.layers.{layer}.mlp.{proj}.weight"
+    value = inputs.sources[expert].get(key)
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(
+            f"{inputs.names[expert]}: {key}: shape {tuple(value.shape)} does not fit the fused model's {tuple(shape)}"
+        )
+    return value.to(inputs.dtype)
+
+
+def router_weights(
+    inputs: FusionInputs, base: Any, prototype_prompts: Mapping[str, Sequence[Any]] | None, tokenizer: Any = None
+) -> list[torch.Tensor]:
+    """The initial router weight of every decoder layer, [N, H] in the fused dtype (design.md §3 router init).
+
+    "random" draws one normal(0, initializer_range) matrix per layer, in layer order, from torch's global generator
+    (so a seed fixes them); "zeros"; "prototypes" computes `prototype_rows` with the base.
+    """
+    cfg = inputs.config
+    shape = (len(inputs.names), cfg.hidden_size)
+    if inputs.router_init == "random":
+        return [
+            torch.empty(shape, dtype=inputs.dtype).normal_(0.0, cfg.initializer_range)
+            for _ in range(cfg.num_hidden_layers)
+        ]
+    if inputs.router_init == "zeros":
+        return [torch.zeros(shape, dtype=inputs.dtype) for _ in range(cfg.num_hidden_layers)]
+    rows = prototype_rows(base, inputs.base_src, inputs.names, prototype_prompts, tokenizer)
+    return [r.to(inputs.dtype) for r in rows]
+
+
 @torch.no_grad()
 def fuse_models(
     base: Any,
@@ -140,6 +250,9 @@ def fuse_models(
 ):
     """Fuse a base model and N aligned models of the same architecture into a `MixtralForCausalLM`.
 
+    The whole fused model is built in memory; `fuse_to_disk` writes the same checkpoint as this function followed
+    by `save_fused_model`, holding only a few tensors at a time.
+
     Args:
         base: the base model: a loaded `PreTrainedModel` or a checkpoint directory (safetensors).
         aligned: expert name -> aligned model: a loaded model, a checkpoint directory, or a PEFT LoRA adapter
@@ -149,7 +262,8 @@ def fuse_models(
             element-wise mean over the aligned models.
         router_init: "random" (normal, std = initializer_range), "zeros" (uniform routing), or "prototypes":
             row i of layer l's router = the unit-normalised mean hidden state at layer l's MLP input of
-            `prototype_prompts[name_i]`, run through the base model.
+            `prototype_prompts[name_i]`, run through the base model (streamed layer by layer from its checkpoint
+            when `base` is a directory; see `h3fusion.models.prototypes`).
         prototype_prompts: expert name -> a few prompts (strings, or token-id lists / 1-D tensors); for "prototypes".
         tokenizer: tokenizes string prompts; default: the tokenizer saved with `base` when it is a directory.
         dtype: the fused model's dtype; default: the base's.
@@ -175,45 +289,21 @@ def fuse_models(
     """
     from transformers import MixtralForCausalLM
 
-    if not isinstance(aligned, Mapping) or len(aligned) == 0:
-        raise ValueError("aligned must be a non-empty mapping expert name -> model / checkpoint dir / adapter dir")
-    names = [str(n) for n in aligned]
-    if any(not n for n in names):
-        raise ValueError("aligned: expert names must be non-empty")
-    if not 1 <= int(top_k) <= len(names):
-        raise ValueError(f"top_k must be in [1, {len(names)}] (the number of experts), got {top_k}")
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-    if router_init not in ROUTER_INITS:
-        raise ValueError(f"router_init must be one of {ROUTER_INITS}, got {router_init!r}")
-    if router_init == "prototypes":
-        check_prototype_prompts(prototype_prompts, names)
     if experts not in EXPERTS_LAYOUTS:
         raise ValueError(f"experts must be one of {EXPERTS_LAYOUTS}, got {experts!r}")
     if delta_rank is not None and experts != "shared":
         raise ValueError("delta_rank applies to experts='shared' only")
-
-    base_src = open_source(base, name="base")
-    sources = [open_source(spec, base_src, name=n) for n, spec in aligned.items()]
-    check_compatible(base_src, dict(zip(names, sources, strict=True)))
-    check_adapters(dict(zip(names, sources, strict=True)), attention, allow_non_mlp_adapter)
-
-    record = {
-        "experts": names,
-        "sources": {n: s.description for n, s in zip(names, sources, strict=True)},
-        "base": base_src.description,
-        "attention": attention,
-        "router_init": router_init,
-        "top_k": int(top_k),
-        "experts_layout": experts,
-    }
-    config = mixtral_config(base_src.config, names, int(top_k), record)
-    dtype = dtype or base_src.dtype()
+    inputs = prepare_fusion(
+        base, aligned, top_k=top_k, attention=attention, router_init=router_init,
+        prototype_prompts=prototype_prompts, dtype=dtype, allow_non_mlp_adapter=allow_non_mlp_adapter,
+    )  # fmt: skip
+    config, dtype = inputs.config, inputs.dtype
+    config.h3fusion["experts_layout"] = experts
     plan = None
     if experts == "shared":
         from .shared_experts import SharedExpertsPlan, build_shared_model
 
-        plan = SharedExpertsPlan(names, sources, base_src, delta_rank)
+        plan = SharedExpertsPlan(inputs.names, inputs.sources, inputs.base_src, delta_rank)
         model = build_shared_model(config, plan.rank, dtype)
     else:
         previous = torch.get_default_dtype()
@@ -224,6 +314,9 @@ def fuse_models(
         finally:
             torch.set_default_dtype(previous)
         model.to(dtype)
+        # RoPE's inverse frequencies stay fp32, as from_pretrained keeps them: `to(dtype)` (and the default dtype
+        # above) made them bf16/fp16, and the model in memory then computed other logits than its saved checkpoint
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     model.eval()
 
     layers = model.model.layers
@@ -237,39 +330,32 @@ def fuse_models(
         prefix = f"model.layers.{i}."
         for key, p in params.items():
             if key.startswith(prefix) and ".mlp." not in key:
-                _copy_(p, _shared(key, base_src, sources, attention), key)
-        if plan is not None:
+                _copy_(p, shared_weight(inputs, key), key)
+        if plan is not None:  # the base FFN once, every expert's (padded, scaled) LoRA factors
             plan.fill_layer(layers[i].mlp.experts, i)
             continue
-        experts = layers[i].mlp.experts
-        for e, src in enumerate(sources):
-            gate = src.get(prefix + "mlp.gate_proj.weight")
-            up = src.get(prefix + "mlp.up_proj.weight")
-            down = src.get(prefix + "mlp.down_proj.weight")
+        module = layers[i].mlp.experts
+        F = config.intermediate_size
+        for e in range(len(inputs.names)):
             # Each expert slice gets its own model's weights: slices never share storage with each other.
-            _copy_(experts.gate_up_proj[e], torch.cat([gate, up], dim=0), f"{names[e]}: {prefix}mlp gate/up")
-            _copy_(experts.down_proj[e], down, f"{names[e]}: {prefix}mlp.down_proj")
+            for target, proj in (
+                (module.gate_up_proj[e, :F], "gate_proj"),
+                (module.gate_up_proj[e, F:], "up_proj"),
+                (module.down_proj[e], "down_proj"),
+            ):
+                target.copy_(expert_weight(inputs, e, i, proj, target.shape))
     for key, p in params.items():
         if not key.startswith("model.layers."):
             if key == "lm_head.weight" and config.tie_word_embeddings:
                 continue
-            _copy_(p, _shared(key, base_src, sources, attention), key)
+            _copy_(p, shared_weight(inputs, key), key)
     if config.tie_word_embeddings:
         model.tie_weights()
 
     if plan is not None:
         model.config.h3fusion["shared_experts"] = plan.record()
-    routers = [layer.mlp.gate.weight for layer in layers]
-    if router_init == "random":
-        for w in routers:
-            w.normal_(0.0, config.initializer_range)
-    elif router_init == "zeros":
-        for w in routers:
-            w.zero_()
-    else:
-        protos = prototype_rows(base, base_src, names, prototype_prompts, tokenizer)
-        for w, rows in zip(routers, protos, strict=True):
-            w.copy_(rows.to(w.dtype))
+    for layer, w in zip(layers, router_weights(inputs, base, prototype_prompts, tokenizer), strict=True):
+        layer.mlp.gate.weight.copy_(w)
     return model
 
 
@@ -346,69 +432,6 @@ def check_adapters(sources: Mapping[str, WeightSource], attention: str, allow_no
                 + (", or attention='mean' to average the shared weights" if dropped and not no_mlp else "")
             )
         warnings.warn(problem, UserWarning, stacklevel=3)
-
-
-def _tokenize(prompts, tokenizer) -> list[torch.Tensor]:
-    out = []
-    for p in prompts:
-        if isinstance(p, str):
-            if tokenizer is None:
-                raise ValueError("string prototype prompts need a tokenizer (pass tokenizer=, or a base directory)")
-            out.append(torch.tensor(tokenizer(p)["input_ids"], dtype=torch.long))
-        else:
-            out.append(torch.as_tensor(p, dtype=torch.long).reshape(-1))
-    return out
-
-
-@torch.no_grad()
-def prototype_rows(base, base_src: WeightSource, names, prompts, tokenizer=None) -> list[torch.Tensor]:
-    """Per layer, a [N, H] fp32 matrix whose row i is the unit-normalised mean MLP-input hidden state of expert i's
-    prompts, computed with the base model (loaded from its directory when `base` is a path).
-
-    Returns:
-        One [N, H] float32 tensor per decoder layer.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if isinstance(base, torch.nn.Module):
-        model = base
-    else:
-        model = AutoModelForCausalLM.from_pretrained(os.fspath(base), dtype=torch.float32)
-        if tokenizer is None:
-            with contextlib.suppress(Exception):
-                tokenizer = AutoTokenizer.from_pretrained(os.fspath(base))
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    decoder_layers = model.model.layers
-    sums = [torch.zeros(len(names), base_src.config.hidden_size) for _ in decoder_layers]
-    counts = [0] * len(names)
-    current = {"expert": 0}
-
-    def hook(layer_idx):
-        def fn(module, args):
-            h = args[0].detach().float().reshape(-1, args[0].shape[-1]).cpu()
-            sums[layer_idx][current["expert"]] += h.sum(0)
-
-        return fn
-
-    handles = [layer.mlp.register_forward_pre_hook(hook(i)) for i, layer in enumerate(decoder_layers)]
-    try:
-        for e, name in enumerate(names):
-            current["expert"] = e
-            for ids in _tokenize(prompts[name], tokenizer):
-                if ids.numel() == 0:
-                    continue
-                model(input_ids=ids.unsqueeze(0).to(device))
-                counts[e] += ids.numel()
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if min(counts) == 0:
-        raise ValueError("prototype_prompts: every expert needs at least one non-empty prompt")
-    n = torch.tensor(counts, dtype=torch.float32).unsqueeze(1)
-    return [torch.nn.functional.normalize(s / n, dim=-1) for s in sums]
 
 
 def save_fused_model(

@@ -26,6 +26,7 @@ import h3fusion_ext
 from .._lazy_registration import MOE_MODULE as _MOE_MODULE
 from .._lazy_registration import register_lazily  # noqa: F401  (re-exported)
 from .experts_layout import check_experts_layout as _check_experts_layout
+from .experts_layout import experts_activation  # noqa: F401  (re-exported: h3fusion.parallel reads it here)
 from .experts_layout import moe_blocks as _moe_blocks
 from .lora_experts import LoRAExperts
 
@@ -50,9 +51,14 @@ def h3fusion_experts_forward(
     Returns:
         [T, H] in hidden_states.dtype.
     """
-    _check_experts_layout(self)
+    activation = _check_experts_layout(self)
     return h3fusion_ext.moe_ffn(
-        hidden_states, top_k_weights.float(), top_k_index.to(torch.int32), self.gate_up_proj, self.down_proj
+        hidden_states,
+        top_k_weights.float(),
+        top_k_index.to(torch.int32),
+        self.gate_up_proj,
+        self.down_proj,
+        activation=activation,
     )
 
 

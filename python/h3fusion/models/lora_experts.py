@@ -53,6 +53,7 @@ class LoRAExperts(nn.Module):
         lora_alpha: s = lora_alpha / r (default: alpha = 2r, s = 2).
         init: "peft" (A ~ U(±1/sqrt(in)), B = 0: PEFT's default, the adapters start at zero), "zeros", or
             "empty" (the caller fills the factors).
+        activation: the gate's activation, "silu" (SwiGLU), "gelu" or "gelu_tanh" (GeGLU).
 
     Saving: `h3fusion.save_fused_model` (shared base), `lora_adapter_io.save_lora_adapter` (a PEFT adapter), or
     `merge_lora_experts` first. transformers' own `save_pretrained` writes the factors under names its
@@ -71,8 +72,12 @@ class LoRAExperts(nn.Module):
         lora_alpha: float | None = None,
         *,
         init: str = "peft",
+        activation: str = "silu",
     ):
         super().__init__()
+        if activation not in ("silu", "gelu", "gelu_tanh"):
+            raise ValueError(f"activation must be 'silu', 'gelu' or 'gelu_tanh', got {activation!r}")
+        self.moe_ffn_activation = activation  # what `experts_layout.experts_activation` reads
         if gate_up_proj.dim() != 3 or down_proj.dim() != 3:
             raise ValueError(
                 f"gate_up_proj and down_proj must be 3-D, got {tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}"
@@ -141,11 +146,11 @@ class LoRAExperts(nn.Module):
         Returns:
             the new module; `merge_lora_experts` puts `experts` back with the merged weights.
         """
-        check_experts_layout(experts)
+        activation = check_experts_layout(experts)
         gate_up, down = experts.gate_up_proj, experts.down_proj
         gate_up.requires_grad_(False)
         down.requires_grad_(False)
-        out = cls(gate_up, down, num_experts or gate_up.shape[0], rank, lora_alpha, **kw)
+        out = cls(gate_up, down, num_experts or gate_up.shape[0], rank, lora_alpha, activation=activation, **kw)
         out._plain = (experts,)
         return out
 
@@ -175,6 +180,7 @@ class LoRAExperts(nn.Module):
             self.gate_up_proj,
             self.down_proj,
             lora=self.lora(),
+            activation=self.moe_ffn_activation,
         )
 
     def delta_weight(self, projection: str) -> torch.Tensor:
@@ -210,7 +216,7 @@ class LoRAExperts(nn.Module):
         return (
             f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
             f"intermediate_size={self.intermediate_size}, rank={self.rank}, lora_alpha={self.lora_alpha}, "
-            f"shared_base={self.shared_base}"
+            f"shared_base={self.shared_base}, activation={self.moe_ffn_activation!r}"
         )
 
 

@@ -26,20 +26,24 @@ class H3FusionRouter(nn.Module):
 
 
 class H3FusionExperts(nn.Module):
-    """The experts' weights: `gate_up_proj[E, 2F, H]` (rows 0..F-1 gate, F..2F-1 up) and `down_proj[E, H, F]`."""
+    """The experts' weights: `gate_up_proj[E, 2F, H]` (rows 0..F-1 gate, F..2F-1 up) and `down_proj[E, H, F]`, and
+    their gated activation ("silu": SwiGLU, "gelu" / "gelu_tanh": GeGLU)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, activation: str = "silu"):
         super().__init__()
+        self.activation = activation
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x[T, H], weights[T, k] fp32, experts[T, k] int32 -> y[T, H] in x.dtype."""
-        return h3fusion_ext.moe_ffn(x, weights, experts, self.gate_up_proj, self.down_proj)
+        return h3fusion_ext.moe_ffn(
+            x, weights, experts, self.gate_up_proj, self.down_proj, activation=getattr(self, "activation", "silu")
+        )
 
 
 class H3FusionMoE(nn.Module):
-    """A sparse MoE layer: y_t = sum_j w_tj FFN_{e_tj}(x_t), FFN_e(x) = W_down[e] (silu(W_gate[e] x) * W_up[e] x).
+    """A sparse MoE layer: y_t = sum_j w_tj FFN_{e_tj}(x_t), FFN_e(x) = W_down[e] (act(W_gate[e] x) * W_up[e] x).
 
     Parameters: `router.weight[E, H]`, `experts.gate_up_proj[E, 2F, H]`, `experts.down_proj[E, H, F]`.
 
@@ -50,6 +54,7 @@ class H3FusionMoE(nn.Module):
         top_k: experts per token, 1 <= top_k <= E.
         renormalize: rescale the kept top-k probabilities to sum to 1 (Mixtral's rule).
         initializer_range: std of the normal initialisation of all three parameters.
+        activation: the experts' gated activation, "silu" (SwiGLU), "gelu" or "gelu_tanh" (GeGLU).
     """
 
     def __init__(
@@ -60,6 +65,7 @@ class H3FusionMoE(nn.Module):
         top_k: int,
         renormalize: bool = True,
         initializer_range: float = 0.02,
+        activation: str = "silu",
     ):
         super().__init__()
         for arg, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
@@ -75,7 +81,7 @@ class H3FusionMoE(nn.Module):
         self.top_k = top_k
         self.renormalize = renormalize
         self.router = H3FusionRouter(hidden_size, num_experts)
-        self.experts = H3FusionExperts(hidden_size, intermediate_size, num_experts)
+        self.experts = H3FusionExperts(hidden_size, intermediate_size, num_experts, activation)
         self.reset_parameters(initializer_range)
 
     @torch.no_grad()
@@ -110,7 +116,7 @@ class H3FusionMoE(nn.Module):
         Raises:
             ValueError: the block's layout is not Mixtral's, or its router/experts are wrapped (PEFT).
         """
-        from .hf_experts import _base_experts, _routers, check_block
+        from .hf_experts import _base_experts, _check_experts_layout, _routers, check_block
 
         check_block(block)
         gate, experts = block.gate, block.experts
@@ -130,10 +136,12 @@ class H3FusionMoE(nn.Module):
         out.experts = H3FusionExperts.__new__(H3FusionExperts)
         nn.Module.__init__(out.experts)
         out.experts.gate_up_proj, out.experts.down_proj = experts.gate_up_proj, experts.down_proj
+        out.experts.activation = _check_experts_layout(experts)
         return out
 
     def extra_repr(self) -> str:
         return (
             f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
-            f"num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}"
+            f"num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}, "
+            f"activation={self.experts.activation}"
         )

@@ -211,6 +211,7 @@ def build_shared_model(config, rank: int, dtype: torch.dtype, lora_alpha: float 
         config.num_local_experts, config.num_experts_per_tok = E, k
         torch.set_default_dtype(previous)
     model.to(dtype)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # RoPE frequencies stay fp32 (as in fuse)
     model.num_experts, model.num_experts_per_tok = E, k
     for layer in model.model.layers:
         block = layer.mlp

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 
+from ..models.hf_experts import experts_activation
 from ..models.lora_experts import LoRAExperts
 from ..models.moe_block import H3FusionMoE
 from .expert_parallel import ExpertParallelExperts, HFExpertParallelExperts
@@ -47,6 +48,7 @@ def convert_to_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None
     world = dist.get_world_size(group)
     layers = [m for m in model.modules() if isinstance(m, H3FusionMoE) or _is_hf_block(m)]
     layers = [m for m in layers if not isinstance(m.experts, ExpertParallelExperts)]
+    activations = []
     for layer in layers:  # validate first, so a refusal leaves the model untouched
         if isinstance(layer.experts, LoRAExperts):  # sharding only the base would drop the adapters
             raise ValueError(
@@ -56,9 +58,18 @@ def convert_to_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None
         e = layer.experts.gate_up_proj.shape[0]
         if e < world:
             raise ValueError(f"{type(layer).__name__}: {e} experts cannot be split over {world} ranks")
-    for layer in layers:
+        if isinstance(layer, H3FusionMoE):
+            activations.append(layer.experts.activation)
+        else:
+            activation = experts_activation(layer.experts)
+            if activation is None:
+                raise ValueError(f"{type(layer.experts).__name__}: its activation is not one moe_ffn supports")
+            activations.append(activation)
+    for layer, activation in zip(layers, activations, strict=True):
         cls = ExpertParallelExperts if isinstance(layer, H3FusionMoE) else HFExpertParallelExperts
         old = layer.experts
-        layer.experts = cls(old.gate_up_proj, old.down_proj, group=group, grad_divisor=grad_divisor)
+        layer.experts = cls(
+            old.gate_up_proj, old.down_proj, group=group, grad_divisor=grad_divisor, activation=activation
+        )
         del old
     return len(layers)

@@ -68,6 +68,7 @@ def expert_parallel_ffn(
     down_proj: torch.Tensor,
     num_experts: int,
     group: dist.ProcessGroup | None = None,
+    activation: str = "silu",
 ) -> torch.Tensor:
     """The MoE FFN of design.md §2 with the experts sharded over `group` (contiguous blocks, `expert_partition`).
 
@@ -79,6 +80,7 @@ def expert_parallel_ffn(
         down_proj: [E_local, H, F].
         num_experts: E, the experts of the whole layer.
         group: the expert-parallel process group (None: the default group).
+        activation: the experts' gated activation ("silu", "gelu", "gelu_tanh"), as in `h3fusion_ext.moe_ffn`.
 
     Returns:
         y: [T, H] in x.dtype; differentiable w.r.t. x, weights, gate_up_proj and down_proj.
@@ -118,7 +120,7 @@ def expert_parallel_ffn(
     recv_rows = all_to_all_rows(rows, recv_splits, send_splits, group)
     recv_ids = all_to_all_rows(local_ids, recv_splits, send_splits, group)
     unit = torch.ones(recv_rows.shape[0], 1, dtype=torch.float32, device=x.device)
-    out = h3fusion_ext.moe_ffn(recv_rows, unit, recv_ids.view(-1, 1), gate_up_proj, down_proj)
+    out = h3fusion_ext.moe_ffn(recv_rows, unit, recv_ids.view(-1, 1), gate_up_proj, down_proj, activation=activation)
     back = all_to_all_rows(out, send_splits, recv_splits, group)  # [T*k, H] in send order
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
@@ -139,6 +141,7 @@ class ExpertParallelExperts(nn.Module):
             kept (copied, so the full tensors can be freed).
         group: the expert-parallel process group (None: the default group).
         grad_divisor: the expert gradients are divided by this (the data-parallel world size under DDP).
+        activation: the experts' gated activation ("silu", "gelu", "gelu_tanh").
     """
 
     def __init__(
@@ -147,8 +150,10 @@ class ExpertParallelExperts(nn.Module):
         down_proj: torch.Tensor,
         group: dist.ProcessGroup | None = None,
         grad_divisor: int = 1,
+        activation: str = "silu",
     ):
         super().__init__()
+        self.activation = activation
         if grad_divisor < 1:
             raise ValueError(f"grad_divisor must be >= 1, got {grad_divisor}")
         self.num_experts = int(gate_up_proj.shape[0])
@@ -185,11 +190,14 @@ class ExpertParallelExperts(nn.Module):
         if self.grad_divisor != 1:
             gate_up = _ScaleGrad.apply(gate_up, 1.0 / self.grad_divisor)
             down = _ScaleGrad.apply(down, 1.0 / self.grad_divisor)
-        return expert_parallel_ffn(x, weights, experts, gate_up, down, self.num_experts, self.group)
+        return expert_parallel_ffn(x, weights, experts, gate_up, down, self.num_experts, self.group, self.activation)
 
     def extra_repr(self) -> str:
         start, stop = self.expert_range
-        return f"experts {start}..{stop - 1} of {self.num_experts}, grad_divisor={self.grad_divisor}"
+        return (
+            f"experts {start}..{stop - 1} of {self.num_experts}, grad_divisor={self.grad_divisor}, "
+            f"activation={self.activation}"
+        )
 
 
 class HFExpertParallelExperts(ExpertParallelExperts):

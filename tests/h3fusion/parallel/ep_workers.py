@@ -91,13 +91,14 @@ def check_layer(rank, world, ep_size, num_experts, seed):
     torch.testing.assert_close(layer.experts.down_proj.grad, full.experts.down_proj.grad[start:stop], **TOL)
 
 
-def _tiny_model(seed, num_experts):
+def _tiny_model(seed, num_experts, hidden_act="silu"):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
     cfg = MixtralConfig(
         vocab_size=32, hidden_size=16, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, num_local_experts=num_experts, num_experts_per_tok=2, max_position_embeddings=32,
+        hidden_act=hidden_act,
     )  # fmt: skip
     model = MixtralForCausalLM(cfg).double()
     replace_moe_blocks(model)  # routing and experts on the h3fusion ops, like a fused model being trained
@@ -110,7 +111,7 @@ def _lm_loss(model, ids):
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def check_training(rank, world, ep_size, num_experts, seed, steps=3):
+def check_training(rank, world, ep_size, num_experts, seed, hidden_act="silu", steps=3):
     """A tiny Mixtral trained a few steps with EP (inside DDP) equals the single-process run on the global batch:
     the loss of every step and all final parameters."""
     from torch.nn.parallel import DistributedDataParallel
@@ -120,7 +121,7 @@ def check_training(rank, world, ep_size, num_experts, seed, steps=3):
     batch = torch.randint(0, 32, (2 * world, 6), generator=g)  # equal lengths: rank means average to the global
     mine = slice(2 * rank, 2 * rank + 2)
 
-    ref = _tiny_model(seed, num_experts)
+    ref = _tiny_model(seed, num_experts, hidden_act)
     model = copy.deepcopy(ref)
     # plain SGD: the update is linear in the gradient, so a wrong expert-gradient scale (grad_divisor, the
     # expert-data-parallel sum) changes the parameters; Adam would normalise it away
@@ -167,6 +168,7 @@ def check_training(rank, world, ep_size, num_experts, seed, steps=3):
         torch.testing.assert_close(t, ref_state[name], rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def check_all(rank, world, ep_size, num_experts, seed):
+def check_all(rank, world, ep_size, num_experts, seed, hidden_act="silu"):
     check_layer(rank, world, ep_size, num_experts, seed)
-    check_training(rank, world, ep_size, num_experts, seed)
+    # hidden_act: a GeGLU model must keep its activation through convert_to_expert_parallel
+    check_training(rank, world, ep_size, num_experts, seed, hidden_act)

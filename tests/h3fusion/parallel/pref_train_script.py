@@ -24,6 +24,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--optim", default="sgd")
+    parser.add_argument("--save-steps", type=int, default=0, help="save a checkpoint every N steps (0: never)")
+    parser.add_argument("--stop-after", type=int, default=0, help="end the run after step N (an interruption)")
+    parser.add_argument("--resume", default=None, help="a checkpoint folder to resume from")
     a = parser.parse_args()
 
     import torch
@@ -42,8 +46,9 @@ def main() -> None:
     # near-zero gradient entry into a full lr-sized step) and a wrong loss scale (accumulation, ranks) shows
     kwargs = dict(
         output_dir=os.path.join(a.out, "run"), use_cpu=True, report_to="none", per_device_train_batch_size=a.batch,
-        gradient_accumulation_steps=a.ga, max_steps=a.steps, learning_rate=0.2, optim="sgd",
-        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", disable_tqdm=True, seed=a.seed,
+        gradient_accumulation_steps=a.ga, max_steps=a.steps, learning_rate=0.2 if a.optim == "sgd" else 0.01,
+        optim=a.optim, lr_scheduler_type="constant", logging_steps=1, disable_tqdm=True, seed=a.seed,
+        save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500,
     )  # fmt: skip
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         kwargs["ddp_backend"] = "gloo"
@@ -78,7 +83,16 @@ def main() -> None:
         data = build_pairs(records, mode="per_source")[:16]
         ref = tiny_llama(len(tok), hidden=16)
         trainer = FusePOTrainer(model, ref, args, data, None, tok, loss="dpo", beta=0.5)
-    trainer.train()
+    if a.stop_after:
+        from transformers import TrainerCallback
+
+        class StopAfter(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step >= a.stop_after:
+                    control.should_training_stop = True  # the step's checkpoint is still saved
+
+        trainer.add_callback(StopAfter())
+    trainer.train(resume_from_checkpoint=a.resume)
     state = trainer.accelerator.get_state_dict(trainer.model)
     if trainer.accelerator.is_main_process:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "step" in h]

@@ -34,8 +34,8 @@ def test_two_ranks_uneven_experts_match_single_process(tmp_path):
 
 @pytest.mark.slow
 def test_four_ranks_expert_parallel_inside_data_parallel(tmp_path):
-    # DP over 4 ranks, two EP groups of 2 ({0,1}, {2,3}), expert-data-parallel groups {0,2}, {1,3}
-    run_ranks(check_all, 4, tmp_path, 2, 4, random.randint(0, 10_000))
+    # DP over 4 ranks, two EP groups of 2 ({0,1}, {2,3}), expert-data-parallel groups {0,2}, {1,3}; GeGLU experts
+    run_ranks(check_all, 4, tmp_path, 2, 4, random.randint(0, 10_000), "gelu_pytorch_tanh")
 
 
 def test_torch_has_gloo_all_to_all():

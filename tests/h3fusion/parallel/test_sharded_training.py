@@ -25,7 +25,7 @@ pytestmark = [
 ]
 
 
-def _run(out, trainer, nproc, batch, ga=1, fsdp=False, seed=0):
+def _run(out, trainer, nproc, batch, ga=1, fsdp=False, seed=0, extra=()):
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python")]),
@@ -35,6 +35,7 @@ def _run(out, trainer, nproc, batch, ga=1, fsdp=False, seed=0):
     args = [SCRIPT, "--trainer", trainer, "--out", str(out), "--batch", str(batch), "--ga", str(ga)]
     args += ["--seed", str(seed)]
     args += ["--fsdp"] if fsdp else []
+    args += list(extra)
     if nproc > 1:
         port = str(random.randint(20000, 40000))
         args = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port, *args]
