@@ -165,6 +165,6 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"fused {len(names)} experts ({', '.join(names)}) x {cfg['num_hidden_layers']} layers, "
         f"top-{cfg['num_experts_per_tok']}, attention={args.attention}, router={args.router_init}, "
-        f"experts {layout}, {cfg['dtype']} -> {out}"
+        f"experts {layout}, {cfg.get('dtype')} -> {out}"
     )
     return 0

@@ -93,6 +93,7 @@ def write_shared_model(model, out_dir: str | os.PathLike) -> None:
     shared.update(rank=first.rank, lora_alpha=first.lora_alpha)
     record.update(experts_layout="shared", shared_experts=shared)
     model.config.h3fusion = record
+    model.config.dtype = next(model.parameters()).dtype  # recorded as save_pretrained does
     save_file(_state_to_save(model), os.path.join(os.fspath(out_dir), SHARED_WEIGHTS), metadata={"format": "pt"})
     atomic_write_text(os.path.join(os.fspath(out_dir), "config.json"), model.config.to_json_string())
 
