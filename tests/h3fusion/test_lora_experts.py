@@ -160,3 +160,23 @@ def test_save_fused_model_refuses_unmerged_per_expert_lora(tmp_path):
     assert not (tmp_path / "out").exists()
     save_fused_model(merge_lora_experts(model), tmp_path / "out")  # merged: a plain checkpoint
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu_pytorch_tanh", "gelu"])
+def test_lora_experts_keep_a_geglu_models_activation(hidden_act):
+    from training_tiny import tiny_mixtral_config
+    from transformers import MixtralForCausalLM
+
+    model = MixtralForCausalLM(tiny_mixtral_config(hidden_act=hidden_act)).eval()
+    ids = torch.randint(0, 40, (2, 7))
+    add_lora_experts(model, rank=2)
+    want = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}[hidden_act]
+    for layer in model.model.layers:
+        assert layer.mlp.experts.moe_ffn_activation == want
+        _random_factors(layer.mlp.experts)
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        merge_lora_experts(model)
+        model.set_experts_implementation("eager")
+        eager = model(input_ids=ids).logits  # transformers' own GeGLU experts on W + sBA
+    torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5)
