@@ -271,7 +271,7 @@ def test_large_deltas_take_a_randomized_svd_with_an_exact_error(monkeypatch, bas
             delta = torch.cat([w(full, k) - w(base, k) for k in keys])
             kept = merged[i][0].double() - torch.cat([w(base, k) for k in keys])
             assert ours[projection] == pytest.approx(float((delta - kept).norm() / delta.norm()), rel=1e-3)
-            assert best[projection] <= ours[projection] <= best[projection] * 1.05  # near the optimum
+            assert best[projection] * (1 - 1e-5) <= ours[projection] <= best[projection] * 1.05  # near the optimum
     for a, b in zip(fast.model.layers, again.model.layers, strict=True):  # seeded: reproducible
         for x, y in zip(a.mlp.experts.parameters(), b.mlp.experts.parameters(), strict=True):
             assert torch.equal(x, y)

@@ -298,9 +298,9 @@ def fuse_models(
         prototype_prompts=prototype_prompts, dtype=dtype, allow_non_mlp_adapter=allow_non_mlp_adapter,
     )  # fmt: skip
     config, dtype = inputs.config, inputs.dtype
-    config.h3fusion["experts_layout"] = experts
     plan = None
-    if experts == "shared":
+    if experts == "shared":  # (a record without experts_layout is a materialised fusion, as fuse_to_disk writes)
+        config.h3fusion["experts_layout"] = "shared"
         from .shared_experts import SharedExpertsPlan, build_shared_model
 
         plan = SharedExpertsPlan(inputs.names, inputs.sources, inputs.base_src, delta_rank)
