@@ -45,6 +45,8 @@ _EXPORTS: dict[str, str] = {
     "fuse_models": "h3fusion.models.fuse",
     "fuse_to_disk": "h3fusion.models.fuse_stream",
     "save_fused_model": "h3fusion.models.fuse",
+    "load_fused_model": "h3fusion.models.shared_format",
+    "LoRAExperts": "h3fusion.models.lora_experts",
     "current_experts_implementation": "h3fusion.models.hf_experts",
     "register_experts_implementation": "h3fusion.models.hf_experts",
     "replace_moe_blocks": "h3fusion.models.hf_experts",
@@ -96,7 +98,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         restore_moe_blocks,
         set_experts_implementation,
     )
+    from .models.lora_experts import LoRAExperts
     from .models.moe_block import H3FusionMoE
+    from .models.shared_format import load_fused_model
     from .route_report import route_report
     from .trainers.fuse_po import FusePOTrainer
     from .trainers.fuse_sft import FuseSFTTrainer

@@ -8,6 +8,7 @@ Python wrappers reach it. The autograd engine carries the mode into the backward
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -28,3 +29,28 @@ class count_h3fusion_ops(TorchDispatchMode):  # noqa: N801  (used as a context m
         if namespace == "h3fusion":
             self.counts[name.split(".")[0]] += 1
         return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def count_lora_moe_calls():
+    """`with count_lora_moe_calls() as calls: ...` counts `h3fusion_ext.moe_ffn(..., lora=...)` calls ("forward")
+    and the backward passes that reach their outputs ("backward"), at the public API: the LoRA path may run on
+    kernels of its own or on the reference, and either way the call must go through our op's API."""
+    import h3fusion_ext
+
+    calls: Counter[str] = Counter()
+    original = h3fusion_ext.moe_ffn
+
+    def spy(*args, lora=None, **kwargs):
+        y = original(*args, lora=lora, **kwargs)
+        if lora is not None:
+            calls["forward"] += 1
+            if y.requires_grad:
+                y.register_hook(lambda grad: calls.update(["backward"]))
+        return y
+
+    h3fusion_ext.moe_ffn = spy
+    try:
+        yield calls
+    finally:
+        h3fusion_ext.moe_ffn = original

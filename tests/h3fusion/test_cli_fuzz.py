@@ -59,7 +59,8 @@ TRAINING = {"--max-length": "positive_int", "--epochs": "positive_float", "--max
             "--logging-steps": "positive_int", "--device": "plain_device"}  # fmt: skip
 FLAGS = {
     "demo": {"--threads": "positive_int"},
-    "fuse": {"--top-k": "positive_int", "--max-shard-size": "shard"},
+    "fuse": {"--top-k": "positive_int", "--max-shard-size": "shard", "--delta-rank": "positive_int"},
+    "export": {"--max-shard-size": "shard"},
     "train": {**TRAINING, "--warmup-steps": "nonneg_int", "--save-steps": "positive_int", "--lora-rank": "positive_int",
               "--lora-alpha": "positive_float", "--lambda-gate": "nonneg_float", "--lambda-balance": "nonneg_float",
               "--gammas": "gammas", "--top-k": "positive_int", "--save-total-limit": "positive_int",
@@ -94,6 +95,7 @@ def base_argv(tmp_path_factory):
     return {
         "demo": [],
         "fuse": ["--base", str(d), "--expert", f"a={d}", "--out", out],
+        "export": [str(d), "--out", out],
         "train": [str(d), "--data", "x.jsonl", "--out", out],
         "fuse-sft": ["--model", str(d), "--data", "x.jsonl", "--out", out],
         "fuse-po": ["--model", str(d), "--data", "x.jsonl", "--out", out],

@@ -108,17 +108,29 @@ def test_top_k_is_configurable(tmp_path):
         H3FusionTrainer(tiny_fused(), args_for(tmp_path), gammas=[1.0, 2.0])
 
 
-def test_lora_experts_train_router_and_adapters_only(tmp_path):
+@pytest.mark.parametrize("impl", ["h3fusion", "eager"])
+def test_lora_experts_train_router_and_adapters_only(tmp_path, impl):
+    # "h3fusion": our LoRAExperts (adapters inside moe_ffn); "eager": PEFT's target_parameters path
+    from h3fusion.models import LoRAExperts, merge_lora_experts
+
     pytest.importorskip("peft")
     model = tiny_fused()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = gate_trainer(model, tmp_path, n_train=32, epochs=2, gammas=[0.01, 0.01, 0.01], lora_rank=2)
+    trainer = gate_trainer(
+        model, tmp_path, n_train=32, epochs=2, gammas=[0.01, 0.01, 0.01], lora_rank=2, experts_implementation=impl
+    )
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n or ("modules_to_save" in n and ".mlp.gate." in n) for n in trainable)
-    assert any("lora_" in n for n in trainable) and any("modules_to_save" in n for n in trainable)
+    if impl == "h3fusion":
+        assert all(isinstance(layer.mlp.experts, LoRAExperts) for layer in trainer.model.model.layers)
+        assert all("_lora_" in n or n.endswith(".mlp.gate.weight") for n in trainable), trainable
+        assert len(trainable) == 5 * len(trainer.model.model.layers)  # router + 4 factors per layer
+    else:
+        assert all("lora_" in n or ("modules_to_save" in n and ".mlp.gate." in n) for n in trainable)
+        assert any("lora_" in n for n in trainable) and any("modules_to_save" in n for n in trainable)
     trainer.train()
-    merged = trainer.model.merge_and_unload()
+    merged = merge_lora_experts(trainer.model) if impl == "h3fusion" else trainer.model.merge_and_unload()
     after = dict(merged.named_parameters())
+    assert set(after) == set(before)
     for n, old in before.items():
         trains = ".mlp.gate." in n or ".mlp.experts." in n
         assert torch.equal(after[n], old) != trains, n

@@ -14,12 +14,13 @@ from h3fusion.data import InstructionCollator, InstructionExample, save_instruct
 from h3fusion.losses import causal_lm_loss, gating_loss, lm_loss_from_hidden, load_balancing_loss
 from h3fusion.models import (
     EXPERTS_IMPLEMENTATIONS,
+    LoRAExperts,
     current_experts_implementation,
     restore_moe_blocks,
     set_experts_implementation,
 )
 from h3fusion.trainers import H3FusionTrainer, prepare_h3fusion_model
-from op_counts import count_h3fusion_ops
+from op_counts import count_h3fusion_ops, count_lora_moe_calls
 from training_tiny import (
     EXPERT_NAMES,
     quiet_training_args,
@@ -134,10 +135,15 @@ def test_compute_loss_equals_the_logits_path_in_value_and_gradients(tmp_path, lo
         _randomize_lora_b(model)
     batch = InstructionCollator(0)(separable_features(6, max_len=9))
     params = [p for p in model.parameters() if p.requires_grad]
-    with count_h3fusion_ops() as counts:
+    with count_h3fusion_ops() as counts, count_lora_moe_calls() as lora_calls:
         loss = trainer.compute_loss(model, batch)
         grads = torch.autograd.grad(loss, params)
-    assert counts["linear_logprob_forward"] == 1 and counts["moe_ffn_forward"] == LAYERS
+    assert counts["linear_logprob_forward"] == 1 and counts["topk_route"] == LAYERS
+    if lora_rank:  # LoRAExperts: moe_ffn(..., lora=...) in forward and backward, on the LoRA kernels
+        assert lora_calls["forward"] == lora_calls["backward"] == LAYERS, dict(lora_calls)
+        assert counts["moe_lora_ffn_forward"] == counts["moe_lora_ffn_backward"] == LAYERS, dict(counts)
+    else:
+        assert counts["moe_ffn_forward"] == LAYERS and not lora_calls
 
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
     mask, cats = batch["attention_mask"], batch["category_labels"]
@@ -178,9 +184,10 @@ def _count_training(tmp_path, steps, **kw):
         gammas=0.01,
         **kw,
     )
-    with count_h3fusion_ops() as counts:
+    with count_h3fusion_ops() as counts, count_lora_moe_calls() as lora_calls:
         trainer.train()
     assert projected == [0] * steps
+    counts.update({f"lora_moe_ffn_{k}": v for k, v in lora_calls.items()})
     return trainer, counts
 
 
@@ -190,15 +197,19 @@ def test_train_runs_every_moe_block_and_the_lm_loss_on_our_ops(tmp_path, lora_ra
     trainer, counts = _count_training(tmp_path, steps, lora_rank=lora_rank)
     assert trainer.experts_implementation == "h3fusion"
     per_layer = LAYERS * steps
-    for op in ("topk_route", "topk_route_backward", "moe_ffn_forward", "moe_ffn_backward"):
+    moe = ("moe_ffn_forward", "moe_ffn_backward")
+    if lora_rank:  # through the public API (lora=...) down to the LoRA kernels, forward and backward
+        moe = ("lora_moe_ffn_forward", "lora_moe_ffn_backward", "moe_lora_ffn_forward", "moe_lora_ffn_backward")
+    for op in ("topk_route", "topk_route_backward", *moe):
         assert counts[op] == per_layer, (op, dict(counts))
     assert counts["linear_logprob_forward"] == counts["linear_logprob_backward"] == steps, dict(counts)
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == steps and all({"lm_loss", "gate_loss", "drift_loss"} <= set(h) for h in logged)
     assert logged[-1]["drift_loss"] > 0  # the experts moved (through moe_ffn's weight gradients)
     if lora_rank:
+        assert all(isinstance(layer.mlp.experts, LoRAExperts) for layer in trainer.model.model.layers)
         lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
-        assert lora_b and all(p.abs().max() > 0 for p in lora_b)  # B starts at 0: our backward reached it
+        assert len(lora_b) == 2 * LAYERS and all(p.abs().max() > 0 for p in lora_b)  # B starts at 0: backward got it
 
 
 @pytest.mark.parametrize("lora_rank", [None, 2])
@@ -214,9 +225,11 @@ def test_bf16_training_runs_on_our_ops(tmp_path, lora_rank):
         gammas=0.01,
         lora_rank=lora_rank,
     )
-    with count_h3fusion_ops() as counts:
+    with count_h3fusion_ops() as counts, count_lora_moe_calls() as lora_calls:
         trainer.train()
-    assert counts["moe_ffn_backward"] == counts["topk_route_backward"] == LAYERS * steps, dict(counts)
+    moe_backward = counts["moe_lora_ffn_backward"] if lora_rank else counts["moe_ffn_backward"]
+    assert moe_backward == counts["topk_route_backward"] == LAYERS * steps, (dict(counts), dict(lora_calls))
+    assert lora_calls["backward"] == (LAYERS * steps if lora_rank else 0)
     assert counts["linear_logprob_backward"] == steps
     logged = [h for h in trainer.state.log_history if "lm_loss" in h]
     assert len(logged) == steps and all(0 < h["lm_loss"] < 10 and 0 < h["gate_loss"] < 10 for h in logged)
@@ -242,9 +255,10 @@ def test_transformers_implementations_run_none_of_our_moe_ops(tmp_path, impl):
 # ---- choosing and switching the implementation -----------------------------------------------------------------
 
 
-def test_switching_implementations_keeps_the_function_with_lora_experts():
-    model = prepare_h3fusion_model(tiny_fused(), lora_rank=2)
-    assert current_experts_implementation(model) == "h3fusion"
+def test_switching_implementations_keeps_the_function_with_peft_lora_experts():
+    model = prepare_h3fusion_model(tiny_fused(), lora_rank=2, experts_implementation="eager")  # PEFT's path
+    assert current_experts_implementation(model) == "eager"
+    assert set_experts_implementation(model, "h3fusion") == "h3fusion"
     _randomize_lora_b(model)
     ids = torch.randint(0, 40, (2, 9))
     with torch.no_grad():

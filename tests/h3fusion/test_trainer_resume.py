@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from h3fusion.data import InstructionCollator
+from h3fusion.models.lora_experts import lora_experts_modules, merge_lora_experts
 from h3fusion.trainers import H3FusionTrainer
 from h3fusion.trainers.h3fusion_trainer import REFERENCE_FILE
 from training_tiny import EXPERT_NAMES, separable_features, tiny_fused, word_level_tokenizer
@@ -59,8 +60,10 @@ def make_trainer(model, out, data, seed, callbacks=None, lora_rank=None):
 
 def trained_state(trainer):
     model = trainer.model
-    if hasattr(model, "merge_and_unload"):
+    if hasattr(model, "merge_and_unload"):  # PEFT
         model = copy.deepcopy(model).merge_and_unload()
+    elif lora_experts_modules(model):  # our LoRAExperts
+        model = merge_lora_experts(copy.deepcopy(model))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

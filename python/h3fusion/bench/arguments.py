@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--only",
         type=comma_names(),
         default=None,
-        help="comma-separated benches: moe,logprob,hf_moe,fusion (default: all but fusion, which writes GBs)",
+        help="comma-separated benches: moe,logprob,hf_moe,lora,fusion (default: all but fusion, which writes GBs)",
     )
     parser.add_argument("--out", default="bench_results.json", help="JSON output path (default: %(default)s)")
     parser.add_argument(

@@ -22,9 +22,10 @@ BENCH_MODULES = {
     "moe": "h3fusion.bench.moe_bench",
     "logprob": "h3fusion.bench.logprob_bench",
     "hf_moe": "h3fusion.bench.hf_moe_bench",
+    "lora": "h3fusion.bench.lora_bench",
     "fusion": "h3fusion.bench.fusion_bench",  # writes GBs of checkpoints: run only when named (--only fusion)
 }
-DEFAULT_BENCHES = ["moe", "logprob", "hf_moe"]
+DEFAULT_BENCHES = ["moe", "logprob", "hf_moe", "lora"]
 COLUMNS = [
     "case",
     "impl",
@@ -46,6 +47,10 @@ COLUMNS = [
     "speedup_vs_eager",
     "time_vs_materialized",
     "mem_vs_materialized",
+    "weight_mem_mb",
+    "speedup_vs_peft",
+    "mem_vs_peft",
+    "max_abs_diff",
     "error",
 ]
 

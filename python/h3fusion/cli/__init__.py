@@ -23,6 +23,7 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "demo": "demo",
     "fuse": "fuse",
+    "export": "export",
     "train": "train",
     "fuse-sft": "fuse_sft",
     "fuse-po": "fuse_po",

@@ -46,6 +46,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fuse LoRA adapters whose non-MLP changes (attention, embeddings...) are dropped, with a warning listing "
         "them (default: refuse such adapters)",
     )
+    parser.add_argument(
+        "--experts",
+        choices=("materialised", "shared"),
+        default="materialised",
+        help="materialised: every expert a full FFN, a plain Mixtral checkpoint (default); shared: every layer keeps "
+        "the base FFN once plus each expert's LoRA adapter (all experts must be adapters of --base, or see "
+        "--delta-rank); load it with h3fusion.load_fused_model, `h3fusion export` makes it a plain Mixtral",
+    )
+    parser.add_argument(
+        "--delta-rank",
+        type=positive_int,
+        default=None,
+        help="with --experts shared: full-weight experts enter as the rank-R truncated SVD of their delta from the "
+        "base (per projection); the relative reconstruction error per layer is printed and recorded",
+    )
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     parser.add_argument(
         "--max-shard-size", type=max_shard_size, default="5GB", help="safetensors shard size, e.g. 2GB (default 5GB)"
@@ -87,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--prototype-prompts is only used with --router-init prototypes")
     if args.router_init == "prototypes" and not args.prototype_prompts:
         raise ValueError("--router-init prototypes needs --prototype-prompts FILE")
+    if args.delta_rank is not None and args.experts != "shared":
+        raise ValueError("--delta-rank applies to --experts shared only")
     inputs = [args.base, *(p for _, p in args.expert), args.prototype_prompts]
     # everything the user gave is checked before the (long) fusion starts
     check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)
@@ -94,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from h3fusion.models.fuse import fuse_models, save_fused_model
     from h3fusion.models.fuse_stream import fuse_to_disk
 
     if args.seed is not None:
@@ -103,29 +121,50 @@ def run(args: argparse.Namespace) -> int:
     with claim_output_dir(args.out, kind="fuse", overwrite=args.overwrite, inputs=inputs, clear=False) as out:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
-            # streamed: tensor by tensor from the inputs into the output shards, never the whole fused model
-            out = fuse_to_disk(
-                args.base,
-                dict(args.expert),
-                out,
-                top_k=args.top_k,
-                attention=args.attention,
-                router_init=args.router_init,
-                prototype_prompts=prompts,
-                dtype=dtype,
-                max_shard_size=args.max_shard_size,
-                overwrite=True,
-                progress=not args.no_progress,
-                allow_non_mlp_adapter=args.allow_non_mlp_adapter,
-            )
+            if args.experts == "shared":  # built in memory (FFNs: the base once + adapters), then saved
+                model = fuse_models(
+                    args.base,
+                    dict(args.expert),
+                    top_k=args.top_k,
+                    attention=args.attention,
+                    router_init=args.router_init,
+                    prototype_prompts=prompts,
+                    dtype=dtype,
+                    progress=not args.no_progress,
+                    allow_non_mlp_adapter=args.allow_non_mlp_adapter,
+                    experts="shared",
+                    delta_rank=args.delta_rank,
+                )
+                out = save_fused_model(model, out, base=args.base, overwrite=True)
+            else:
+                # streamed: tensor by tensor from the inputs into the output shards, never the whole fused model
+                out = fuse_to_disk(
+                    args.base,
+                    dict(args.expert),
+                    out,
+                    top_k=args.top_k,
+                    attention=args.attention,
+                    router_init=args.router_init,
+                    prototype_prompts=prompts,
+                    dtype=dtype,
+                    max_shard_size=args.max_shard_size,
+                    overwrite=True,
+                    progress=not args.no_progress,
+                    allow_non_mlp_adapter=args.allow_non_mlp_adapter,
+                )
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
     from h3fusion.utils.files import read_json
 
     cfg = read_json(os.path.join(out, "config.json"))
+    shared = (cfg.get("h3fusion") or {}).get("shared_experts") or {}
+    for layer, experts in sorted((shared.get("delta_relative_error") or {}).items(), key=lambda kv: int(kv[0])):
+        worst = ", ".join(f"{n} {max(e.values()):.3g}" for n, e in experts.items())
+        print(f"layer {layer}: relative delta reconstruction error at rank {args.delta_rank}: {worst}")
+    layout = f"shared base + rank-{shared['rank']} adapters" if shared else "materialised"
     print(
         f"fused {len(names)} experts ({', '.join(names)}) x {cfg['num_hidden_layers']} layers, "
         f"top-{cfg['num_experts_per_tok']}, attention={args.attention}, router={args.router_init}, "
-        f"{cfg['dtype']} -> {out}"
+        f"experts {layout}, {cfg.get('dtype')} -> {out}"
     )
     return 0

@@ -52,9 +52,13 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from h3fusion.models import set_experts_implementation
+    from h3fusion.models.shared_format import is_shared_dir, load_fused_model
     from h3fusion.route_report import route_report
 
-    model = load_pretrained(AutoModelForCausalLM, args.model, "model").to(device)
+    if is_shared_dir(args.model):  # shared-base experts (design.md §11)
+        model = load_fused_model(args.model, device=device)
+    else:
+        model = load_pretrained(AutoModelForCausalLM, args.model, "model").to(device)
     set_experts_implementation(model, args.experts_implementation)
     tokenizer = load_pretrained(AutoTokenizer, args.tokenizer or args.model, "--tokenizer")
     with claim_output_dir(args.out, kind="route-report", overwrite=args.overwrite, inputs=inputs) as out:

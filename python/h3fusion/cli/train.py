@@ -2,7 +2,9 @@
 
 Runs unchanged under `torchrun --nproc_per_node N -m h3fusion train ...` or `accelerate launch -m h3fusion train
 ...` (it is a `transformers.Trainer`). The final model is written to `<out>/final` as a plain Hugging Face
-checkpoint (LoRA experts merged), loadable with `AutoModelForCausalLM.from_pretrained`.
+checkpoint (LoRA experts merged), loadable with `AutoModelForCausalLM.from_pretrained`; with `--lora-rank` the
+adapter is also written to `<out>/adapter` in PEFT's format. A shared-base model (`h3fusion fuse --experts shared`)
+trains its routers and expert adapters and stays shared-base in `<out>/final` (`h3fusion export` makes it plain).
 """
 
 from __future__ import annotations
@@ -122,9 +124,13 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from h3fusion.data import InstructionDataset, expert_names_from_config
+    from h3fusion.models.shared_format import is_shared_dir, load_fused_model
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model = load_pretrained(AutoModelForCausalLM, args.model, "model", dtype=dtype)
+    if is_shared_dir(args.model):  # shared-base experts (design.md §11): adapters and routers train
+        model = load_fused_model(args.model, dtype=dtype)
+    else:
+        model = load_pretrained(AutoModelForCausalLM, args.model, "model", dtype=dtype)
     tokenizer = load_pretrained(AutoTokenizer, args.tokenizer or args.model, "--tokenizer")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -147,7 +153,6 @@ def _train(args, model, tokenizer, dataset, names, gammas, resume, device) -> No
 
     from h3fusion.data import InstructionCollator
     from h3fusion.trainers import H3FusionTrainer
-    from h3fusion.trainers.checkpoint import publish_staged_dir, staging_dir_for
     from h3fusion.utils.files import atomic_write_json
 
     targs = TrainingArguments(
@@ -188,13 +193,7 @@ def _train(args, model, tokenizer, dataset, names, gammas, resume, device) -> No
     )
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
-        final_model = trainer.model
-        if hasattr(final_model, "merge_and_unload"):
-            final_model = final_model.merge_and_unload()
-        staged = staging_dir_for(args.out, "final")
-        final_model.save_pretrained(staged)
-        tokenizer.save_pretrained(staged)
-        publish_staged_dir(staged, os.path.join(args.out, "final"))
+        _publish_final(trainer.model, tokenizer, args)
         atomic_write_json(os.path.join(args.out, "train_log.json"), trainer.state.log_history)
         # the run's settings, with the experts implementation that actually ran the MoE blocks
         run_config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
@@ -202,3 +201,32 @@ def _train(args, model, tokenizer, dataset, names, gammas, resume, device) -> No
         atomic_write_json(os.path.join(args.out, "run_config.json"), run_config)
         print(f"final model: {os.path.join(args.out, 'final')}")
     trainer.accelerator.wait_for_everyone()
+
+
+def _publish_final(model, tokenizer, args) -> None:
+    """<out>/final: the trained model with LoRA experts merged (a plain checkpoint), or in the shared-base format
+    when it has a shared base; with LoRA experts also <out>/adapter, the adapter in PEFT's format."""
+    import os
+
+    from h3fusion.models.lora_adapter_io import save_lora_adapter
+    from h3fusion.models.lora_experts import lora_experts_modules, merge_lora_experts
+    from h3fusion.models.shared_format import is_shared_model, write_shared_model
+    from h3fusion.trainers.checkpoint import publish_staged_dir, staging_dir_for
+
+    def publish(name, write):
+        staged = staging_dir_for(args.out, name)
+        os.makedirs(staged, exist_ok=True)
+        write(staged)
+        tokenizer.save_pretrained(staged)
+        publish_staged_dir(staged, os.path.join(args.out, name))
+
+    if is_shared_model(model):
+        publish("final", lambda d: write_shared_model(model, d))
+        return
+    if lora_experts_modules(model):
+        publish("adapter", lambda d: save_lora_adapter(model, d, base_model_name_or_path=os.path.abspath(args.model)))
+        model = merge_lora_experts(model)
+    elif hasattr(model, "merge_and_unload"):  # PEFT (transformers' experts implementations)
+        publish("adapter", model.save_pretrained)
+        model = model.merge_and_unload()
+    publish("final", model.save_pretrained)

@@ -188,12 +188,25 @@ def _lora_deltas(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return deltas
 
 
+def _lora_experts_by_key(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str]]:
+    """Our `LoRAExperts` modules' base-weight keys -> (module, projection name)."""
+    from ..models.lora_experts import FACTOR_NAMES, LoRAExperts
+
+    return {
+        canonical_param_name(f"{name}.{projection}"): (module, projection)
+        for name, module in model.named_modules()
+        if isinstance(module, LoRAExperts)
+        for projection in FACTOR_NAMES
+    }
+
+
 def expert_drift_norms(
     model: torch.nn.Module, reference_state: Mapping[str, torch.Tensor], squared: bool = False
 ) -> torch.Tensor:
     """R_i for every expert: the mean over MoE layers of ‖ΔW_{i,l}‖₂ (gate, up and down together).
 
-    ΔW = θ − θ⁽⁰⁾ for trainable expert weights, plus the effective (alpha/r)·B·A for PEFT-LoRA experts.
+    ΔW = θ − θ⁽⁰⁾ for trainable expert weights, plus the effective (alpha/r)·B·A for LoRA experts (PEFT's, or our
+    `LoRAExperts`, whose shared `[1, ...]` base broadcasts over the E adapters).
 
     Args:
         model: the fused model (bare, PEFT-wrapped or DDP-wrapped).
@@ -204,6 +217,7 @@ def expert_drift_norms(
         fp32 tensor [E].
     """
     lora = _lora_deltas(model)
+    ours = _lora_experts_by_key(model)  # our LoRAExperts: (module, projection) per base-weight key
     per_layer: dict[int, torch.Tensor] = {}
     seen = set()
     for name, p in model.named_parameters():
@@ -217,9 +231,14 @@ def expert_drift_norms(
         delta = (p - reference_like(ref, p)) if p.requires_grad else None  # DTensor under FSDP2 (design.md §9)
         if key in lora:
             delta = lora[key] if delta is None else delta + lora[key]
-        if delta is None:
-            continue  # frozen and not adapted: no drift possible
-        sq = per_expert_squared_norm(delta)  # [E], per-shard partial sums gathered when sharded
+        if key in ours and delta is None:  # frozen base: ‖s·B·A‖² from r×r Gram matrices, no [out, in] product
+            sq = ours[key][0].delta_squared_norms(ours[key][1])
+        else:
+            if key in ours:
+                delta = delta + ours[key][0].delta_weight(ours[key][1])  # [1 or E, ...] + [E, ...]
+            if delta is None:
+                continue  # frozen and not adapted: no drift possible
+            sq = per_expert_squared_norm(delta)  # [E], per-shard partial sums gathered when sharded
         layer = int(_LAYER_RE.search(key).group(1)) if _LAYER_RE.search(key) else -1
         per_layer[layer] = per_layer[layer] + sq if layer in per_layer else sq
     missing = set(reference_state) - seen

@@ -21,12 +21,16 @@ import torch
 from h3fusion.utils.files import atomic_replace_dir, check_output_dir, make_staging_dir, mark_output_dir
 
 from .checkpoint_io import WeightSource, open_source
+from .construction import no_init_weights as _no_init
+from .lora_experts import lora_experts_modules
 from .lora_merge import LoraAdapterWeights
 from .prototypes import prototype_rows
+from .shared_format import is_shared_model, write_shared_model
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 ROUTER_INITS = ("random", "zeros", "prototypes")
 ATTENTION_MODES = ("base", "mean")
+EXPERTS_LAYOUTS = ("materialised", "shared")
 # Compared in this order; the first difference is the one reported.
 _MATCH_FIELDS = (
     "model_type",
@@ -40,17 +44,6 @@ _MATCH_FIELDS = (
     "hidden_act",
     "tie_word_embeddings",
 )
-
-
-def _no_init():
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers < 5.x layouts
-        try:
-            from transformers.modeling_utils import no_init_weights
-        except ImportError:
-            return contextlib.nullcontext()
-    return no_init_weights()
 
 
 def check_compatible(base: WeightSource, aligned: Mapping[str, WeightSource]) -> None:
@@ -252,6 +245,8 @@ def fuse_models(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     allow_non_mlp_adapter: bool = False,
+    experts: str = "materialised",
+    delta_rank: int | None = None,
 ):
     """Fuse a base model and N aligned models of the same architecture into a `MixtralForCausalLM`.
 
@@ -277,6 +272,13 @@ def fuse_models(
             are dropped with attention="base" (only its MLP becomes the expert). By default such an adapter is
             refused, and so is an adapter that changes no MLP at all (its expert would equal the base MLP); with
             True, fusion goes on and a warning lists the dropped modules.
+        experts: "materialised" (every expert a full FFN: a plain Mixtral) or "shared" (design.md §11: each layer
+            keeps the base FFN once plus every expert's LoRA factors, in `LoRAExperts`; every aligned model must be
+            a LoRA adapter of the base, unless `delta_rank` is given). Save it with `save_fused_model`, load it with
+            `h3fusion.load_fused_model`, make it a plain Mixtral with `h3fusion export`.
+        delta_rank: with experts="shared", full-weight aligned models enter as the rank-`delta_rank` truncated SVD
+            of their delta from the base, per projection (gate/up stacked, down); the relative reconstruction errors
+            are recorded in `config.h3fusion["shared_experts"]["delta_relative_error"]`.
 
     Returns:
         A `MixtralForCausalLM` (eval mode) whose `config.h3fusion` records the expert names, sources and options.
@@ -287,22 +289,34 @@ def fuse_models(
     """
     from transformers import MixtralForCausalLM
 
+    if experts not in EXPERTS_LAYOUTS:
+        raise ValueError(f"experts must be one of {EXPERTS_LAYOUTS}, got {experts!r}")
+    if delta_rank is not None and experts != "shared":
+        raise ValueError("delta_rank applies to experts='shared' only")
     inputs = prepare_fusion(
         base, aligned, top_k=top_k, attention=attention, router_init=router_init,
         prototype_prompts=prototype_prompts, dtype=dtype, allow_non_mlp_adapter=allow_non_mlp_adapter,
     )  # fmt: skip
     config, dtype = inputs.config, inputs.dtype
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # allocate in the target dtype directly (no fp32 copy of a large model)
-    try:
-        with _no_init():
-            model = MixtralForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.to(dtype)
-    # RoPE's inverse frequencies stay fp32, as from_pretrained keeps them: `to(dtype)` (and the default dtype above)
-    # made them bf16/fp16, and the model in memory then computed other logits than its saved checkpoint loaded
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    plan = None
+    if experts == "shared":  # (a record without experts_layout is a materialised fusion, as fuse_to_disk writes)
+        config.h3fusion["experts_layout"] = "shared"
+        from .shared_experts import SharedExpertsPlan, build_shared_model
+
+        plan = SharedExpertsPlan(inputs.names, inputs.sources, inputs.base_src, delta_rank)
+        model = build_shared_model(config, plan.rank, dtype)
+    else:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # allocate in the target dtype directly (no fp32 copy of a large model)
+        try:
+            with _no_init():
+                model = MixtralForCausalLM(config)
+        finally:
+            torch.set_default_dtype(previous)
+        model.to(dtype)
+        # RoPE's inverse frequencies stay fp32, as from_pretrained keeps them: `to(dtype)` (and the default dtype
+        # above) made them bf16/fp16, and the model in memory then computed other logits than its saved checkpoint
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     model.eval()
 
     layers = model.model.layers
@@ -317,14 +331,17 @@ def fuse_models(
         for key, p in params.items():
             if key.startswith(prefix) and ".mlp." not in key:
                 _copy_(p, shared_weight(inputs, key), key)
-        experts = layers[i].mlp.experts
+        if plan is not None:  # the base FFN once, every expert's (padded, scaled) LoRA factors
+            plan.fill_layer(layers[i].mlp.experts, i)
+            continue
+        module = layers[i].mlp.experts
         F = config.intermediate_size
         for e in range(len(inputs.names)):
             # Each expert slice gets its own model's weights: slices never share storage with each other.
             for target, proj in (
-                (experts.gate_up_proj[e, :F], "gate_proj"),
-                (experts.gate_up_proj[e, F:], "up_proj"),
-                (experts.down_proj[e], "down_proj"),
+                (module.gate_up_proj[e, :F], "gate_proj"),
+                (module.gate_up_proj[e, F:], "up_proj"),
+                (module.down_proj[e], "down_proj"),
             ):
                 target.copy_(expert_weight(inputs, e, i, proj, target.shape))
     for key, p in params.items():
@@ -335,6 +352,8 @@ def fuse_models(
     if config.tie_word_embeddings:
         model.tie_weights()
 
+    if plan is not None:
+        model.config.h3fusion["shared_experts"] = plan.record()
     for layer, w in zip(layers, router_weights(inputs, base, prototype_prompts, tokenizer), strict=True):
         layer.mlp.gate.weight.copy_(w)
     return model
@@ -442,9 +461,17 @@ def save_fused_model(
     Returns:
         The output directory path (absolute).
 
+    A shared-base model (`fuse_models(..., experts="shared")`) is written in the shared-base format (design.md §11).
+
     Raises:
         h3fusion.utils.files.OutputDirError: `out_dir` may not be written (the message says why).
+        ValueError: LoRA experts on per-expert bases (merge them first, or save the adapter).
     """
+    if lora_experts_modules(model) and not is_shared_model(model):
+        raise ValueError(
+            "the model has LoRA experts on per-expert bases: fold them in first (merge_lora_experts), or save the "
+            "adapter itself (h3fusion.models.lora_adapter_io.save_lora_adapter)"
+        )
     record = getattr(model.config, "h3fusion", None) or {}
     inputs = [base, record.get("base"), *dict(record.get("sources") or {}).values()]
     inputs = [p for p in inputs if isinstance(p, (str, os.PathLike)) and os.path.exists(p)]
@@ -456,7 +483,10 @@ def save_fused_model(
             tokenizer = AutoTokenizer.from_pretrained(os.fspath(base))
     tmp = make_staging_dir(out.parent, out.name)
     try:
-        model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+        if is_shared_model(model):  # our shared-base format (design.md §11); one safetensors file
+            write_shared_model(model, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         mark_output_dir(tmp, "fuse")

@@ -5,8 +5,9 @@ forward through `ExpertsInterface` by `config._experts_implementation`. Register
 `from_pretrained(..., experts_implementation="h3fusion")` run the experts on `h3fusion_ext.moe_ffn`.
 `replace_moe_blocks` goes one step further and also routes with `h3fusion_ext.topk_route` (fp32 logits), and
 `set_experts_implementation` switches a model between that and transformers' own implementations (`grouped_mm`,
-`eager`); both see through PEFT's wrappers (LoRA on the expert weights via `target_parameters`, routers in
-`modules_to_save`), so LoRA experts run on our kernels with their effective weights W + BA.
+`eager`). Both keep our `LoRAExperts` (`lora_experts.py`, which run on `moe_ffn` with per-expert LoRA and refuse
+transformers' implementations) and see through PEFT's wrappers (LoRA on the expert weights via `target_parameters`,
+routers in `modules_to_save`), so LoRA experts run on our kernels with their effective weights W + BA.
 
 Importing transformers' MoE integration costs seconds, so importing `h3fusion` does not: it installs a one-shot
 import hook that registers "h3fusion" the moment transformers loads that module (or at once if it already has).
@@ -24,88 +25,16 @@ import h3fusion_ext
 
 from .._lazy_registration import MOE_MODULE as _MOE_MODULE
 from .._lazy_registration import register_lazily  # noqa: F401  (re-exported)
+from .experts_layout import check_experts_layout as _check_experts_layout
+from .experts_layout import experts_activation  # noqa: F401  (re-exported: h3fusion.parallel reads it here)
+from .experts_layout import moe_blocks as _moe_blocks
+from .lora_experts import LoRAExperts
 
 IMPLEMENTATION = "h3fusion"
 # What `set_experts_implementation` accepts: ours (router and experts on h3fusion_ext), or transformers' own.
 EXPERTS_IMPLEMENTATIONS = (IMPLEMENTATION, "grouped_mm", "eager")
 # Routers that compute softmax -> top-k -> (optional) renormalise, i.e. exactly `topk_route`.
 SUPPORTED_ROUTERS = ("MixtralTopKRouter", "Qwen3MoeTopKRouter", "Qwen2MoeTopKRouter", "OlmoeTopKRouter")
-
-
-# transformers' activation names (config.hidden_act) and act_fn classes -> moe_ffn's gated activations. Every tanh
-# form of GELU is the same function, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), written differently.
-_HIDDEN_ACTS = {
-    "silu": "silu",
-    "swish": "silu",
-    "gelu": "gelu",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_new": "gelu_tanh",
-    "gelu_fast": "gelu_tanh",
-    "gelu_accurate": "gelu_tanh",
-}
-_ACT_CLASSES = {
-    "SiLU": "silu",
-    "SiLUActivation": "silu",
-    "GELUActivation": "gelu",
-    "GELUTanh": "gelu_tanh",
-    "PytorchGELUTanh": "gelu_tanh",
-    "NewGELUActivation": "gelu_tanh",
-    "FastGELUActivation": "gelu_tanh",
-    "AccurateGELUActivation": "gelu_tanh",
-}
-
-
-def experts_activation(experts: nn.Module) -> str | None:
-    """The `moe_ffn` activation ("silu", "gelu", "gelu_tanh") of a transformers experts module, None if unsupported.
-
-    Read from the module's `act_fn` (what its own forward runs), else from `config.hidden_act`; no activation at all
-    means SwiGLU (Mixtral's default).
-    """
-    fn = getattr(experts, "act_fn", None)
-    if fn is not None:
-        if isinstance(fn, nn.GELU):
-            return "gelu_tanh" if fn.approximate == "tanh" else "gelu"
-        found = _ACT_CLASSES.get(type(fn).__name__)
-        if found is not None:
-            return found
-        if fn is F.silu:
-            return "silu"
-        if fn is F.gelu:
-            return "gelu"
-        return None
-    act = getattr(getattr(experts, "config", None), "hidden_act", None)
-    return "silu" if act is None else _HIDDEN_ACTS.get(act)
-
-
-def _check_experts_layout(experts: nn.Module) -> str:
-    """The experts' `moe_ffn` activation; NotImplementedError when the module is not Mixtral's bias-free
-    concatenated gated (SwiGLU / GeGLU) layout."""
-    name = type(experts).__name__
-    unsupported = [
-        flag
-        for flag, bad in (
-            ("has_bias", getattr(experts, "has_bias", False)),
-            ("is_transposed", getattr(experts, "is_transposed", False)),
-            ("has_post_expert_norm", getattr(experts, "has_post_expert_norm", False)),
-            ("expert parallelism", getattr(experts, "_is_expert_parallel", False)),
-            ("has_gate=False", not getattr(experts, "has_gate", True)),
-            ("interleaved gate/up (is_concatenated=False)", not getattr(experts, "is_concatenated", True)),
-        )
-        if bad
-    ]
-    if not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
-        unsupported.append("no gate_up_proj/down_proj")
-    activation = experts_activation(experts)
-    if activation is None:
-        fn = getattr(experts, "act_fn", None)
-        what = type(fn).__name__ if fn is not None else getattr(getattr(experts, "config", None), "hidden_act", None)
-        unsupported.append(f"activation {what!r} (supported: {', '.join(sorted(_HIDDEN_ACTS))})")
-    if unsupported:
-        raise NotImplementedError(
-            f"{name}: experts_implementation='h3fusion' supports Mixtral-layout gated experts (SwiGLU, GeGLU) only; "
-            f"unsupported: {', '.join(unsupported)}"
-        )
-    return activation
 
 
 def h3fusion_experts_forward(
@@ -212,14 +141,6 @@ def _base_experts(experts: nn.Module) -> nn.Module:
     return experts
 
 
-def _moe_blocks(model: nn.Module) -> list[nn.Module]:
-    return [
-        m
-        for m in model.modules()
-        if isinstance(getattr(m, "gate", None), nn.Module) and isinstance(getattr(m, "experts", None), nn.Module)
-    ]
-
-
 def check_block(block: nn.Module) -> None:
     """Validate that `block` (with `.gate` and `.experts`) has a layout our ops run exactly.
 
@@ -238,7 +159,12 @@ def check_block(block: nn.Module) -> None:
     _check_experts_layout(experts)
     w, gu, dp = routers[0].weight, experts.gate_up_proj, experts.down_proj
     E, H = w.shape
-    if gu.dim() != 3 or dp.dim() != 3 or gu.shape[0] != E or gu.shape[2] != H or dp.shape != (E, H, gu.shape[1] // 2):
+    lora = isinstance(experts, LoRAExperts)
+    # LoRA experts may share one base FFN ([1, ...]) between their E adapters
+    Eb = 1 if lora and experts.shared_base else E
+    if lora and experts.num_experts != E:
+        raise ValueError(f"{type(block).__name__}: router has {E} experts, its LoRA experts {experts.num_experts}")
+    if gu.dim() != 3 or dp.dim() != 3 or gu.shape[0] != Eb or gu.shape[2] != H or dp.shape != (Eb, H, gu.shape[1] // 2):
         raise ValueError(
             f"{type(block).__name__}: shapes router {tuple(w.shape)}, gate_up_proj {tuple(gu.shape)}, down_proj "
             f"{tuple(dp.shape)} do not match [E,H], [E,2F,H], [E,H,F]"
@@ -268,7 +194,8 @@ def replace_moe_blocks(model: nn.Module) -> int:
     for block in blocks:
         for router in _routers(block.gate):
             _swap_class(router, H3FusionRouterMixin)
-        _swap_class(_base_experts(block.experts), H3FusionExpertsMixin)
+        if not isinstance(block.experts, LoRAExperts):  # LoRA experts run on moe_ffn already
+            _swap_class(_base_experts(block.experts), H3FusionExpertsMixin)
     return len(blocks)
 
 
@@ -323,6 +250,12 @@ def set_experts_implementation(model: nn.Module, implementation: str) -> str:
     if implementation == IMPLEMENTATION:
         replace_moe_blocks(model)
     else:
+        if any(isinstance(b.experts, LoRAExperts) for b in _moe_blocks(model)):
+            raise ValueError(
+                f"experts_implementation={implementation!r}: this model's LoRA experts (LoRAExperts) run on "
+                "h3fusion_ext.moe_ffn only; fold them first with h3fusion.models.lora_experts.merge_lora_experts "
+                "(or `h3fusion export` for a shared-base model)"
+            )
         restore_moe_blocks(model)
         pretrained = _pretrained_model(model)
         if not hasattr(pretrained, "set_experts_implementation"):
@@ -338,7 +271,7 @@ def current_experts_implementation(model: nn.Module) -> str | None:
     """What runs the MoE blocks of `model` now: "h3fusion" when they are replaced (or the config names it), else
     the config's transformers implementation ("grouped_mm", "eager", ...); None for a model without a config."""
     blocks = _moe_blocks(model)
-    if blocks and all(isinstance(_base_experts(b.experts), H3FusionExpertsMixin) for b in blocks):
+    if blocks and all(isinstance(_base_experts(b.experts), (H3FusionExpertsMixin, LoRAExperts)) for b in blocks):
         return IMPLEMENTATION
     config = getattr(_pretrained_model(model), "config", None)
     return getattr(config, "_experts_implementation", None)

@@ -6,6 +6,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..models.hf_experts import experts_activation
+from ..models.lora_experts import LoRAExperts
 from ..models.moe_block import H3FusionMoE
 from .expert_parallel import ExpertParallelExperts, HFExpertParallelExperts
 
@@ -40,7 +41,7 @@ def convert_to_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None
 
     Raises:
         RuntimeError: torch.distributed is not initialised.
-        ValueError: a layer has fewer experts than the group has ranks (nothing is changed).
+        ValueError: a layer has fewer experts than the group has ranks, or LoRA experts (nothing is changed).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("convert_to_expert_parallel: torch.distributed is not initialised (init_process_group)")
@@ -49,6 +50,11 @@ def convert_to_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None
     layers = [m for m in layers if not isinstance(m.experts, ExpertParallelExperts)]
     activations = []
     for layer in layers:  # validate first, so a refusal leaves the model untouched
+        if isinstance(layer.experts, LoRAExperts):  # sharding only the base would drop the adapters
+            raise ValueError(
+                f"{type(layer).__name__}: LoRA experts (LoRAExperts) cannot be made expert-parallel yet; fold them "
+                "in first (h3fusion.models.merge_lora_experts, or `h3fusion export` for a shared-base model)"
+            )
         e = layer.experts.gate_up_proj.shape[0]
         if e < world:
             raise ValueError(f"{type(layer).__name__}: {e} experts cannot be split over {world} ranks")

@@ -3,7 +3,8 @@
     L = L_LM + λ_gate · L_gate + Σ_i γ_i · R_i (+ λ_bal · L_balance)       (design.md §3, `h3fusion.losses.gating`)
 
 A `transformers.Trainer` subclass, so Accelerate, torchrun, FSDP and DeepSpeed launch it as usual. Only the routers
-(`*.mlp.gate.weight`) and the experts (`*.mlp.experts.*`, full weights or PEFT LoRA on the 3-D expert weights) train;
+(`*.mlp.gate.weight`) and the experts (`*.mlp.experts.*`: full weights, or LoRA adapters — our `LoRAExperts` inside
+`moe_ffn`, PEFT's under transformers' implementations, design.md §11) train;
 attention, norms, embeddings and lm_head are frozen. Each loss term is logged separately (`lm_loss`, `gate_loss`,
 `drift_loss`, `balance_loss`). Checkpoints are written into a staging folder and renamed into place, so an
 interrupted save never corrupts the last good checkpoint; the fusion-time expert snapshot θ⁽⁰⁾ is saved with each
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.instructions import expert_names_from_config
@@ -37,6 +39,9 @@ from ..losses.gating import (
 from ..losses.lm import causal_lm_loss, lm_loss_from_hidden
 from ..losses.sharded_drift import full_reference_state, shard_reference_state
 from ..models.hf_experts import IMPLEMENTATION, current_experts_implementation, set_experts_implementation
+from ..models.lora_adapter_io import ADAPTER_WEIGHTS, load_lora_adapter, save_lora_adapter
+from ..models.lora_experts import add_lora_experts, is_lora_factor, lora_experts_modules
+from ..models.shared_format import SHARED_WEIGHTS, load_shared_state, write_shared_model
 from .checkpoint import clean_stale_staging, publish_staged_dir, staging_dir_for
 from .sequence_logprobs import _lm_head_weight
 
@@ -74,11 +79,15 @@ def prepare_h3fusion_model(
     lora_alpha: float | None = None,
     experts_implementation: str | None = IMPLEMENTATION,
 ) -> torch.nn.Module:
-    """Freezes everything but routers and experts; optionally LoRA-adapts the experts through PEFT.
+    """Freezes everything but routers and experts; optionally LoRA-adapts the experts.
 
-    With `lora_rank`, the 3-D expert weights get PEFT LoRA adapters (`target_parameters`), the routers are trained
-    in full (as `modules_to_save`), and the base expert weights are frozen. The experts implementation is chosen
-    before PEFT wraps the model, so LoRA experts run on it too with their effective weights W + BA.
+    With `lora_rank` and experts_implementation="h3fusion" (the default), every MoE block's experts become
+    `LoRAExperts` on the same base weights (frozen): the adapters run inside `h3fusion_ext.moe_ffn(..., lora=...)`,
+    never forming W + BA; the routers are trained in full. `h3fusion.models.lora_adapter_io.save_lora_adapter`
+    writes them as a PEFT adapter, `merge_lora_experts` folds them in. With "grouped_mm" / "eager", the 3-D expert
+    weights get PEFT LoRA adapters (`target_parameters`, routers in `modules_to_save`) instead.
+    A model that already has `LoRAExperts` (a shared-base fusion, `h3fusion.load_fused_model`) trains its adapters
+    and routers, the base frozen.
 
     Args:
         model: a fused MoE causal LM (e.g. `MixtralForCausalLM` from `fuse_models`).
@@ -89,12 +98,33 @@ def prepare_h3fusion_model(
             "eager" (transformers' own); None leaves the model's as it is.
 
     Returns:
-        the model to train (a `peft.PeftModel` when `lora_rank` is set).
+        the model to train (a `peft.PeftModel` on the PEFT path).
+
+    Raises:
+        ValueError: `lora_rank` / `lora_alpha` that differ from the LoRA experts the model already has.
     """
     if top_k is not None:
         _set_top_k(model, top_k)
+    existing = lora_experts_modules(model)
+    ours = experts_implementation == IMPLEMENTATION or (
+        experts_implementation is None and current_experts_implementation(model) == IMPLEMENTATION
+    )
+    m = existing[0][1] if existing else None
+    if m is not None and lora_rank and (int(lora_rank) != m.rank or lora_alpha not in (None, m.lora_alpha)):
+        raise ValueError(
+            f"the model already has LoRA experts (rank {m.rank}, alpha {m.lora_alpha}); lora_rank={lora_rank}, "
+            f"lora_alpha={lora_alpha} would change them"
+        )
+    if lora_rank and ours and not existing:
+        add_lora_experts(model, int(lora_rank), lora_alpha)
+        existing = lora_experts_modules(model)
     if experts_implementation is not None:
         set_experts_implementation(model, experts_implementation)
+    if existing:  # adapters and routers train; the base experts and everything else stay frozen
+        for name, p in model.named_parameters():
+            key = canonical_param_name(name)
+            p.requires_grad_(bool(_ROUTER_RE.search(key)) or (bool(_EXPERT_RE.search(key)) and is_lora_factor(key)))
+        return model
     if lora_rank:
         import peft
 
@@ -357,8 +387,31 @@ class H3FusionTrainer(Trainer):
             use_mtime=True,
         )
 
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Models with our `LoRAExperts` save what trains: a PEFT adapter (LoRA factors + routers) on per-expert
+        bases, the shared-base format (design.md §11) on a shared base. Anything else: `Trainer._save`."""
+        target = self.accelerator.unwrap_model(self.model)
+        modules = lora_experts_modules(target)
+        if not modules:
+            return super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return None
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        if modules[0][1].shared_base:
+            write_shared_model(target, output_dir)
+        else:
+            save_lora_adapter(target, output_dir, base_model_name_or_path=getattr(target, "name_or_path", None))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        return None
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if lora_experts_modules(target):
+            self._load_lora_experts_checkpoint(target, resume_from_checkpoint)
+            return
         has_full_weights = any(
             os.path.isfile(os.path.join(resume_from_checkpoint, f))
             for f in ("model.safetensors", "model.safetensors.index.json")
@@ -384,3 +437,17 @@ class H3FusionTrainer(Trainer):
             if set(loaded) != set(self.reference_state) and self.reference_state:
                 raise ValueError(f"{path} holds other expert weights than this model's")
             self.reference_state = dict(loaded)
+
+    def _load_lora_experts_checkpoint(self, target, checkpoint: str) -> None:
+        """Restore a `_save` of a model with `LoRAExperts` (adapter or shared-base files) and θ⁽⁰⁾."""
+        if os.path.isfile(os.path.join(checkpoint, ADAPTER_WEIGHTS)):
+            load_lora_adapter(target, checkpoint)
+        elif os.path.isfile(os.path.join(checkpoint, SHARED_WEIGHTS)):
+            load_shared_state(target, checkpoint)
+        else:
+            raise ValueError(f"{checkpoint}: no {ADAPTER_WEIGHTS} or {SHARED_WEIGHTS} for this model's LoRA experts")
+        path = os.path.join(checkpoint, REFERENCE_FILE)
+        if os.path.exists(path):
+            from safetensors.torch import load_file
+
+            self.reference_state = dict(load_file(path))
