@@ -38,14 +38,20 @@ def _expected(x, weights, experts, module: LoRAExperts):
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_forward_and_gradients_equal_the_materialised_experts(shared):
+    # fp64: the LoRA detour and the materialised weights sum in different orders, so fp32 would only agree to a
+    # few ulps of the intermediate sums; in fp64 any real difference stands out at these tolerances
     E, H, F, T, k, r = 4, 8, 12, 10, 2, 3
     base = 1 if shared else E
-    module = LoRAExperts(torch.randn(base, 2 * F, H) * 0.2, torch.randn(base, H, F) * 0.2, E, r, lora_alpha=5.0)
+    f64 = dict(dtype=torch.float64)
+    module = LoRAExperts(
+        torch.randn(base, 2 * F, H, **f64) * 0.2, torch.randn(base, H, F, **f64) * 0.2, E, r, lora_alpha=5.0
+    )
     _random_factors(module)
+    assert module.gate_up_lora_A.dtype == torch.float64
     assert module.shared_base == shared and module.scaling == pytest.approx(5.0 / 3)
     assert not module.gate_up_proj.requires_grad  # a plain tensor becomes a frozen base
-    x = torch.randn(T, H, requires_grad=True)
-    weights = torch.softmax(torch.randn(T, k), -1).requires_grad_()
+    x = torch.randn(T, H, **f64, requires_grad=True)
+    weights = torch.softmax(torch.randn(T, k, **f64), -1).requires_grad_()
     experts = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(torch.int32)
     got = module(x, experts.long(), weights)  # transformers passes int64 ids
     want = _expected(x, weights, experts, module)
