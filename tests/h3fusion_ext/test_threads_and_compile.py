@@ -38,9 +38,14 @@ def moe_ffn_inputs(T, H, F, E, k, dtype=torch.float32):
     return x, weights, experts, gate_up, down
 
 
-# (T, H, F, E, k): many rows per expert (experts one after another, BLAS threads) and many small experts (one
-# expert per thread), each large enough that two threads really split the work.
-@pytest.mark.parametrize("shape", [(1024, 64, 96, 4, 2), (256, 16, 8, 32, 4)], ids=["blas-threaded", "per-expert"])
+# (T, H, F, E, k): many rows per expert (experts one after another, BLAS threads; with two active experts per thread
+# the backward runs one group of experts per thread instead), two large experts (BLAS threads in the backward too) and
+# many small experts (one expert per thread), each large enough that two threads really split the work.
+@pytest.mark.parametrize(
+    "shape",
+    [(1024, 64, 96, 4, 2), (1024, 64, 96, 2, 1), (256, 16, 8, 32, 4)],
+    ids=["blas-threaded", "blas-threaded-backward", "per-expert"],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_ffn_same_bits_for_1_and_2_threads(shape, dtype):
     inputs = moe_ffn_inputs(*shape, dtype=dtype)
