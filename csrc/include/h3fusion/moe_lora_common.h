@@ -282,10 +282,17 @@ void for_each_expert(const std::vector<int64_t>& off, bool spread, const Fn& fn)
   for (int64_t i = 0; i < A; ++i) total += cost(i);
   std::vector<int64_t> bounds(nt + 1, A);
   bounds[0] = 0;
+  // Cut g at the expert boundary nearest to g/nt of the cost (with few experts, as in one row group, cutting only
+  // after the target could leave a thread idle: two experts, the first the smaller, would both go to thread 0).
   int64_t acc = 0, g = 1;
   for (int64_t i = 0; i < A && g < nt; ++i) {
+    const int64_t before = acc;
     acc += cost(i);
-    if (acc * nt >= total * g) bounds[g++] = i + 1;
+    while (g < nt && acc * nt >= total * g) {
+      const bool cut_before = i > bounds[g - 1] && total * g - before * nt < acc * nt - total * g;
+      bounds[g] = cut_before ? i : i + 1;
+      ++g;
+    }
   }
   // Worker threads do not inherit this thread's dispatch state (the below-autograd guard): carry it over.
   const at::ThreadLocalState tls;
