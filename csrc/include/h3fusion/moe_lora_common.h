@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace h3fusion::lora {
@@ -194,6 +195,52 @@ inline at::Tensor empty_idle_zeroed(at::IntArrayRef sizes, const at::TensorOptio
   return t;
 }
 
+// ---- row groups ------------------------------------------------------------------------------------------------
+// The op runs its per-expert steps over groups of consecutive experts whose rows total at most a budget (about a
+// quarter of the rows; an expert with more rows is a group of its own), with the [rows, F]-wide scratch buffers sized
+// for one group and reused by the next: the peak memory of the scratch falls about four-fold. Every expert's work is
+// the same GEMMs and row passes on the same rows either way, so the results do not depend on the grouping.
+constexpr int64_t kRowGroupsPerCall = 4;
+
+struct RowGroup {
+  int64_t begin, end;           // rows [begin, end) of the R rows in expert order
+  std::vector<int64_t> offsets;  // [E+1]: the experts' rows relative to `begin` (experts outside the group: none)
+};
+
+// The groups over [0, R) (the last one also takes the rows of no expert, [off[E], R)); `one` = a single group.
+inline std::vector<RowGroup> row_groups(const std::vector<int64_t>& off, int64_t R, bool one) {
+  const int64_t E = static_cast<int64_t>(off.size()) - 1;
+  const int64_t budget = one ? R : std::max<int64_t>(1, (R + kRowGroupsPerCall - 1) / kRowGroupsPerCall);
+  std::vector<int64_t> cuts{0};
+  for (int64_t e = 0; e < E; ++e)
+    if (off[e + 1] > off[e] && off[e + 1] - cuts.back() > budget && off[e] > cuts.back()) cuts.push_back(off[e]);
+  cuts.push_back(R);
+  std::vector<RowGroup> groups;
+  for (size_t g = 0; g + 1 < cuts.size(); ++g) {
+    RowGroup rg{cuts[g], cuts[g + 1], std::vector<int64_t>(off.size())};
+    for (size_t e = 0; e < off.size(); ++e) rg.offsets[e] = std::clamp(off[e], rg.begin, rg.end) - rg.begin;
+    groups.push_back(std::move(rg));
+  }
+  return groups;
+}
+
+// The most rows of any group (the scratch buffers' height).
+inline int64_t max_group_rows(const std::vector<RowGroup>& groups) {
+  int64_t m = 0;
+  for (const RowGroup& g : groups) m = std::max(m, g.end - g.begin);
+  return m;
+}
+
+// The token of each row: sorted_pairs / k as int64 [R], for gathering one group's rows with index_select.
+inline at::Tensor row_tokens(const at::Tensor& sorted_pairs, int64_t k) {
+  return sorted_pairs.to(at::kLong).div_(k, "floor");
+}
+
+// out[n,C] (a group buffer's rows) = src[tokens[i]] for the group's tokens [n].
+inline void gather_into(at::Tensor out, const at::Tensor& src, const at::Tensor& tokens) {
+  at::index_select_out(out, src, 0, tokens);
+}
+
 // ---- expert scheduling -------------------------------------------------------------------------------------------
 // Below this many rows per active expert, one expert per thread beats BLAS threads inside each GEMM (moe_ffn's rule).
 constexpr int64_t kRowsPerExpertForBlasThreads = 256;
@@ -235,10 +282,17 @@ void for_each_expert(const std::vector<int64_t>& off, bool spread, const Fn& fn)
   for (int64_t i = 0; i < A; ++i) total += cost(i);
   std::vector<int64_t> bounds(nt + 1, A);
   bounds[0] = 0;
+  // Cut g at the expert boundary nearest to g/nt of the cost (with few experts, as in one row group, cutting only
+  // after the target could leave a thread idle: two experts, the first the smaller, would both go to thread 0).
   int64_t acc = 0, g = 1;
   for (int64_t i = 0; i < A && g < nt; ++i) {
+    const int64_t before = acc;
     acc += cost(i);
-    if (acc * nt >= total * g) bounds[g++] = i + 1;
+    while (g < nt && acc * nt >= total * g) {
+      const bool cut_before = i > bounds[g - 1] && total * g - before * nt < acc * nt - total * g;
+      bounds[g] = cut_before ? i : i + 1;
+      ++g;
+    }
   }
   // Worker threads do not inherit this thread's dispatch state (the below-autograd guard): carry it over.
   const at::ThreadLocalState tls;
