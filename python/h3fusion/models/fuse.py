@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from h3fusion.utils.files import atomic_replace_dir, check_output_dir, make_staging_dir, mark_output_dir
+from h3fusion.utils.files import check_output_dir, staged_output_dir
 
 from .checkpoint_io import WeightSource, open_source
 from .construction import no_init_weights as _no_init
@@ -481,17 +480,11 @@ def save_fused_model(
 
         with contextlib.suppress(Exception):
             tokenizer = AutoTokenizer.from_pretrained(os.fspath(base))
-    tmp = make_staging_dir(out.parent, out.name)
-    try:
+    with staged_output_dir(out, "fuse") as tmp:
         if is_shared_model(model):  # our shared-base format (design.md §11); one safetensors file
             write_shared_model(model, tmp)
         else:
             model.save_pretrained(tmp, safe_serialization=True, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        mark_output_dir(tmp, "fuse")
-        atomic_replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return str(out)

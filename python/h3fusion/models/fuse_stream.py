@@ -20,13 +20,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from h3fusion.utils.files import atomic_replace_dir, check_output_dir, make_staging_dir, mark_output_dir
+from h3fusion.utils.files import check_output_dir, staged_output_dir
 
 from .fuse import FusionInputs, _no_init, expert_weight, prepare_fusion, router_weights, shared_weight
 from .safetensors_stream import TensorSpec, write_sharded
@@ -185,23 +184,18 @@ def fuse_to_disk(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(s.nbytes for s in specs.values()), desc="fusing", unit="B", unit_scale=True)
-    tmp = make_staging_dir(out.parent, out.name)
     try:
-        # the files save_pretrained writes next to the weights, with the fields it sets
-        model.config.dtype = str(inputs.dtype).split(".")[1]
-        model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(tmp)
-        if model.can_generate():
-            model.generation_config.save_pretrained(tmp)
-        produce = _producer(inputs, routers, specs, bar)
-        write_sharded(tmp, specs, produce, max_shard_size=max_shard_size, storage=storage)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        mark_output_dir(tmp, "fuse")
-        atomic_replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_output_dir(out, "fuse") as tmp:
+            # the files save_pretrained writes next to the weights, with the fields it sets
+            model.config.dtype = str(inputs.dtype).split(".")[1]
+            model.config.architectures = [type(model).__name__]
+            model.config.save_pretrained(tmp)
+            if model.can_generate():
+                model.generation_config.save_pretrained(tmp)
+            produce = _producer(inputs, routers, specs, bar)
+            write_sharded(tmp, specs, produce, max_shard_size=max_shard_size, storage=storage)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
     finally:
         if bar is not None:
             bar.close()

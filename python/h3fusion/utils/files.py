@@ -368,6 +368,26 @@ def atomic_replace_dir(staged: str | os.PathLike, final: str | os.PathLike) -> P
     return final
 
 
+@contextlib.contextmanager
+def staged_output_dir(out: str | os.PathLike, kind: str | None = None) -> Iterator[Path]:
+    """Write a whole output folder at once: yields a fresh staging folder next to `out` (`make_staging_dir`).
+
+    On a clean exit the folder is marked as our output (`mark_output_dir`, when `kind` is given) and renamed into
+    place (`atomic_replace_dir`); on any exception it is removed and `out` is left as it was. Callers check first
+    whether `out` may be replaced (`check_output_dir`).
+    """
+    out = Path(out)
+    tmp = make_staging_dir(out.parent, out.name)
+    try:
+        yield tmp
+        if kind is not None:
+            mark_output_dir(tmp, kind)
+        atomic_replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _fsync_dir(path: Path) -> None:
     # make a rename durable; not every platform can open a directory
     try:

@@ -224,3 +224,18 @@ def test_read_json_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json does not exist"):
         read_json(tmp_path / "nope.json")
     assert read_json(atomic_write_json(tmp_path / "ok.json", {"a": [1]})) == {"a": [1]}
+
+
+def test_staged_output_dir_publishes_whole_or_nothing(tmp_path):
+    out = tmp_path / "model"
+    with files.staged_output_dir(out, "fuse") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".model.") and not out.exists()
+        (tmp / "a.txt").write_text("first")
+    assert (out / "a.txt").read_text() == "first" and files.is_our_output(out)
+    # a failure half-way leaves the previous folder exactly as it was, and no staging folder behind
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with files.staged_output_dir(out, "fuse") as tmp:
+            (tmp / "a.txt").write_text("second")
+            raise RuntimeError("interrupted")
+    assert (out / "a.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
