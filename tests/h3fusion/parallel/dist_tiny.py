@@ -15,6 +15,9 @@ def _entry(rank, world, init_file, fn, args):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        # no rank tears gloo down while a peer may still be talking to it (seen: an abort at exit, "terminate
+        # called without an active exception"); only on success, since a failed peer would never arrive
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
