@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <h3fusion/checks.h>
+#include <h3fusion/expert_checks.h>
 
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -61,19 +62,9 @@ Dims check_ffn_args(const at::Tensor& x, const at::Tensor& weights, const at::Te
               "weights must have dtype float32 or x's dtype (", x.scalar_type(), "), got ", weights.scalar_type());
   const int64_t k = weights.size(1);
   TORCH_CHECK(k >= 1, "weights.shape[1] (k) must be >= 1, got shape ", weights.sizes());
-  check_dim(gate_up_proj, "gate_up_proj", 3);
-  check_same_dtype(gate_up_proj, "gate_up_proj", x, "x");
+  const int64_t F = check_expert_weights(gate_up_proj, down_proj, x);
   const int64_t E = gate_up_proj.size(0);
   TORCH_CHECK(E >= 1, "gate_up_proj.shape[0] (number of experts) must be >= 1, got shape ", gate_up_proj.sizes());
-  TORCH_CHECK(gate_up_proj.size(1) % 2 == 0, "gate_up_proj.shape[1] must be even (2 * intermediate size), got shape ",
-              gate_up_proj.sizes());
-  check_size(gate_up_proj, "gate_up_proj", 2, H, "x.shape[1]");
-  const int64_t F = gate_up_proj.size(1) / 2;
-  check_dim(down_proj, "down_proj", 3);
-  check_same_dtype(down_proj, "down_proj", x, "x");
-  check_size(down_proj, "down_proj", 0, E, "gate_up_proj.shape[0]");
-  check_size(down_proj, "down_proj", 1, H, "x.shape[1]");
-  check_size(down_proj, "down_proj", 2, F, "gate_up_proj.shape[1] / 2");
   check_same_device(weights, "weights", x, "x");
   check_same_device(gate_up_proj, "gate_up_proj", x, "x");
   check_same_device(down_proj, "down_proj", x, "x");

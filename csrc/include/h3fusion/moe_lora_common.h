@@ -12,6 +12,7 @@
 
 #include <h3fusion/activation.h>
 #include <h3fusion/checks.h>
+#include <h3fusion/expert_checks.h>
 
 #include <algorithm>
 #include <cmath>
@@ -124,15 +125,7 @@ inline Dims check_args(const at::Tensor& x, const at::Tensor& weights, const at:
   const int64_t Eb = gate_up_proj.size(0);
   TORCH_CHECK(Eb == 1 || Eb == E, "gate_up_proj.shape[0] must be 1 (a base shared by every expert) or the number of "
               "experts E = gate_up_a.shape[0] (", E, "), got shape ", gate_up_proj.sizes());
-  TORCH_CHECK(gate_up_proj.size(1) % 2 == 0, "gate_up_proj.shape[1] must be even (2 * intermediate size), got shape ",
-              gate_up_proj.sizes());
-  check_size(gate_up_proj, "gate_up_proj", 2, H, "x.shape[1]");
-  const int64_t F = gate_up_proj.size(1) / 2;
-  check_dim(down_proj, "down_proj", 3);
-  check_same_dtype(down_proj, "down_proj", x, "x");
-  check_size(down_proj, "down_proj", 0, Eb, "gate_up_proj.shape[0]");
-  check_size(down_proj, "down_proj", 1, H, "x.shape[1]");
-  check_size(down_proj, "down_proj", 2, F, "gate_up_proj.shape[1] / 2");
+  const int64_t F = check_expert_weights(gate_up_proj, down_proj, x);
 
   check_dim(gate_up_b, "gate_up_b", 3);
   check_same_dtype(gate_up_b, "gate_up_b", x, "x");
