@@ -12,6 +12,7 @@
 // three ISA levels (the loader picks the best).
 #include "moe_cpu.h"
 #include "row_passes.h"
+#include "small_gemm.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -176,72 +177,6 @@ void tune_malloc_once() {
   }();
   (void)done;
 #endif
-}
-
-// out = a @ b, written into a view (a row slice of a buffer, or one expert's slice of a gradient).
-void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
-
-// ---- skinny GEMM for experts with a handful of rows (decode) -------------------------------------------------
-// out[r, j] = sum_i a[r, i] * w[j, i]: each weight row is streamed from memory once and dotted with every input row
-// while it sits in L1. BLAS packs the whole weight matrix first, which for 1-8 rows costs several times the stream.
-// Partial sums run in kLanes independent lanes (vectorisable; the same summation order every run). The function
-// is compiled for three ISA levels and the loader picks the best the CPU has.
-constexpr int64_t kSkinnyMaxRows = 8;
-constexpr int64_t kPrefetchFloats = 2048;
-
-
-template <int NB>
-__attribute__((always_inline)) inline void skinny_rows(const float* __restrict__ a, int64_t lda,
-                                                       const float* __restrict__ wj, int64_t K, float* out,
-                                                       int64_t ldo) {
-  constexpr int kLanes = 16;
-  float acc[NB][kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= K; i += kLanes) {
-    // Weights are one long stream; hardware prefetchers stop at 4 KiB page edges, so ask for the line 8 KiB ahead
-    // (a hint: past the end of the tensor it is simply dropped).
-    __builtin_prefetch(wj + i + kPrefetchFloats, 0, 0);
-    for (int r = 0; r < NB; ++r)
-      for (int l = 0; l < kLanes; ++l) acc[r][l] += wj[i + l] * a[r * lda + i + l];
-  }
-  // A fixed pairwise tree over the lanes (vectorisable halving steps), then the scalar tail.
-  for (int half = kLanes / 2; half >= 1; half /= 2)
-    for (int r = 0; r < NB; ++r)
-      for (int l = 0; l < half; ++l) acc[r][l] += acc[r][l + half];
-  for (int r = 0; r < NB; ++r) {
-    float sum = acc[r][0];
-    for (int64_t t = i; t < K; ++t) sum += wj[t] * a[r * lda + t];
-    out[r * ldo] = sum;
-  }
-}
-
-H3F_ISA_CLONES void skinny_gemm_nt(
-    const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K, float* out, int64_t ldo) {
-  for (int64_t j = 0; j < M; ++j) {
-    const float* wj = w + j * K;
-    int64_t r = 0;
-    for (; r + 4 <= n; r += 4) skinny_rows<4>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo);
-    switch (n - r) {
-      case 3: skinny_rows<3>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo); break;
-      case 2: skinny_rows<2>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo); break;
-      case 1: skinny_rows<1>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo); break;
-      default: break;
-    }
-  }
-}
-
-// out[n, M] = a[n, K] @ w[M, K]^T for row blocks (rows of `a` may be strided, as the activation written over the
-// gate half of the pre-activation is): the skinny kernel for few fp32 rows, BLAS otherwise. The choice depends on
-// the shape only, so a forward with and without a saved pre-activation computes the same bits.
-void linear_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w) {
-  const int64_t n = a.size(0);
-  if (a.scalar_type() == at::kFloat && n <= kSkinnyMaxRows && a.stride(1) == 1 && w.is_contiguous() &&
-      out.is_contiguous()) {
-    skinny_gemm_nt(a.const_data_ptr<float>(), a.stride(0), n, w.const_data_ptr<float>(), w.size(0), w.size(1),
-                   out.mutable_data_ptr<float>(), out.size(1));
-    return;
-  }
-  mm_into(out, a, w.t());
 }
 
 // Rows per block of one expert in the serial forward: the scratch (gathered x, pre-activation, output) stays at about
@@ -413,17 +348,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward(
       at::Tensor G_e = G[slot].narrow(0, 0, n), UA_e = UA[slot].narrow(0, 0, n);
       at::Tensor DH_e = need_dh ? DH[slot].narrow(0, 0, n) : at::Tensor();
       gather_into(G_e, grad_y, sp + r0, n, d.k);
-      if (need_u) mm_into(UA_e, G_e, w_down[e]);
+      if (need_u) matmul_into(UA_e, G_e, w_down[e]);
       gated_backward_dispatch<scalar_t>(need_dh, need_w, need_down, hp + r0 * 2 * F, UA_e.mutable_data_ptr<scalar_t>(),
                                          need_dh ? DH_e.mutable_data_ptr<scalar_t>() : nullptr, sp + r0, wp, gwp,
                                          G_e.mutable_data_ptr<scalar_t>(), need_down, n, F, H, activation);
-      if (need_down) mm_into(grad_down[e], G_e.t(), UA_e);
+      if (need_down) matmul_tn_into(grad_down[e], G_e, UA_e);
       if (need_gu) {
         at::Tensor X_e = X[slot].narrow(0, 0, n);
         gather_into(X_e, x, sp + r0, n, d.k);
-        mm_into(grad_gu[e], DH_e.t(), X_e);
+        matmul_tn_into(grad_gu[e], DH_e, X_e);
       }
-      if (need_x) mm_into(gx_rows.narrow(0, r0, n), DH_e, w_gu[e]);
+      if (need_x) matmul_into(gx_rows.narrow(0, r0, n), DH_e, w_gu[e]);
     });
   });
   at::Tensor grad_x = need_x ? combine_rows(gx_rows, at::Tensor(), pair_rows_in, d.k) : at::Tensor();

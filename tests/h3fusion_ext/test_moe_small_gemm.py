@@ -1,0 +1,81 @@
+"""moe_ffn on experts with a handful of rows, where the CPU runs its own small GEMMs (csrc/cpu/small_gemm.h) instead
+of BLAS: every row count 1..8 in one call, widths that leave every vector tail, fp32 and bf16, all four gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close_to_reference
+from test_moe_ffn import run_with_grads
+
+import h3fusion_ext
+from h3fusion_ext import reference
+
+SMALL_MAX_ROWS = 8  # kSmallGemmMaxRows
+
+
+def routed_inputs(rows_per_expert, H, F, dtype, k=1, seed=0):
+    """Inputs whose expert e gets exactly rows_per_expert[e] (token, slot) pairs; k slots per token, distinct experts
+    per token (slot j of token t goes to expert (perm[t] + j) mod E)."""
+    g = torch.Generator().manual_seed(seed)
+    E = len(rows_per_expert)
+    if k == 1:
+        experts = torch.cat([torch.full((n,), e) for e, n in enumerate(rows_per_expert)])
+        experts = experts[torch.randperm(len(experts), generator=g)].view(-1, 1)
+    else:  # each token covers k consecutive experts; rows per expert are then what the test reads back
+        T = sum(rows_per_expert) // k
+        start = torch.randint(0, E, (T,), generator=g)
+        experts = (start.view(-1, 1) + torch.arange(k)) % E
+    T = experts.shape[0]
+    weights = torch.softmax(torch.randn(T, experts.shape[1], generator=g), dim=-1)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    gate_up = (torch.randn(E, 2 * F, H, generator=g) / H**0.5).to(dtype)
+    down = (torch.randn(E, H, F, generator=g) / F**0.5).to(dtype)
+    return x, weights, experts.to(torch.int32), gate_up, down
+
+
+def check_all(inputs):
+    grad_y = torch.randn_like(inputs[0])
+    y, grads = run_with_grads(h3fusion_ext.moe_ffn, inputs, grad_y)
+    ref_lp, ref_lp_grads = run_with_grads(reference.moe_ffn, inputs, grad_y)
+    hi = [t.double() if t.is_floating_point() else t for t in inputs]
+    ref_hp, ref_hp_grads = run_with_grads(reference.moe_ffn, hi, grad_y.double())
+    assert y.dtype == inputs[0].dtype
+    assert_close_to_reference(y, ref_lp, ref_hp, factor=2.0, what="y")
+    names = ("x", "weights", "gate_up_proj", "down_proj")
+    for name, g, glp, ghp in zip(names, grads, ref_lp_grads, ref_hp_grads, strict=True):
+        assert_close_to_reference(g, glp, ghp, factor=3.0, atol=1e-5, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "H,F",
+    [
+        (64, 32),  # whole vectors everywhere
+        (53, 40),  # H: 3 vectors + 5; F: one 32-column block + 8
+        (80, 24),  # H: two 32-column blocks + one 16-column block; F: one vector + 8
+        (7, 5),  # narrower than one vector: scalar paths only
+    ],
+)
+def test_every_small_row_count_matches_reference(dtype, H, F):
+    # Experts with 1..8 rows (the small kernels), one with 9 and one with none (BLAS and the zero-gradient path).
+    rows = list(range(1, SMALL_MAX_ROWS + 1)) + [SMALL_MAX_ROWS + 1, 0]
+    check_all(routed_inputs(rows, H, F, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_shape_with_top_k(dtype):
+    # Decode: 4 tokens, top-2 of 8 experts, each expert a couple of rows; routing weights as a gradient leaf too.
+    check_all(routed_inputs([1] * 8, 48, 40, dtype, k=2, seed=3))
+
+
+def test_fp32_small_rows_are_tight():
+    # fp32 accumulation in a fixed order: within a few ulps of an fp64 computation, not just the tolerance rule.
+    inputs = routed_inputs(list(range(1, SMALL_MAX_ROWS + 1)), 96, 72, torch.float32, seed=5)
+    grad_y = torch.randn_like(inputs[0])
+    y, grads = run_with_grads(h3fusion_ext.moe_ffn, inputs, grad_y)
+    hi = [t.double() if t.is_floating_point() else t for t in inputs]
+    ref_y, ref_grads = run_with_grads(reference.moe_ffn, hi, grad_y.double())
+    torch.testing.assert_close(y.double(), ref_y, atol=2e-5, rtol=2e-5)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g.double(), rg, atol=5e-5, rtol=5e-5)
