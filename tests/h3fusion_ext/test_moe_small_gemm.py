@@ -1,5 +1,6 @@
-"""moe_ffn on experts with a handful of rows, where the CPU runs its own small GEMMs (csrc/cpu/small_gemm.h) instead
-of BLAS: every row count 1..8 in one call, widths that leave every vector tail, fp32 and bf16, all four gradients."""
+"""moe_ffn on experts with few rows, where the CPU runs its own GEMMs (csrc/cpu/small_gemm.h) instead of BLAS: every
+row count 1..8 in one call (all three GEMM forms), fp32 forward tiles up to 48 rows, widths that leave every vector and
+tile tail, fp32 and bf16, all four gradients."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import h3fusion_ext
 from h3fusion_ext import reference
 
 SMALL_MAX_ROWS = 8  # kSmallGemmMaxRows
+MID_MAX_ROWS = 48  # kMidLinearMaxRows
 
 
 def routed_inputs(rows_per_expert, H, F, dtype, k=1, seed=0):
@@ -64,6 +66,14 @@ def test_every_small_row_count_matches_reference(dtype, H, F):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,F", [(64, 32), (53, 39)])  # 53, 78 weight rows: 4-row tiles with 1 and 2 left over
+def test_forward_tiles_up_to_48_rows_match_reference(dtype, H, F):
+    # 9..48 rows: fp32 forward projections in 4x4 tiles (row counts that leave 2- and 1-row tiles), 65: BLAS again.
+    rows = [SMALL_MAX_ROWS + 1, 13, 31, 46, MID_MAX_ROWS, MID_MAX_ROWS + 1]
+    check_all(routed_inputs(rows, H, F, dtype, seed=7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_shape_with_top_k(dtype):
     # Decode: 4 tokens, top-2 of 8 experts, each expert a couple of rows; routing weights as a gradient leaf too.
     check_all(routed_inputs([1] * 8, 48, 40, dtype, k=2, seed=3))
@@ -71,7 +81,7 @@ def test_decode_shape_with_top_k(dtype):
 
 def test_fp32_small_rows_are_tight():
     # fp32 accumulation in a fixed order: within a few ulps of an fp64 computation, not just the tolerance rule.
-    inputs = routed_inputs(list(range(1, SMALL_MAX_ROWS + 1)), 96, 72, torch.float32, seed=5)
+    inputs = routed_inputs(list(range(1, SMALL_MAX_ROWS + 1)) + [23, 48], 96, 72, torch.float32, seed=5)
     grad_y = torch.randn_like(inputs[0])
     y, grads = run_with_grads(h3fusion_ext.moe_ffn, inputs, grad_y)
     hi = [t.double() if t.is_floating_point() else t for t in inputs]
