@@ -18,6 +18,7 @@
 #include "row_passes.h"
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -228,6 +229,10 @@ H3F_INLINE bool small_gemm_applies(int64_t rows, const at::Tensor& out, const at
          out.scalar_type() == dt && a.stride(1) == 1 && b.stride(1) == 1 && out.stride(1) == 1;
 }
 
+// Each GEMM these kernels take shows in the profiler as one "h3fusion::small_gemm" event, as a BLAS one shows as
+// aten::mm (tests count GEMMs that way to check that unneeded gradients cost none).
+#define H3F_RECORD_SMALL_GEMM() RECORD_FUNCTION("h3fusion::small_gemm", c10::ArrayRef<const c10::IValue>{})
+
 // fn(scalar_t{}) for fp32 or bf16 (the dtypes small_gemm_applies admits).
 template <typename Fn>
 H3F_INLINE void dispatch_small(at::ScalarType dt, const Fn& fn) {
@@ -241,20 +246,21 @@ H3F_INLINE void dispatch_small(at::ScalarType dt, const Fn& fn) {
 // out[n, M] = a[n, K] @ w[M, K]^T, written into a view.
 [[maybe_unused]] void linear_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w) {
   const int64_t n = a.size(0);
-  if (w.stride(0) == w.size(1) && small_gemm_applies(n, out, a, w, kMidLinearMaxRows)) {
-    if (n <= kSmallGemmMaxRows) {
-      dispatch_small(a.scalar_type(), [&](auto zero) {
-        using scalar_t = decltype(zero);
-        small_nt(a.const_data_ptr<scalar_t>(), a.stride(0), n, w.const_data_ptr<scalar_t>(), w.size(0), w.size(1),
-                 out.mutable_data_ptr<scalar_t>(), out.stride(0));
-      });
-      return;
-    }
-    if (a.scalar_type() == at::kFloat) {
-      mid_nt(a.const_data_ptr<float>(), a.stride(0), n, w.const_data_ptr<float>(), w.size(0), w.size(1),
-             out.mutable_data_ptr<float>(), out.stride(0));
-      return;
-    }
+  const bool small = w.stride(0) == w.size(1) && small_gemm_applies(n, out, a, w, kMidLinearMaxRows);
+  if (small && n <= kSmallGemmMaxRows) {
+    H3F_RECORD_SMALL_GEMM();
+    dispatch_small(a.scalar_type(), [&](auto zero) {
+      using scalar_t = decltype(zero);
+      small_nt(a.const_data_ptr<scalar_t>(), a.stride(0), n, w.const_data_ptr<scalar_t>(), w.size(0), w.size(1),
+               out.mutable_data_ptr<scalar_t>(), out.stride(0));
+    });
+    return;
+  }
+  if (small && a.scalar_type() == at::kFloat) {
+    H3F_RECORD_SMALL_GEMM();
+    mid_nt(a.const_data_ptr<float>(), a.stride(0), n, w.const_data_ptr<float>(), w.size(0), w.size(1),
+           out.mutable_data_ptr<float>(), out.stride(0));
+    return;
   }
   at::mm_out(const_cast<at::Tensor&>(out), a, w.t());
 }
@@ -262,6 +268,7 @@ H3F_INLINE void dispatch_small(at::ScalarType dt, const Fn& fn) {
 // out[n, M] = a[n, K] @ b[K, M], written into a view.
 [[maybe_unused]] void matmul_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (small_gemm_applies(a.size(0), out, a, b)) {
+    H3F_RECORD_SMALL_GEMM();
     dispatch_small(a.scalar_type(), [&](auto zero) {
       using scalar_t = decltype(zero);
       small_nn(a.const_data_ptr<scalar_t>(), a.stride(0), a.size(0), b.const_data_ptr<scalar_t>(), b.stride(0),
@@ -275,6 +282,7 @@ H3F_INLINE void dispatch_small(at::ScalarType dt, const Fn& fn) {
 // out[M, K] = a[n, M]^T @ b[n, K], written into a view (a weight gradient: n is the expert's rows).
 [[maybe_unused]] void matmul_tn_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (small_gemm_applies(a.size(0), out, a, b)) {
+    H3F_RECORD_SMALL_GEMM();
     dispatch_small(a.scalar_type(), [&](auto zero) {
       using scalar_t = decltype(zero);
       small_tn(a.const_data_ptr<scalar_t>(), a.stride(0), a.size(0), b.const_data_ptr<scalar_t>(), b.stride(0),
