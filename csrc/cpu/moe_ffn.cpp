@@ -32,6 +32,7 @@
 #include <malloc.h>
 #endif
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -72,9 +73,11 @@ Dims check_ffn_args(const at::Tensor& x, const at::Tensor& weights, const at::Te
   return {T, H, k, E, F};
 }
 
-// Calls fn(slot, e, row_begin, rows) for every expert. Parallel mode hands each thread a contiguous group of experts
-// with about the same number of rows (slot = the group, for per-thread scratch); serial mode (slot 0) leaves the
-// threads to BLAS and the row passes.
+// Calls fn(slot, e, row_begin, rows) for every expert. Parallel mode hands each thread a group of experts (slot = the
+// group, for per-thread scratch), balanced by the longest-first rule: experts by falling cost, each to the group with
+// the least work so far. Groups need not be contiguous: each expert writes its own rows and gradients. (Contiguous
+// groups cut at half the rows gave 5 + 3 of 8 near-equal experts whenever the first four summed to just under half:
+// a quarter more time on one thread.) Serial mode (slot 0) leaves the threads to BLAS and the row passes.
 template <typename Fn>
 void for_each_expert(const int64_t* off, int64_t E, int64_t nt, const Fn& fn) {
   if (nt <= 1) {
@@ -85,21 +88,22 @@ void for_each_expert(const int64_t* off, int64_t E, int64_t nt, const Fn& fn) {
     const int64_t n = off[e + 1] - off[e];
     return n > 0 ? n + kExpertFixedCostRows : 1;
   };
-  int64_t total = 0;
-  for (int64_t e = 0; e < E; ++e) total += cost(e);
-  std::vector<int64_t> bounds(nt + 1, E);
-  bounds[0] = 0;
-  int64_t acc = 0, g = 1;
-  for (int64_t e = 0; e < E && g < nt; ++e) {
-    acc += cost(e);
-    if (acc * nt >= total * g) bounds[g++] = e + 1;
+  std::vector<int64_t> order(E);
+  for (int64_t e = 0; e < E; ++e) order[e] = e;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
+  std::vector<std::vector<int64_t>> groups(nt);
+  std::vector<int64_t> load(nt, 0);
+  for (const int64_t e : order) {
+    const int64_t g = std::min_element(load.begin(), load.end()) - load.begin();
+    groups[g].push_back(e);
+    load[g] += cost(e);
   }
   // OpenMP workers do not inherit this thread's dispatch state (the below-autograd guard): carry it over.
   const at::ThreadLocalState tls;
   at::parallel_for(0, nt, 1, [&](int64_t gb, int64_t ge) {
     const at::ThreadLocalStateGuard tls_guard(tls);
     for (int64_t gi = gb; gi < ge; ++gi)
-      for (int64_t e = bounds[gi]; e < bounds[gi + 1]; ++e) fn(gi, e, off[e], off[e + 1] - off[e]);
+      for (const int64_t e : groups[gi]) fn(gi, e, off[e], off[e + 1] - off[e]);
   });
 }
 
