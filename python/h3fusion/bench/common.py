@@ -46,13 +46,20 @@ def time_fn(
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], device: str, *, warmup: int = 2, repeats: int = 10, budget_s: float = 5.0
+    fns: dict[str, Callable[[], object]],
+    device: str,
+    *,
+    warmup: int = 2,
+    repeats: int = 10,
+    budget_s: float = 5.0,
+    min_repeats: int = 3,
 ) -> dict[str, dict[str, float] | Exception]:
     """`time_fn` for several implementations at once, alternating them call by call.
 
     On a shared machine the load drifts over seconds; alternating makes every implementation see the same drift,
     so their ratio (the speedup) stays meaningful even when absolute times do not. An implementation that raises is
-    dropped and its exception returned in its place.
+    dropped and its exception returned in its place. Every implementation gets at least `min_repeats` timed calls,
+    more while under `budget_s` seconds, at most `repeats`.
     """
     live: dict[str, Callable[[], object]] = {}
     result: dict[str, dict[str, float] | Exception] = {}
@@ -67,7 +74,7 @@ def time_interleaved(
     times: dict[str, list[float]] = {name: [] for name in live}
     start_all = time.perf_counter()
     rep = 0
-    while live and rep < repeats and (rep < 3 or time.perf_counter() - start_all < budget_s):
+    while live and rep < repeats and (rep < min_repeats or time.perf_counter() - start_all < budget_s):
         for name, fn in list(live.items()):
             synchronize(device)
             t0 = time.perf_counter()

@@ -168,6 +168,9 @@ def collect(device: str, quick: bool, case_filter: str = "") -> list[dict]:
     on_gpu = device.startswith("cuda")
     budget = 1.0 if on_gpu else (4.0 if quick else 8.0)
     repeats = 5 if quick else 9
+    # The largest CPU shapes take seconds per call, so the budget alone would stop them at 3 calls; on a shared
+    # machine a median of 3 moved vs-best by +-10% between runs, so full runs take at least 5 (about a minute more).
+    min_repeats = 3 if quick or on_gpu else 5
     for case, T, H, F_, E, k, dtype in _cases(device, quick):
         if case_filter and case_filter not in case:
             continue
@@ -176,7 +179,7 @@ def collect(device: str, quick: bool, case_filter: str = "") -> list[dict]:
             fns, _p = _steps(T, H, F_, E, k, dtype, device, mode)
             if mode == "fwd":
                 fns["dense_mm"] = dense_fn
-            timings = time_interleaved(fns, device, warmup=2, repeats=repeats, budget_s=budget)
+            timings = time_interleaved(fns, device, warmup=2, repeats=repeats, budget_s=budget, min_repeats=min_repeats)
             if mode == "fwd":
                 dense = timings.pop("dense_mm")
                 dense_rate = dense_flops / (dense["median_ms"] * 1e-3) if isinstance(dense, dict) else None
