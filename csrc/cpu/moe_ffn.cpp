@@ -10,6 +10,7 @@
 // of scratch; only the training forward keeps the [T*k, 2F] pre-activation for the backward.
 // The gated-activation row passes (row_passes.h: silu, gelu, gelu_tanh) are written to vectorise and compiled for
 // three ISA levels (the loader picks the best).
+#include "large_buffers.h"
 #include "moe_cpu.h"
 #include "row_passes.h"
 #include "small_gemm.h"
@@ -25,12 +26,6 @@
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-#if defined(__GLIBC__)
-#include <malloc.h>
-#endif
 
 #include <algorithm>
 #include <array>
@@ -140,47 +135,6 @@ int64_t backward_thread_count(const int64_t* off, int64_t E) {
   const int64_t threads = at::get_num_threads();
   const bool per_expert = expert_parallel_mode(off, E) || (threads > 1 && active >= 2 * threads);
   return per_expert ? std::min<int64_t>(threads, E) : 1;
-}
-
-// A fresh CPU buffer for a large output or scratch tensor. Buffers this big come straight from mmap, so every call
-// would otherwise take one page fault per 4 KiB on first touch (tens of ms for the [T*k, 2F] pre-activation); asking
-// for transparent huge pages (in "madvise" mode on most distributions) cuts that 512-fold. Advisory only: the kernel
-// may ignore it, and the contents are written before they are read either way. Measured: a clear gain when few large
-// experts fill the buffers in order (serial mode), but bimodal call times (2-3x) when many small experts are filled
-// by several threads at once; so only `huge` callers (serial mode) ask.
-at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options, bool huge) {
-  at::Tensor t = at::empty(sizes, options);
-  if (!huge) return t;
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
-  static const bool enabled = std::getenv("H3FUSION_NO_HUGEPAGES") == nullptr;  // escape hatch, read once
-  if (enabled && t.device().is_cpu() && last > first)
-    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-  return t;
-}
-
-// Why speed used to depend on warm-up and on what ran before in the process: glibc serves blocks above a *dynamic*
-// threshold (128 KiB at start, raised to the size of every large block freed, up to 32 MiB) with fresh mmap'ed pages
-// that fault in on first touch, and returns freed heap tops to the OS above a trim threshold that moves with it. So
-// the first calls of a process paid page faults on every buffer, and later ones (or ones after another
-// implementation had freed big blocks) reused heap memory. Fixing both thresholds once, at the first call, makes every
-// call alike (blocks up to 32 MiB are reused from the heap from the start). Process-wide, like any allocator setting;
-// H3FUSION_NO_MALLOC_TUNING=1 leaves glibc's defaults alone.
-void tune_malloc_once() {
-#if defined(__GLIBC__)
-  static const bool done = [] {
-    if (std::getenv("H3FUSION_NO_MALLOC_TUNING") == nullptr) {
-      mallopt(M_MMAP_THRESHOLD, 32 << 20);
-      mallopt(M_TRIM_THRESHOLD, 256 << 20);
-    }
-    return true;
-  }();
-  (void)done;
-#endif
 }
 
 // Rows per block of one expert in the serial forward: the scratch (gathered x, pre-activation, output) stays at about
