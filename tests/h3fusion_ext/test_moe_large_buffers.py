@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from h3fusion.bench.common import peak_memory_mb
 from test_moe_ffn import make_inputs, run_with_grads
 
 import h3fusion_ext
-from h3fusion.bench.common import peak_memory_mb
 from h3fusion_ext import reference
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,7 +75,7 @@ def run_child(cache_mb: str) -> subprocess.CompletedProcess:
         from h3fusion_ext import reference
         from test_moe_ffn import make_inputs
         torch.manual_seed(0)
-        x, w, e, gu, dp = make_inputs({SHAPE["T"]}, {SHAPE["H"]}, {SHAPE["F"]}, {SHAPE["E"]}, {SHAPE["k"]}, torch.float32)
+        x, w, e, gu, dp = make_inputs(*{tuple(SHAPE.values())!r}, torch.float32)
         x.requires_grad_()
         y = h3fusion_ext.moe_ffn(x, w, e, gu, dp)
         y.sum().backward()
