@@ -8,8 +8,8 @@
 //
 // Why: BLAS (MKL, oneDNN for bf16) packs the whole weight matrix before it multiplies, which for 1-8 rows costs
 // several times streaming the weight once, plus a fixed cost per call that a decode step with 64 experts pays
-// hundreds of times. Above kSmallGemmMaxRows rows (or for fp16/fp64, or strided layouts) each function calls
-// at::mm_out. The choice depends on the shape only, never on the thread count, so results are bitwise the same at any
+// hundreds of times. Above kSmallGemmMaxRows rows (kMidLinearMaxRows for fp32 forward projections), for fp16/fp64,
+// or for strided layouts, each function calls at::mm_out. The choice depends on the shape only, never on the thread count, so results are bitwise the same at any
 // number of threads. The kernels are single-threaded: they run inside a thread's group of experts, or on experts
 // too small for threads to pay. Each kernel is compiled for three ISA levels (row_passes.h); every lane does the same
 // operations, so the result does not depend on the level.
@@ -21,7 +21,6 @@
 #include <ATen/record_function.h>
 
 #include <cstdint>
-#include <type_traits>
 
 namespace h3fusion::cpu {
 namespace {
