@@ -133,6 +133,22 @@ H3F_INLINE void vstore(scalar_t* p, vfloat v) {
   }
 }
 
+// Folds v[0..15] (tile accumulators of small_gemm.h and bf16_tiles.h) so that lane q of the result is the sum of v[q]'s lanes.
+H3F_INLINE vfloat fold16(vfloat* v) {
+  const vint l1a = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const vint l2a = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const vint l3a = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+  const vint l4a = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  // Lanes lo of (x, y) plus the lanes `step` further on: each level halves the lanes per accumulator.
+  auto fold = [](vfloat x, vfloat y, vint lo, int step) {
+    return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, lo + step);
+  };
+  for (int q = 0; q < 8; ++q) v[q] = fold(v[2 * q], v[2 * q + 1], l1a, 8);
+  for (int q = 0; q < 4; ++q) v[q] = fold(v[2 * q], v[2 * q + 1], l2a, 4);
+  for (int q = 0; q < 2; ++q) v[q] = fold(v[2 * q], v[2 * q + 1], l3a, 2);
+  return fold(v[0], v[1], l4a, 1);
+}
+
 // Rounds to scalar_t and back (what a stored and reloaded value is).
 template <typename scalar_t>
 H3F_INLINE vfloat vround(vfloat v) {

@@ -8,13 +8,14 @@
 //
 // Why: BLAS (MKL, oneDNN for bf16) packs the whole weight matrix before it multiplies, which for 1-8 rows costs
 // several times streaming the weight once, plus a fixed cost per call that a decode step with 64 experts pays
-// hundreds of times. Above kSmallGemmMaxRows rows (kMidLinearMaxRows for fp32 forward projections), for fp16/fp64,
+// hundreds of times. Above kSmallGemmMaxRows rows (kMidGemmMaxRows for fp32 forward projections), for fp16/fp64,
 // or for strided layouts, each function calls at::mm_out. The choice depends on the shape only, never on the thread count, so results are bitwise the same at any
 // number of threads. The kernels are single-threaded: they run inside a thread's group of experts, or on experts
 // too small for threads to pay. Each kernel is compiled for three ISA levels (row_passes.h); every lane does the same
 // operations, so the result does not depend on the level.
 #pragma once
 
+#include "bf16_tiles.h"
 #include "row_passes.h"
 
 #include <ATen/ATen.h>
@@ -26,11 +27,11 @@ namespace h3fusion::cpu {
 namespace {
 
 constexpr int64_t kSmallGemmMaxRows = 8;
-// fp32 forward projections up to this many rows run 4x4 dot-product tiles (mid_nt), which beat MKL's packing of the
+// Up to this many rows, fp32 forward projections run 4x4 dot-product tiles (mid_nt), which beat MKL's packing of the
 // weight (measured at 32 rows, K 256-512: 21 -> 15 ms for a T256 E64 k8 forward; at 64 rows and K 1024 MKL is as
-// fast or faster). bf16 stays with oneDNN there: its bf16 dot-product instructions beat converting to fp32 (12 vs
-// 18 ms).
-constexpr int64_t kMidLinearMaxRows = 48;
+// fast or faster), and bf16 GEMMs of all three forms run the VDPBF16PS tiles of bf16_tiles.h where the CPU has the
+// instruction (else oneDNN, whose bf16 dot products beat converting to fp32: 12 vs 18 ms).
+constexpr int64_t kMidGemmMaxRows = 48;
 // Weights are one long stream; hardware prefetchers stop at 4 KiB page edges, so the dot-product kernel asks for the
 // line 8 KiB ahead (a hint: past the end of the tensor it is simply dropped).
 constexpr int64_t kPrefetchBytes = 8192;
@@ -80,27 +81,11 @@ H3F_ROW_FN void small_nt(const scalar_t* a, int64_t lda, int64_t n, const scalar
   }
 }
 
-// More rows (fp32, up to kMidLinearMaxRows; compute-bound): tiles of NB rows of a against 4 rows of w, 4*NB
+// More rows (fp32, up to kMidGemmMaxRows; compute-bound): tiles of NB rows of a against 4 rows of w, 4*NB
 // accumulator vectors, so every vector loaded feeds NB or 4 FMAs and the tile runs at FMA speed from L1/L2 without
 // packing w first. The accumulators are folded into one vector (lane q = accumulator q) by a tree of shuffles that
 // adds lanes in the same order as hsum.
 constexpr int kTileW = 4;
-
-// Folds v[0..15] so that lane q of the result is the sum of v[q]'s lanes.
-H3F_INLINE vfloat fold16(vfloat* v) {
-  const vint l1a = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-  const vint l2a = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
-  const vint l3a = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
-  const vint l4a = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-  // Lanes lo of (x, y) plus the lanes `step` further on: each level halves the lanes per accumulator.
-  auto fold = [](vfloat x, vfloat y, vint lo, int step) {
-    return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, lo + step);
-  };
-  for (int q = 0; q < 8; ++q) v[q] = fold(v[2 * q], v[2 * q + 1], l1a, 8);
-  for (int q = 0; q < 4; ++q) v[q] = fold(v[2 * q], v[2 * q + 1], l2a, 4);
-  for (int q = 0; q < 2; ++q) v[q] = fold(v[2 * q], v[2 * q + 1], l3a, 2);
-  return fold(v[0], v[1], l4a, 1);
-}
 
 // out[r, m] for r < NB, m < mb (<= 4) of the tile at a, w; rows of w past mb repeat row mb - 1 (their sums are
 // dropped), so the tail tile needs no other code path.
@@ -147,12 +132,23 @@ H3F_ROW_FN void mid_nt(const float* a, int64_t lda, int64_t n, const float* w, i
 
 // ---- row-axpy form: out[r, :] = sum_i a[r, i] * b[i, :] --------------------------------------------------------
 // A block of NC vectors of output columns for all NB rows stays in registers while b's rows stream past; every
-// output element sums i in ascending order.
+// output element sums i in ascending order. The block walks down b's rows, so each row of b is read in runs of
+// NC vectors: fewer rows leave registers for wider runs (8 vectors: 256-512 contiguous bytes), and the runs of the
+// row kAxpyPrefetchRows ahead are prefetched, since the hardware prefetchers do not follow a walk whose stride
+// (a whole row of b, several KiB) crosses a page every row or two.
+constexpr int64_t kAxpyPrefetchRows = 4;
+
+template <int NB>
+constexpr int kAxpyBlock = NB <= 2 ? 8 : NB <= 4 ? 4 : 2;
+
 template <int NB, int NC, typename scalar_t>
 H3F_INLINE void axpy_block(const scalar_t* __restrict__ a, int64_t lda, const scalar_t* __restrict__ b, int64_t ldb,
                            int64_t K, scalar_t* out, int64_t ldo) {
+  constexpr int64_t kLineElems = 64 / sizeof(scalar_t);
   vfloat acc[NB][NC] = {};
   for (int64_t i = 0; i < K; ++i) {
+    const scalar_t* ahead = b + (i + kAxpyPrefetchRows) * ldb;
+    for (int64_t e = 0; e < NC * kLanes; e += kLineElems) __builtin_prefetch(ahead + e, 0, 3);
     vfloat bv[NC];
     for (int c = 0; c < NC; ++c) bv[c] = vload(b + i * ldb + c * kLanes);
     for (int r = 0; r < NB; ++r) {
@@ -167,8 +163,9 @@ H3F_INLINE void axpy_block(const scalar_t* __restrict__ a, int64_t lda, const sc
 template <int NB, typename scalar_t>
 H3F_INLINE void axpy_rows(const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb, int64_t K, int64_t M,
                           scalar_t* out, int64_t ldo) {
+  constexpr int NC = kAxpyBlock<NB>;
   int64_t j = 0;
-  for (; j + 2 * kLanes <= M; j += 2 * kLanes) axpy_block<NB, 2>(a, lda, b + j, ldb, K, out + j, ldo);
+  for (; j + NC * kLanes <= M; j += NC * kLanes) axpy_block<NB, NC>(a, lda, b + j, ldb, K, out + j, ldo);
   for (; j + kLanes <= M; j += kLanes) axpy_block<NB, 1>(a, lda, b + j, ldb, K, out + j, ldo);
   for (; j < M; ++j)
     for (int r = 0; r < NB; ++r) {
@@ -242,10 +239,24 @@ H3F_INLINE void dispatch_small(at::ScalarType dt, const Fn& fn) {
   }
 }
 
+// True when a bf16 GEMM with this many rows runs the VDPBF16PS tiles (bf16_tiles.h).
+H3F_INLINE bool bf16_tiles_apply(int64_t rows, const at::Tensor& a) {
+  return rows > kSmallGemmMaxRows && a.scalar_type() == at::kBFloat16 && bf16_tiles_available();
+}
+
+#if H3F_HAVE_BF16_TILES
+H3F_INLINE const bf16_bits* bits(const at::Tensor& t) {
+  return reinterpret_cast<const bf16_bits*>(t.const_data_ptr<c10::BFloat16>());
+}
+H3F_INLINE bf16_bits* mutable_bits(const at::Tensor& t) {
+  return reinterpret_cast<bf16_bits*>(t.mutable_data_ptr<c10::BFloat16>());
+}
+#endif
+
 // out[n, M] = a[n, K] @ w[M, K]^T, written into a view.
 [[maybe_unused]] void linear_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w) {
   const int64_t n = a.size(0);
-  const bool small = w.stride(0) == w.size(1) && small_gemm_applies(n, out, a, w, kMidLinearMaxRows);
+  const bool small = w.stride(0) == w.size(1) && small_gemm_applies(n, out, a, w, kMidGemmMaxRows);
   if (small && n <= kSmallGemmMaxRows) {
     H3F_RECORD_SMALL_GEMM();
     dispatch_small(a.scalar_type(), [&](auto zero) {
@@ -261,34 +272,57 @@ H3F_INLINE void dispatch_small(at::ScalarType dt, const Fn& fn) {
            out.mutable_data_ptr<float>(), out.stride(0));
     return;
   }
+#if H3F_HAVE_BF16_TILES
+  if (small && bf16_tiles_apply(n, a)) {
+    H3F_RECORD_SMALL_GEMM();
+    bf16_nt(bits(a), a.stride(0), n, bits(w), w.size(0), w.size(1), mutable_bits(out), out.stride(0));
+    return;
+  }
+#endif
   at::mm_out(const_cast<at::Tensor&>(out), a, w.t());
 }
 
 // out[n, M] = a[n, K] @ b[K, M], written into a view.
 [[maybe_unused]] void matmul_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  if (small_gemm_applies(a.size(0), out, a, b)) {
+  const int64_t n = a.size(0);
+  if (small_gemm_applies(n, out, a, b)) {
     H3F_RECORD_SMALL_GEMM();
     dispatch_small(a.scalar_type(), [&](auto zero) {
       using scalar_t = decltype(zero);
-      small_nn(a.const_data_ptr<scalar_t>(), a.stride(0), a.size(0), b.const_data_ptr<scalar_t>(), b.stride(0),
-               b.size(0), b.size(1), out.mutable_data_ptr<scalar_t>(), out.stride(0));
+      small_nn(a.const_data_ptr<scalar_t>(), a.stride(0), n, b.const_data_ptr<scalar_t>(), b.stride(0), b.size(0),
+               b.size(1), out.mutable_data_ptr<scalar_t>(), out.stride(0));
     });
     return;
   }
+#if H3F_HAVE_BF16_TILES
+  if (small_gemm_applies(n, out, a, b, kMidGemmMaxRows) && bf16_tiles_apply(n, a)) {
+    H3F_RECORD_SMALL_GEMM();
+    bf16_nn(bits(a), a.stride(0), n, bits(b), b.stride(0), b.size(0), b.size(1), mutable_bits(out), out.stride(0));
+    return;
+  }
+#endif
   at::mm_out(const_cast<at::Tensor&>(out), a, b);
 }
 
 // out[M, K] = a[n, M]^T @ b[n, K], written into a view (a weight gradient: n is the expert's rows).
 [[maybe_unused]] void matmul_tn_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  if (small_gemm_applies(a.size(0), out, a, b)) {
+  const int64_t n = a.size(0);
+  if (small_gemm_applies(n, out, a, b)) {
     H3F_RECORD_SMALL_GEMM();
     dispatch_small(a.scalar_type(), [&](auto zero) {
       using scalar_t = decltype(zero);
-      small_tn(a.const_data_ptr<scalar_t>(), a.stride(0), a.size(0), b.const_data_ptr<scalar_t>(), b.stride(0),
-               a.size(1), b.size(1), out.mutable_data_ptr<scalar_t>(), out.stride(0));
+      small_tn(a.const_data_ptr<scalar_t>(), a.stride(0), n, b.const_data_ptr<scalar_t>(), b.stride(0), a.size(1),
+               b.size(1), out.mutable_data_ptr<scalar_t>(), out.stride(0));
     });
     return;
   }
+#if H3F_HAVE_BF16_TILES
+  if (small_gemm_applies(n, out, a, b, kMidGemmMaxRows) && bf16_tiles_apply(n, a)) {
+    H3F_RECORD_SMALL_GEMM();
+    bf16_tn(bits(a), a.stride(0), n, bits(b), b.stride(0), a.size(1), b.size(1), mutable_bits(out), out.stride(0));
+    return;
+  }
+#endif
   at::mm_out(const_cast<at::Tensor&>(out), a.t(), b);
 }
 

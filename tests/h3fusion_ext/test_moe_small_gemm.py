@@ -1,6 +1,6 @@
 """moe_ffn on experts with few rows, where the CPU runs its own GEMMs (csrc/cpu/small_gemm.h) instead of BLAS: every
-row count 1..8 in one call (all three GEMM forms), fp32 forward tiles up to 48 rows, widths that leave every vector and
-tile tail, fp32 and bf16, all four gradients."""
+row count 1..8 in one call (all three GEMM forms), 9..48 rows (fp32 forward tiles; bf16 VDPBF16PS tiles of all three
+forms where the CPU has them), widths that leave every vector and tile tail, fp32 and bf16, all four gradients."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import h3fusion_ext
 from h3fusion_ext import reference
 
 SMALL_MAX_ROWS = 8  # kSmallGemmMaxRows
-MID_MAX_ROWS = 48  # kMidLinearMaxRows
+MID_MAX_ROWS = 48  # kMidGemmMaxRows
 
 
 def routed_inputs(rows_per_expert, H, F, dtype, k=1, seed=0):
@@ -71,10 +71,18 @@ def test_every_small_row_count_matches_reference(dtype, H, F):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("H,F", [(64, 32), (53, 39)])  # 53, 78 weight rows: 4-row tiles with 1 and 2 left over
-def test_forward_tiles_up_to_48_rows_match_reference(dtype, H, F):
-    # 9..48 rows: fp32 forward projections in 4x4 tiles (row counts that leave 2- and 1-row tiles), 65: BLAS again.
-    rows = [SMALL_MAX_ROWS + 1, 13, 31, 46, MID_MAX_ROWS, MID_MAX_ROWS + 1]
+@pytest.mark.parametrize(
+    "H,F",
+    [
+        (64, 32),  # whole vectors and tiles
+        (53, 39),  # 53, 78 weight rows: 4-row tiles with 1 and 2 left over; U = dY W_down has an odd K (53)
+        (75, 41),  # K tails of 11 (H) and 9 (F) in 32-wide steps; 64-column strips with 11 left; 16-column tails
+    ],
+)
+def test_tiles_up_to_48_rows_match_reference(dtype, H, F):
+    # 9..48 rows: fp32 forward projections in 4x4 tiles, bf16 tiles of all three forms (row counts that leave 2- and
+    # 1-row tiles, odd counts that pair the last row with zero in the weight gradients); 49: BLAS again.
+    rows = [SMALL_MAX_ROWS + 1, 10, 13, 31, 46, 47, MID_MAX_ROWS, MID_MAX_ROWS + 1]
     check_all(routed_inputs(rows, H, F, dtype, seed=7))
 
 

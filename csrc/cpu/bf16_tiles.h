@@ -1,0 +1,239 @@
+// bf16 GEMM tiles on the AVX-512 BF16 dot-product instruction (VDPBF16PS: 16 fp32 lanes, each adding the products
+// of one pair of bf16 elements), for experts with a few dozen rows (small_gemm.h routes kSmallGemmMaxRows+1 ..
+// kMidGemmMaxRows rows here when the CPU has the instruction). The three forms of small_gemm.h:
+//
+//   bf16_nt  out[n, M] = a[n, K] @ w[M, K]^T     pairs along K are adjacent in both operands: loaded as they are
+//   bf16_nn  out[n, M] = a[n, K] @ b[K, M]        two rows of b interleaved on the fly (unpack), columns restored
+//                                                  by one permute per tile at the store
+//   bf16_tn  out[M, K] = a[n, M]^T @ b[n, K]      both operands repacked into row pairs first (O(n (M + K)), small
+//                                                  next to the M*K output)
+//
+// Why: oneDNN's bf16 matmul is fast per FLOP but at 9-48 rows its per-call setup and the packing of the whole weight
+// cost as much as the multiply (a T256 E64 k8 layer makes 64 * 5 such calls). These tiles read the weight in place.
+// Accumulation is fp32 in a fixed order that depends on the shape only (pairs of K in ascending order, then for
+// bf16_nt the lane fold of fold16), so results do not depend on the thread count. The instruction treats denormal
+// inputs as zero; bf16 denormals (|x| < 1.2e-38) carry nothing a bf16 GEMM keeps.
+#pragma once
+
+#include "row_passes.h"
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
+#define H3F_HAVE_BF16_TILES 1
+#include <immintrin.h>
+#define H3F_BF16_TARGET target("avx512f,avx512bw,avx512vl,avx512bf16")
+// Every helper that uses the intrinsics carries the target too: GCC inlines callees before their callers.
+#define H3F_BF16_FN __attribute__((noinline, H3F_BF16_TARGET))
+#define H3F_BF16_INLINE inline __attribute__((always_inline, H3F_BF16_TARGET))
+#else
+#define H3F_HAVE_BF16_TILES 0
+#endif
+
+namespace h3fusion::cpu {
+namespace {
+
+// Whether this CPU runs VDPBF16PS (checked once; `H3FUSION_BF16_TILES=0` turns the tiles off for A/B runs).
+H3F_INLINE bool bf16_tiles_available() {
+#if H3F_HAVE_BF16_TILES
+  static const bool ok = [] {
+    const char* env = std::getenv("H3FUSION_BF16_TILES");
+    if (env != nullptr && std::string(env) == "0") return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0 && __builtin_cpu_supports("avx512bw") != 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#if H3F_HAVE_BF16_TILES
+
+using bf16_bits = uint16_t;
+
+// Stores the first `count` (<= 16) lanes of v as bf16 (vstore's rounding).
+H3F_INLINE void store_bf16(bf16_bits* p, vfloat v, int64_t count) {
+  if (count >= kLanes) {
+    vstore(reinterpret_cast<c10::BFloat16*>(p), v);
+    return;
+  }
+  c10::BFloat16 tmp[kLanes];
+  vstore(tmp, v);
+  std::memcpy(p, tmp, count * sizeof(bf16_bits));
+}
+
+H3F_BF16_INLINE __mmask32 mask32(int64_t count) {
+  return count >= 32 ? ~__mmask32{0} : (__mmask32{1} << count) - 1;
+}
+
+H3F_BF16_INLINE vfloat dp(vfloat acc, __m512i x, __m512i y) {
+  return (vfloat)_mm512_dpbf16_ps((__m512)acc, (__m512bh)x, (__m512bh)y);
+}
+
+// ---- dot-product form -----------------------------------------------------------------------------------------------
+// NB rows of a against 4 rows of w (rows past mb repeat row mb - 1; their sums are dropped), 32 K elements a step; the
+// K tail is a masked (zero-filled) step, so every element goes through the instruction.
+template <int NB>
+H3F_BF16_INLINE void nt_tile(const bf16_bits* __restrict__ a, int64_t lda, const bf16_bits* __restrict__ w, int64_t mb,
+                        int64_t K, bf16_bits* out, int64_t ldo) {
+  constexpr int kW = 4;
+  const bf16_bits* wr[kW];
+  for (int m = 0; m < kW; ++m) wr[m] = w + std::min<int64_t>(m, mb - 1) * K;
+  vfloat acc[kLanes] = {};
+  for (int64_t i = 0; i < K; i += 32) {
+    const __mmask32 mk = mask32(K - i);
+    __m512i av[NB];
+    for (int r = 0; r < NB; ++r) av[r] = _mm512_maskz_loadu_epi16(mk, a + r * lda + i);
+    for (int m = 0; m < kW; ++m) {
+      __builtin_prefetch(reinterpret_cast<const char*>(wr[m] + i) + 8192, 0, 0);
+      const __m512i wv = _mm512_maskz_loadu_epi16(mk, wr[m] + i);
+      for (int r = 0; r < NB; ++r) acc[r * kW + m] = dp(acc[r * kW + m], av[r], wv);
+    }
+  }
+  const vfloat sums = fold16(acc);
+  float s[kLanes];
+  std::memcpy(s, &sums, sizeof(s));
+  for (int r = 0; r < NB; ++r)
+    for (int m = 0; m < mb; ++m) out[r * ldo + m] = c10::BFloat16(s[r * kW + m]).x;
+}
+
+H3F_BF16_FN void bf16_nt(const bf16_bits* a, int64_t lda, int64_t n, const bf16_bits* w, int64_t M, int64_t K,
+                         bf16_bits* out, int64_t ldo) {
+  // Weight rows outermost: 4 weight rows stay in L1 while every row block of a passes them.
+  for (int64_t j = 0; j < M; j += 4) {
+    const bf16_bits* wj = w + j * K;
+    const int64_t mb = std::min<int64_t>(4, M - j);
+    int64_t r = 0;
+    for (; r + 4 <= n; r += 4) nt_tile<4>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
+    for (; r + 2 <= n; r += 2) nt_tile<2>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
+    for (; r < n; ++r) nt_tile<1>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
+  }
+}
+
+// ---- row-axpy form --------------------------------------------------------------------------------------------------
+// NB rows of a against a strip of 64 columns of b. Rows i and i + 1 of b are interleaved by unpacklo/hi_epi16, which
+// work within 128-bit lanes: lane q of the `lo` product holds column 8 (q / 4) + q % 4, of `hi` that column + 4.
+// kUnpackCols0/1 gather columns 0-15 / 16-31 back from (lo, hi) (indices >= 16 select hi).
+template <int NB>
+H3F_BF16_INLINE void nn_tile(const bf16_bits* __restrict__ a, int64_t lda, const bf16_bits* __restrict__ b,
+                             int64_t ldb, int64_t K, int64_t cols, bf16_bits* out, int64_t ldo) {
+  static const bf16_bits kZeroRow[64] = {};  // the partner of an odd last row of b
+  const __mmask32 mk[2] = {mask32(cols), mask32(cols - 32)};
+  vfloat acc[NB][4];
+  for (int r = 0; r < NB; ++r)
+    for (int q = 0; q < 4; ++q) acc[r][q] = vfloat{};
+  for (int64_t i = 0; i < K; i += 2) {
+    const bool pair = i + 1 < K;
+    const bf16_bits* row0 = b + i * ldb;
+    const bf16_bits* row1 = pair ? row0 + ldb : kZeroRow;
+    for (int64_t ahead = i + 4; ahead < i + 6; ++ahead) {
+      __builtin_prefetch(b + ahead * ldb, 0, 3);
+      __builtin_prefetch(b + ahead * ldb + 32, 0, 3);
+    }
+    __m512i lo[2], hi[2];
+    for (int g = 0; g < 2; ++g) {
+      const __m512i r0 = _mm512_maskz_loadu_epi16(mk[g], row0 + 32 * g);
+      const __m512i r1 = _mm512_maskz_loadu_epi16(mk[g], row1 + 32 * g);
+      lo[g] = _mm512_unpacklo_epi16(r0, r1);
+      hi[g] = _mm512_unpackhi_epi16(r0, r1);
+    }
+    for (int r = 0; r < NB; ++r) {
+      int32_t apair = a[r * lda + i];
+      if (pair) std::memcpy(&apair, a + r * lda + i, sizeof(apair));
+      const __m512i bc = _mm512_set1_epi32(apair);
+      for (int g = 0; g < 2; ++g) {
+        acc[r][2 * g] = dp(acc[r][2 * g], bc, lo[g]);
+        acc[r][2 * g + 1] = dp(acc[r][2 * g + 1], bc, hi[g]);
+      }
+    }
+  }
+  // Back to column order in a plain array first: the stores below branch on the tile's width, and an accumulator
+  // indexed from a loop GCC does not unroll would make it keep all of them in memory through the main loop.
+  const __m512i cols0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i cols1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  vfloat res[NB][4];
+#pragma GCC unroll 16
+  for (int r = 0; r < NB; ++r)
+#pragma GCC unroll 2
+    for (int g = 0; g < 2; ++g) {
+      const __m512 l = (__m512)acc[r][2 * g], h = (__m512)acc[r][2 * g + 1];
+      res[r][2 * g] = (vfloat)_mm512_permutex2var_ps(l, cols0, h);
+      res[r][2 * g + 1] = (vfloat)_mm512_permutex2var_ps(l, cols1, h);
+    }
+  for (int r = 0; r < NB; ++r)
+    for (int q = 0; q < 4 && 16 * q < cols; ++q) store_bf16(out + r * ldo + 16 * q, res[r][q], cols - 16 * q);
+}
+
+H3F_BF16_FN void bf16_nn(const bf16_bits* a, int64_t lda, int64_t n, const bf16_bits* b, int64_t ldb, int64_t K,
+                         int64_t M, bf16_bits* out, int64_t ldo) {
+  // Column strips outermost: a strip of b (64 columns x K rows) stays in L2 while every row block of a passes it.
+  for (int64_t j = 0; j < M; j += 64) {
+    const int64_t cols = std::min<int64_t>(64, M - j);
+    int64_t r = 0;
+    for (; r + 4 <= n; r += 4) nn_tile<4>(a + r * lda, lda, b + j, ldb, K, cols, out + r * ldo + j, ldo);
+    for (; r + 2 <= n; r += 2) nn_tile<2>(a + r * lda, lda, b + j, ldb, K, cols, out + r * ldo + j, ldo);
+    for (; r < n; ++r) nn_tile<1>(a + r * lda, lda, b + j, ldb, K, cols, out + r * ldo + j, ldo);
+  }
+}
+
+// ---- outer-product form ---------------------------------------------------------------------------------------------
+// out[j, c] = sum_r a[r, j] b[r, c]: the reduction runs over the n rows, so both operands are first repacked into row
+// pairs (an odd last row pairs with zero): bp[p][2c + s] = b[2p + s][c] and ap[j][p] = (a[2p][j], a[2p + 1][j]).
+// Tiles of 4 output rows x 64 columns then read bp (n/2 x 64 pairs, L1) and write the output once.
+H3F_BF16_FN void bf16_tn(const bf16_bits* a, int64_t lda, int64_t n, const bf16_bits* b, int64_t ldb, int64_t M,
+                         int64_t K, bf16_bits* out, int64_t ldo) {
+  const int64_t pairs = (n + 1) / 2;
+  std::vector<bf16_bits> bp(pairs * 2 * K, 0);
+  std::vector<uint32_t> ap(M * pairs, 0);
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t p = r / 2, s = r % 2;
+    for (int64_t c = 0; c < K; ++c) bp[(p * K + c) * 2 + s] = b[r * ldb + c];
+    for (int64_t j = 0; j < M; ++j) ap[j * pairs + p] |= uint32_t(a[r * lda + j]) << (16 * s);
+  }
+  constexpr int kRows = 4, kVecs = 4;
+  for (int64_t j = 0; j < M; j += kRows) {
+    const int64_t mb = std::min<int64_t>(kRows, M - j);
+    const uint32_t* arow[kRows];
+    for (int m = 0; m < kRows; ++m) arow[m] = ap.data() + std::min<int64_t>(j + m, M - 1) * pairs;
+    for (int64_t c = 0; c < K; c += kVecs * kLanes) {
+      __mmask16 mk[kVecs];
+      for (int v = 0; v < kVecs; ++v) {
+        const int64_t left = K - c - v * kLanes;
+        mk[v] = left >= kLanes ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+      }
+      const bf16_bits* bc0 = bp.data() + c * 2;
+      vfloat acc[kRows * kVecs];
+#pragma GCC unroll 16
+      for (int q = 0; q < kRows * kVecs; ++q) acc[q] = vfloat{};
+      for (int64_t p = 0; p < pairs; ++p) {
+        __m512i bv[kVecs];
+#pragma GCC unroll 4
+        for (int v = 0; v < kVecs; ++v) bv[v] = _mm512_maskz_loadu_epi32(mk[v], bc0 + p * K * 2 + v * 2 * kLanes);
+#pragma GCC unroll 4
+        for (int m = 0; m < kRows; ++m) {
+          const __m512i bc = _mm512_set1_epi32(int32_t(arow[m][p]));
+#pragma GCC unroll 4
+          for (int v = 0; v < kVecs; ++v) acc[m * kVecs + v] = dp(acc[m * kVecs + v], bc, bv[v]);
+        }
+      }
+      float res[kRows * kVecs][kLanes];
+#pragma GCC unroll 16
+      for (int q = 0; q < kRows * kVecs; ++q) std::memcpy(res[q], &acc[q], sizeof(res[q]));
+      for (int m = 0; m < mb; ++m)
+        for (int v = 0; v < kVecs && c + v * kLanes < K; ++v) {
+          vfloat x;
+          std::memcpy(&x, res[m * kVecs + v], sizeof(x));
+          store_bf16(out + (j + m) * ldo + c + v * kLanes, x, K - c - v * kLanes);
+        }
+    }
+  }
+}
+
+#endif  // H3F_HAVE_BF16_TILES
+
+}  // namespace
+}  // namespace h3fusion::cpu
