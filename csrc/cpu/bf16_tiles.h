@@ -118,6 +118,9 @@ H3F_BF16_FN void bf16_nt(const bf16_bits* a, int64_t lda, int64_t n, const bf16_
 // NB rows of a against a strip of 64 columns of b. Rows i and i + 1 of b are interleaved by unpacklo/hi_epi16, which
 // work within 128-bit lanes: lane q of the `lo` product holds column 8 (q / 4) + q % 4, of `hi` that column + 4.
 // kUnpackCols0/1 gather columns 0-15 / 16-31 back from (lo, hi) (indices >= 16 select hi).
+// The strip walks down b's rows (a page every row or two), which the hardware prefetchers do not follow.
+constexpr int64_t kNnPrefetchRows = 12;
+
 template <int NB>
 H3F_BF16_INLINE void nn_tile(const bf16_bits* __restrict__ a, int64_t lda, const bf16_bits* __restrict__ b,
                              int64_t ldb, int64_t K, int64_t cols, bf16_bits* out, int64_t ldo) {
@@ -130,7 +133,7 @@ H3F_BF16_INLINE void nn_tile(const bf16_bits* __restrict__ a, int64_t lda, const
     const bool pair = i + 1 < K;
     const bf16_bits* row0 = b + i * ldb;
     const bf16_bits* row1 = pair ? row0 + ldb : kZeroRow;
-    for (int64_t ahead = i + 4; ahead < i + 6; ++ahead) {
+    for (int64_t ahead = i + kNnPrefetchRows; ahead < i + kNnPrefetchRows + 2; ++ahead) {
       __builtin_prefetch(b + ahead * ldb, 0, 3);
       __builtin_prefetch(b + ahead * ldb + 32, 0, 3);
     }
