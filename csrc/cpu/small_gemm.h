@@ -193,6 +193,49 @@ H3F_ROW_FN void small_nn(const scalar_t* a, int64_t lda, int64_t n, const scalar
   }
 }
 
+// More rows (fp32, up to kMidGemmMaxRows): tiles of 4 rows x 4 vectors (64 columns), 16 accumulators; b's strip
+// walks down its rows with the row kAxpyPrefetchRows ahead prefetched and stays in L2 for the next row tile. No
+// packing of b and no beta pass over the output, which BLAS spends as much time on as multiplying at these sizes.
+template <int NB, int NC>
+H3F_INLINE void nn_tile(const float* __restrict__ a, int64_t lda, const float* __restrict__ b, int64_t ldb, int64_t K,
+                        float* out, int64_t ldo) {
+  vfloat acc[NB][NC] = {};
+  for (int64_t i = 0; i < K; ++i) {
+    const float* ahead = b + (i + kAxpyPrefetchRows) * ldb;
+    for (int c = 0; c < NC; ++c) __builtin_prefetch(ahead + c * kLanes, 0, 3);
+    vfloat bv[NC];
+    for (int c = 0; c < NC; ++c) bv[c] = vload(b + i * ldb + c * kLanes);
+    for (int r = 0; r < NB; ++r) {
+      const float s = a[r * lda + i];
+      for (int c = 0; c < NC; ++c) acc[r][c] += s * bv[c];
+    }
+  }
+  for (int r = 0; r < NB; ++r)
+    for (int c = 0; c < NC; ++c) vstore(out + r * ldo + c * kLanes, acc[r][c]);
+}
+
+template <int NC>
+H3F_INLINE void nn_strip(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t K, float* out,
+                         int64_t ldo) {
+  int64_t r = 0;
+  for (; r + 4 <= n; r += 4) nn_tile<4, NC>(a + r * lda, lda, b, ldb, K, out + r * ldo, ldo);
+  for (; r + 2 <= n; r += 2) nn_tile<2, NC>(a + r * lda, lda, b, ldb, K, out + r * ldo, ldo);
+  for (; r < n; ++r) nn_tile<1, NC>(a + r * lda, lda, b, ldb, K, out + r * ldo, ldo);
+}
+
+H3F_ROW_FN void mid_nn(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t K, int64_t M,
+                       float* out, int64_t ldo) {
+  int64_t j = 0;
+  for (; j + 4 * kLanes <= M; j += 4 * kLanes) nn_strip<4>(a, lda, n, b + j, ldb, K, out + j, ldo);
+  for (; j + kLanes <= M; j += kLanes) nn_strip<1>(a, lda, n, b + j, ldb, K, out + j, ldo);
+  for (; j < M; ++j)
+    for (int64_t r = 0; r < n; ++r) {
+      float sum = 0.0f;
+      for (int64_t i = 0; i < K; ++i) sum += a[r * lda + i] * b[i * ldb + j];
+      out[r * ldo + j] = sum;
+    }
+}
+
 // ---- outer-product form: out[j, :] = sum_r a[r, j] * b[r, :] -----------------------------------------------------
 // The n rows of b stay in L1 while the output (a weight gradient) is written once, row by row; every element sums r
 // in ascending order.
@@ -334,6 +377,12 @@ H3F_INLINE bf16_bits* mutable_bits(const at::Tensor& t) {
       small_nn(a.const_data_ptr<scalar_t>(), a.stride(0), n, b.const_data_ptr<scalar_t>(), b.stride(0), b.size(0),
                b.size(1), out.mutable_data_ptr<scalar_t>(), out.stride(0));
     });
+    return;
+  }
+  if (small_gemm_applies(n, out, a, b, kMidGemmMaxRows) && a.scalar_type() == at::kFloat) {
+    H3F_RECORD_SMALL_GEMM();
+    mid_nn(a.const_data_ptr<float>(), a.stride(0), n, b.const_data_ptr<float>(), b.stride(0), b.size(0), b.size(1),
+           out.mutable_data_ptr<float>(), out.stride(0));
     return;
   }
 #if H3F_HAVE_BF16_TILES
