@@ -176,6 +176,46 @@ H3F_INLINE void axpy_rows(const scalar_t* a, int64_t lda, const scalar_t* b, int
     }
 }
 
+// One or two rows (decode): b is read row after row in runs of kStreamCols columns, the fp32 sums of the run kept in
+// L1 (at most 2 x 8 KiB), so each run of b is contiguous (a page of bf16) and the prefetchers follow it. Each output
+// element still sums i in ascending order: the same bits as axpy_rows.
+constexpr int64_t kStreamCols = 2048;
+
+template <int NB, typename scalar_t>
+H3F_INLINE void axpy_stream(const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb, int64_t K, int64_t M,
+                            scalar_t* out, int64_t ldo) {
+  alignas(64) float acc[NB][kStreamCols];
+  for (int64_t j0 = 0; j0 < M; j0 += kStreamCols) {
+    const int64_t cols = std::min<int64_t>(kStreamCols, M - j0), vec_cols = cols - cols % kLanes;
+    for (int r = 0; r < NB; ++r) std::fill(acc[r], acc[r] + cols, 0.0f);
+    for (int64_t i = 0; i < K; ++i) {
+      const scalar_t* bi = b + i * ldb + j0;
+      float s[NB];
+      for (int r = 0; r < NB; ++r) s[r] = float(a[r * lda + i]);
+      for (int64_t c = 0; c < vec_cols; c += kLanes) {
+        const vfloat bv = vload(bi + c);
+        for (int r = 0; r < NB; ++r) {
+          vfloat v;
+          std::memcpy(&v, acc[r] + c, sizeof(v));
+          v += s[r] * bv;
+          std::memcpy(acc[r] + c, &v, sizeof(v));
+        }
+      }
+      for (int64_t c = vec_cols; c < cols; ++c)
+        for (int r = 0; r < NB; ++r) acc[r][c] += s[r] * float(bi[c]);
+    }
+    for (int r = 0; r < NB; ++r) {
+      int64_t c = 0;
+      for (; c < vec_cols; c += kLanes) {
+        vfloat v;
+        std::memcpy(&v, acc[r] + c, sizeof(v));
+        vstore(out + r * ldo + j0 + c, v);
+      }
+      for (; c < cols; ++c) out[r * ldo + j0 + c] = scalar_t(acc[r][c]);
+    }
+  }
+}
+
 template <typename scalar_t>
 H3F_ROW_FN void small_nn(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* b, int64_t ldb, int64_t K,
                          int64_t M, scalar_t* out, int64_t ldo) {
@@ -187,8 +227,8 @@ H3F_ROW_FN void small_nn(const scalar_t* a, int64_t lda, int64_t n, const scalar
     case 5: return axpy_rows<5>(a, lda, b, ldb, K, M, out, ldo);
     case 4: return axpy_rows<4>(a, lda, b, ldb, K, M, out, ldo);
     case 3: return axpy_rows<3>(a, lda, b, ldb, K, M, out, ldo);
-    case 2: return axpy_rows<2>(a, lda, b, ldb, K, M, out, ldo);
-    case 1: return axpy_rows<1>(a, lda, b, ldb, K, M, out, ldo);
+    case 2: return axpy_stream<2>(a, lda, b, ldb, K, M, out, ldo);
+    case 1: return axpy_stream<1>(a, lda, b, ldb, K, M, out, ldo);
     default: return;
   }
 }
