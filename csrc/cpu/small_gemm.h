@@ -6,13 +6,16 @@
 //   matmul_into     out[n, M] = a[n, K] @ b[K, M]        U = dY W_down, dX = dH W_gu  (row-axpy form)
 //   matmul_tn_into  out[M, K] = a[n, M]^T @ b[n, K]      weight gradients             (outer-product form)
 //
-// Why: BLAS (MKL, oneDNN for bf16) packs the whole weight matrix before it multiplies, which for 1-8 rows costs
-// several times streaming the weight once, plus a fixed cost per call that a decode step with 64 experts pays
-// hundreds of times. Above kSmallGemmMaxRows rows (kMidGemmMaxRows for fp32 forward projections), for fp16/fp64,
-// or for strided layouts, each function calls at::mm_out. The choice depends on the shape only, never on the thread count, so results are bitwise the same at any
-// number of threads. The kernels are single-threaded: they run inside a thread's group of experts, or on experts
-// too small for threads to pay. Each kernel is compiled for three ISA levels (row_passes.h); every lane does the same
-// operations, so the result does not depend on the level.
+// Why: BLAS (MKL, oneDNN for bf16) packs the whole weight matrix before it multiplies (and scales the output by
+// beta = 0 first), which for 1-8 rows costs several times streaming the weight once, plus a fixed cost per call that a
+// decode step with 64 experts pays hundreds of times; at 9-48 rows packing still costs about as much as multiplying.
+// Up to kSmallGemmMaxRows rows the memory-bound kernels below run (fp32, bf16); up to kMidGemmMaxRows, fp32 tiles
+// (mid_nt, mid_nn, mid_tn) and bf16 VDPBF16PS tiles (bf16_tiles.h, where the CPU has them). Above that, for
+// fp16/fp64, or for strided layouts, each function calls at::mm_out. The choice depends on the shape (and for bf16 on
+// the CPU) only, never on the thread count, so results are bitwise the same at any number of threads. The kernels are
+// single-threaded: they run inside a thread's group of experts, or on experts too small for threads to pay. The
+// vector-extension kernels are compiled for three ISA levels (row_passes.h); every lane does the same operations, so
+// their result does not depend on the level.
 #pragma once
 
 #include "bf16_tiles.h"
@@ -27,10 +30,9 @@ namespace h3fusion::cpu {
 namespace {
 
 constexpr int64_t kSmallGemmMaxRows = 8;
-// Up to this many rows, fp32 forward projections run 4x4 dot-product tiles (mid_nt), which beat MKL's packing of the
-// weight (measured at 32 rows, K 256-512: 21 -> 15 ms for a T256 E64 k8 forward; at 64 rows and K 1024 MKL is as
-// fast or faster), and bf16 GEMMs of all three forms run the VDPBF16PS tiles of bf16_tiles.h where the CPU has the
-// instruction (else oneDNN, whose bf16 dot products beat converting to fp32: 12 vs 18 ms).
+// Up to this many rows the tiles beat BLAS (T256 E64 k8, 32 rows an expert, 2 threads, A/B medians: fp32 forward
+// 21 -> 15 ms with mid_nt; fp32 fwd+bwd 60.5 -> 43.4 ms with mid_tn and mid_nn; bf16 fwd+bwd with the VDPBF16PS
+// tiles instead of oneDNN 41 -> 28 ms). At 64 rows and K 1024 MKL is as fast or faster.
 constexpr int64_t kMidGemmMaxRows = 48;
 // Weights are one long stream; hardware prefetchers stop at 4 KiB page edges, so the dot-product kernel asks for the
 // line 8 KiB ahead (a hint: past the end of the tensor it is simply dropped).

@@ -51,12 +51,27 @@ def check_against_reference(inputs, atol, rtol):
         torch.testing.assert_close(g, rg, atol=atol, rtol=rtol, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
+def check_fp32_against_fp64(inputs):
+    """fp32 op against the fp64 reference under the tolerance rule (conftest), not a fixed atol against the fp32
+    reference: two fp32 computations summing hundreds of terms in different orders differ by more than any fixed
+    atol on an unlucky draw (T=300 cases failed about one run in a few hundred that way)."""
+    grad_y = torch.randn_like(inputs[0])
+    y, grads = run_with_grads(h3fusion_ext.moe_ffn, inputs, grad_y)
+    ref_y, ref_grads = run_with_grads(reference.moe_ffn, inputs, grad_y)
+    hi = [t.double() if t.is_floating_point() else t for t in inputs]
+    hp_y, hp_grads = run_with_grads(reference.moe_ffn, hi, grad_y.double())
+    assert y.dtype == inputs[0].dtype
+    assert_close_to_reference(y, ref_y, hp_y, factor=2.0, what="y")
+    for name, g, rg, hg in zip(("x", "weights", "gate_up_proj", "down_proj"), grads, ref_grads, hp_grads, strict=True):
+        assert_close_to_reference(g, rg, hg, factor=3.0, what=f"grad {name}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "T,H,F,E,k", [(40, 16, 24, 4, 2), (64, 32, 16, 16, 4), (300, 8, 8, 2, 1), (4, 16, 24, 16, 4), (3, 37, 19, 8, 2)]
 )
 def test_fp32_matches_reference(device, T, H, F, E, k):
-    check_against_reference(make_inputs(T, H, F, E, k, torch.float32, device), atol=2e-5, rtol=2e-4)
+    check_fp32_against_fp64(make_inputs(T, H, F, E, k, torch.float32, device))
 
 
 @pytest.mark.parametrize("T,H,F,E,k", [(40, 16, 24, 4, 2), (16, 12, 10, 8, 8)])
