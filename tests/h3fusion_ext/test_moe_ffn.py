@@ -51,10 +51,11 @@ def check_against_reference(inputs, atol, rtol):
         torch.testing.assert_close(g, rg, atol=atol, rtol=rtol, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
-def check_fp32_against_fp64(inputs):
-    """fp32 op against the fp64 reference under the tolerance rule (conftest), not a fixed atol against the fp32
-    reference: two fp32 computations summing hundreds of terms in different orders differ by more than any fixed
-    atol on an unlucky draw (T=300 cases failed about one run in a few hundred that way)."""
+def check_against_fp64(inputs, weights_factor=3.0, atol=1e-6):
+    """The op against the fp64 reference under the tolerance rule (conftest): its error at most 2x (values) or 3x
+    (gradients; `weights_factor` for the routing weights') PyTorch's own in the inputs' dtype. For fp32 this replaces
+    a fixed atol against the fp32 reference: two fp32 computations summing hundreds of terms in different orders
+    differ by more than any fixed atol on an unlucky draw."""
     grad_y = torch.randn_like(inputs[0])
     y, grads = run_with_grads(h3fusion_ext.moe_ffn, inputs, grad_y)
     ref_y, ref_grads = run_with_grads(reference.moe_ffn, inputs, grad_y)
@@ -63,7 +64,8 @@ def check_fp32_against_fp64(inputs):
     assert y.dtype == inputs[0].dtype
     assert_close_to_reference(y, ref_y, hp_y, factor=2.0, what="y")
     for name, g, rg, hg in zip(("x", "weights", "gate_up_proj", "down_proj"), grads, ref_grads, hp_grads, strict=True):
-        assert_close_to_reference(g, rg, hg, factor=3.0, what=f"grad {name}")
+        factor = weights_factor if name == "weights" else 3.0
+        assert_close_to_reference(g, rg, hg, factor=factor, atol=atol, what=f"grad {name}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -71,7 +73,7 @@ def check_fp32_against_fp64(inputs):
     "T,H,F,E,k", [(40, 16, 24, 4, 2), (64, 32, 16, 16, 4), (300, 8, 8, 2, 1), (4, 16, 24, 16, 4), (3, 37, 19, 8, 2)]
 )
 def test_fp32_matches_reference(device, T, H, F, E, k):
-    check_fp32_against_fp64(make_inputs(T, H, F, E, k, torch.float32, device))
+    check_against_fp64(make_inputs(T, H, F, E, k, torch.float32, device))
 
 
 @pytest.mark.parametrize("T,H,F,E,k", [(40, 16, 24, 4, 2), (16, 12, 10, 8, 8)])

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_to_reference
-from test_moe_ffn import run_with_grads
+from test_moe_ffn import check_against_fp64, run_with_grads
 
 import h3fusion_ext
 from h3fusion_ext import reference
@@ -37,21 +36,11 @@ def routed_inputs(rows_per_expert, H, F, dtype, k=1, seed=0):
 
 
 def check_all(inputs):
-    grad_y = torch.randn_like(inputs[0])
-    y, grads = run_with_grads(h3fusion_ext.moe_ffn, inputs, grad_y)
-    ref_lp, ref_lp_grads = run_with_grads(reference.moe_ffn, inputs, grad_y)
-    hi = [t.double() if t.is_floating_point() else t for t in inputs]
-    ref_hp, ref_hp_grads = run_with_grads(reference.moe_ffn, hi, grad_y.double())
-    assert y.dtype == inputs[0].dtype
-    assert_close_to_reference(y, ref_lp, ref_hp, factor=2.0, what="y")
-    names = ("x", "weights", "gate_up_proj", "down_proj")
-    for name, g, glp, ghp in zip(names, grads, ref_lp_grads, ref_hp_grads, strict=True):
-        # The op's routing-weight gradient is U . act with U = dY W_down stored in the activation dtype (as every GEMM
-        # output, on the BLAS path too); the reference rounds the expert output instead. With F of 5-40 the two
-        # roundings' errors differ by up to ~4x on a bad draw (bf16: 3 of 150 draws at H7 F5, 1 of 150 at H48 F40,
-        # the same on the BLAS path), so that gradient gets factor 6 in bf16. A wrong kernel is off by O(1), not 2x.
-        factor = 6.0 if name == "weights" and inputs[0].dtype == torch.bfloat16 else 3.0
-        assert_close_to_reference(g, glp, ghp, factor=factor, atol=1e-5, what=f"grad {name}")
+    # The op's routing-weight gradient is U . act with U = dY W_down stored in the activation dtype (as every GEMM
+    # output, on the BLAS path too); the reference rounds the expert output instead. With F of 5-40 the two
+    # roundings' errors differ by up to ~4x on a bad draw (bf16: 3 of 150 draws at H7 F5, 1 of 150 at H48 F40,
+    # the same on the BLAS path), so that gradient gets factor 6 in bf16. A wrong kernel is off by O(1), not 2x.
+    check_against_fp64(inputs, weights_factor=6.0 if inputs[0].dtype == torch.bfloat16 else 3.0, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
