@@ -66,8 +66,9 @@ H3F_INLINE void store_bf16(bf16_bits* p, vfloat v, int64_t count) {
   std::memcpy(p, tmp, count * sizeof(bf16_bits));
 }
 
+// The first `count` of 32 lanes (none for count <= 0: the second 32-column half of a narrow strip).
 H3F_BF16_INLINE __mmask32 mask32(int64_t count) {
-  return count >= 32 ? ~__mmask32{0} : (__mmask32{1} << count) - 1;
+  return count <= 0 ? __mmask32{0} : count >= 32 ? ~__mmask32{0} : (__mmask32{1} << count) - 1;
 }
 
 H3F_BF16_INLINE vfloat dp(vfloat acc, __m512i x, __m512i y) {
@@ -78,8 +79,8 @@ H3F_BF16_INLINE vfloat dp(vfloat acc, __m512i x, __m512i y) {
 // NB rows of a against 4 rows of w (rows past mb repeat row mb - 1; their sums are dropped), 32 K elements a step; the
 // K tail is a masked (zero-filled) step, so every element goes through the instruction.
 template <int NB>
-H3F_BF16_INLINE void nt_tile(const bf16_bits* __restrict__ a, int64_t lda, const bf16_bits* __restrict__ w, int64_t mb,
-                        int64_t K, bf16_bits* out, int64_t ldo) {
+H3F_BF16_INLINE void nt_tile(const bf16_bits* __restrict__ a, int64_t lda, const bf16_bits* __restrict__ w,
+                             int64_t mb, int64_t K, bf16_bits* out, int64_t ldo) {
   constexpr int kW = 4;
   const bf16_bits* wr[kW];
   for (int m = 0; m < kW; ++m) wr[m] = w + std::min<int64_t>(m, mb - 1) * K;
@@ -89,7 +90,7 @@ H3F_BF16_INLINE void nt_tile(const bf16_bits* __restrict__ a, int64_t lda, const
     __m512i av[NB];
     for (int r = 0; r < NB; ++r) av[r] = _mm512_maskz_loadu_epi16(mk, a + r * lda + i);
     for (int m = 0; m < kW; ++m) {
-      __builtin_prefetch(reinterpret_cast<const char*>(wr[m] + i) + 8192, 0, 0);
+      __builtin_prefetch(reinterpret_cast<const char*>(wr[m] + i) + 8192, 0, 0);  // as small_gemm.h's dot rows
       const __m512i wv = _mm512_maskz_loadu_epi16(mk, wr[m] + i);
       for (int r = 0; r < NB; ++r) acc[r * kW + m] = dp(acc[r * kW + m], av[r], wv);
     }
@@ -117,7 +118,7 @@ H3F_BF16_FN void bf16_nt(const bf16_bits* a, int64_t lda, int64_t n, const bf16_
 // ---- row-axpy form --------------------------------------------------------------------------------------------------
 // NB rows of a against a strip of 64 columns of b. Rows i and i + 1 of b are interleaved by unpacklo/hi_epi16, which
 // work within 128-bit lanes: lane q of the `lo` product holds column 8 (q / 4) + q % 4, of `hi` that column + 4.
-// kUnpackCols0/1 gather columns 0-15 / 16-31 back from (lo, hi) (indices >= 16 select hi).
+// At the store, cols0 / cols1 gather columns 0-15 / 16-31 back from (lo, hi) (indices >= 16 select hi).
 // The strip walks down b's rows (a page every row or two), which the hardware prefetchers do not follow.
 constexpr int64_t kNnPrefetchRows = 12;
 

@@ -133,7 +133,8 @@ H3F_INLINE void vstore(scalar_t* p, vfloat v) {
   }
 }
 
-// Folds v[0..15] (tile accumulators of small_gemm.h and bf16_tiles.h) so that lane q of the result is the sum of v[q]'s lanes.
+// Folds v[0..15] (tile accumulators of small_gemm.h and bf16_tiles.h) so that lane q of the result is the sum of
+// v[q]'s lanes.
 H3F_INLINE vfloat fold16(vfloat* v) {
   const vint l1a = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
   const vint l2a = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};

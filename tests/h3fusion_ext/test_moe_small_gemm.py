@@ -66,6 +66,7 @@ def test_every_small_row_count_matches_reference(dtype, H, F):
         (64, 32),  # whole vectors and tiles
         (53, 39),  # 53, 78 weight rows: 4-row tiles with 1 and 2 left over; U = dY W_down has an odd K (53)
         (75, 41),  # K tails of 11 (H) and 9 (F) in 32-wide steps; 64-column strips with 11 left; 16-column tails
+        (20, 12),  # narrower than one 32-column half: the second half's mask is empty
     ],
 )
 def test_tiles_up_to_48_rows_match_reference(dtype, H, F):
