@@ -90,7 +90,7 @@ H3F_BF16_INLINE void nt_tile(const bf16_bits* __restrict__ a, int64_t lda, const
     __m512i av[NB];
     for (int r = 0; r < NB; ++r) av[r] = _mm512_maskz_loadu_epi16(mk, a + r * lda + i);
     for (int m = 0; m < kW; ++m) {
-      __builtin_prefetch(reinterpret_cast<const char*>(wr[m] + i) + 8192, 0, 0);  // as small_gemm.h's dot rows
+      __builtin_prefetch(reinterpret_cast<const char*>(wr[m] + i) + kPrefetchBytes, 0, 0);
       const __m512i wv = _mm512_maskz_loadu_epi16(mk, wr[m] + i);
       for (int r = 0; r < NB; ++r) acc[r * kW + m] = dp(acc[r * kW + m], av[r], wv);
     }
@@ -118,10 +118,8 @@ H3F_BF16_FN void bf16_nt(const bf16_bits* a, int64_t lda, int64_t n, const bf16_
 // ---- row-axpy form --------------------------------------------------------------------------------------------------
 // NB rows of a against a strip of 64 columns of b. Rows i and i + 1 of b are interleaved by unpacklo/hi_epi16, which
 // work within 128-bit lanes: lane q of the `lo` product holds column 8 (q / 4) + q % 4, of `hi` that column + 4.
-// At the store, cols0 / cols1 gather columns 0-15 / 16-31 back from (lo, hi) (indices >= 16 select hi).
-// The strip walks down b's rows (a page every row or two), which the hardware prefetchers do not follow.
-constexpr int64_t kNnPrefetchRows = 12;
-
+// At the store, cols0 / cols1 gather columns 0-15 / 16-31 back from (lo, hi) (indices >= 16 select hi). The strip
+// walks down b's rows with the row kStripPrefetchRows ahead prefetched.
 template <int NB>
 H3F_BF16_INLINE void nn_tile(const bf16_bits* __restrict__ a, int64_t lda, const bf16_bits* __restrict__ b,
                              int64_t ldb, int64_t K, int64_t cols, bf16_bits* out, int64_t ldo) {
@@ -134,7 +132,7 @@ H3F_BF16_INLINE void nn_tile(const bf16_bits* __restrict__ a, int64_t lda, const
     const bool pair = i + 1 < K;
     const bf16_bits* row0 = b + i * ldb;
     const bf16_bits* row1 = pair ? row0 + ldb : kZeroRow;
-    for (int64_t ahead = i + kNnPrefetchRows; ahead < i + kNnPrefetchRows + 2; ++ahead) {
+    for (int64_t ahead = i + kStripPrefetchRows; ahead < i + kStripPrefetchRows + 2; ++ahead) {
       __builtin_prefetch(b + ahead * ldb, 0, 3);
       __builtin_prefetch(b + ahead * ldb + 32, 0, 3);
     }

@@ -34,9 +34,6 @@ constexpr int64_t kSmallGemmMaxRows = 8;
 // 21 -> 15 ms with mid_nt; fp32 fwd+bwd 60.5 -> 43.4 ms with mid_tn and mid_nn; bf16 fwd+bwd with the VDPBF16PS
 // tiles instead of oneDNN 41 -> 28 ms). At 64 rows and K 1024 MKL is as fast or faster.
 constexpr int64_t kMidGemmMaxRows = 48;
-// Weights are one long stream; hardware prefetchers stop at 4 KiB page edges, so the dot-product kernel asks for the
-// line 8 KiB ahead (a hint: past the end of the tensor it is simply dropped).
-constexpr int64_t kPrefetchBytes = 8192;
 
 // ---- dot-product form: out[r, j] = a[r, :] . w[j, :] --------------------------------------------------------------
 // Few rows (<= kSmallGemmMaxRows; memory-bound, fp32 and bf16): one weight row at a time against up to 4 rows of a,
@@ -136,10 +133,7 @@ H3F_ROW_FN void mid_nt(const float* a, int64_t lda, int64_t n, const float* w, i
 // A block of NC vectors of output columns for all NB rows stays in registers while b's rows stream past; every
 // output element sums i in ascending order. The block walks down b's rows, so each row of b is read in runs of
 // NC vectors: fewer rows leave registers for wider runs (8 vectors: 256-512 contiguous bytes), and the runs of the
-// row kAxpyPrefetchRows ahead are prefetched, since the hardware prefetchers do not follow a walk whose stride
-// (a whole row of b, several KiB) crosses a page every row or two. 12 rows ahead measured 20-25% faster than 4 on a
-// T4 E8 bf16 backward (24: no better).
-constexpr int64_t kAxpyPrefetchRows = 12;
+// row kStripPrefetchRows ahead are prefetched.
 
 template <int NB>
 constexpr int kAxpyBlock = NB <= 2 ? 8 : NB <= 4 ? 4 : 2;
@@ -150,7 +144,7 @@ H3F_INLINE void axpy_block(const scalar_t* __restrict__ a, int64_t lda, const sc
   constexpr int64_t kLineElems = 64 / sizeof(scalar_t);
   vfloat acc[NB][NC] = {};
   for (int64_t i = 0; i < K; ++i) {
-    const scalar_t* ahead = b + (i + kAxpyPrefetchRows) * ldb;
+    const scalar_t* ahead = b + (i + kStripPrefetchRows) * ldb;
     for (int64_t e = 0; e < NC * kLanes; e += kLineElems) __builtin_prefetch(ahead + e, 0, 3);
     vfloat bv[NC];
     for (int c = 0; c < NC; ++c) bv[c] = vload(b + i * ldb + c * kLanes);
@@ -235,34 +229,16 @@ H3F_ROW_FN void small_nn(const scalar_t* a, int64_t lda, int64_t n, const scalar
   }
 }
 
-// More rows (fp32, up to kMidGemmMaxRows): tiles of 4 rows x 4 vectors (64 columns), 16 accumulators; b's strip
-// walks down its rows with the row kAxpyPrefetchRows ahead prefetched and stays in L2 for the next row tile. No
-// packing of b and no beta pass over the output, which BLAS spends as much time on as multiplying at these sizes.
-template <int NB, int NC>
-H3F_INLINE void nn_tile(const float* __restrict__ a, int64_t lda, const float* __restrict__ b, int64_t ldb, int64_t K,
-                        float* out, int64_t ldo) {
-  vfloat acc[NB][NC] = {};
-  for (int64_t i = 0; i < K; ++i) {
-    const float* ahead = b + (i + kAxpyPrefetchRows) * ldb;
-    for (int c = 0; c < NC; ++c) __builtin_prefetch(ahead + c * kLanes, 0, 3);
-    vfloat bv[NC];
-    for (int c = 0; c < NC; ++c) bv[c] = vload(b + i * ldb + c * kLanes);
-    for (int r = 0; r < NB; ++r) {
-      const float s = a[r * lda + i];
-      for (int c = 0; c < NC; ++c) acc[r][c] += s * bv[c];
-    }
-  }
-  for (int r = 0; r < NB; ++r)
-    for (int c = 0; c < NC; ++c) vstore(out + r * ldo + c * kLanes, acc[r][c]);
-}
-
+// More rows (fp32, up to kMidGemmMaxRows): axpy_block tiles of 4 rows x 4 vectors (64 columns), 16 accumulators,
+// strips outermost so that b's strip stays in L2 for the next row tile. No packing of b and no beta pass over the
+// output, which BLAS spends as much time on as multiplying at these sizes.
 template <int NC>
 H3F_INLINE void nn_strip(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t K, float* out,
                          int64_t ldo) {
   int64_t r = 0;
-  for (; r + 4 <= n; r += 4) nn_tile<4, NC>(a + r * lda, lda, b, ldb, K, out + r * ldo, ldo);
-  for (; r + 2 <= n; r += 2) nn_tile<2, NC>(a + r * lda, lda, b, ldb, K, out + r * ldo, ldo);
-  for (; r < n; ++r) nn_tile<1, NC>(a + r * lda, lda, b, ldb, K, out + r * ldo, ldo);
+  for (; r + 4 <= n; r += 4) axpy_block<4, NC>(a + r * lda, lda, b, ldb, K, out + r * ldo, ldo);
+  for (; r + 2 <= n; r += 2) axpy_block<2, NC>(a + r * lda, lda, b, ldb, K, out + r * ldo, ldo);
+  for (; r < n; ++r) axpy_block<1, NC>(a + r * lda, lda, b, ldb, K, out + r * ldo, ldo);
 }
 
 H3F_ROW_FN void mid_nn(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t K, int64_t M,
@@ -343,13 +319,24 @@ H3F_ROW_FN void mid_tn(const float* a, int64_t lda, int64_t n, const float* b, i
   }
 }
 
-// True when the small kernels take this GEMM: few rows, fp32 or bf16, unit stride along the inner dimension of every
-// operand (rows may be strided, as the activation written over the gate half of the pre-activation is).
-H3F_INLINE bool small_gemm_applies(int64_t rows, const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-                                   int64_t max_rows = kSmallGemmMaxRows) {
+// True when our kernels may take this GEMM: at most kMidGemmMaxRows rows, fp32 or bf16, unit stride along the inner
+// dimension of every operand (rows may be strided, as the activation written over the gate half of the
+// pre-activation is).
+H3F_INLINE bool small_gemm_applies(int64_t rows, const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   const auto dt = a.scalar_type();
-  return rows <= max_rows && (dt == at::kFloat || dt == at::kBFloat16) && b.scalar_type() == dt &&
+  return rows <= kMidGemmMaxRows && (dt == at::kFloat || dt == at::kBFloat16) && b.scalar_type() == dt &&
          out.scalar_type() == dt && a.stride(1) == 1 && b.stride(1) == 1 && out.stride(1) == 1;
+}
+
+// Which kernels take a GEMM, the same ladder for all three forms: few rows (either dtype), fp32 tiles, bf16 tiles
+// where the CPU has VDPBF16PS, else BLAS. Decided by the shape (and for bf16 the CPU) only.
+enum class SmallGemm { kBlas, kFewRows, kTilesFp32, kTilesBf16 };
+
+H3F_INLINE SmallGemm small_gemm_path(int64_t rows, const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (!small_gemm_applies(rows, out, a, b)) return SmallGemm::kBlas;
+  if (rows <= kSmallGemmMaxRows) return SmallGemm::kFewRows;
+  if (a.scalar_type() == at::kFloat) return SmallGemm::kTilesFp32;
+  return bf16_tiles_available() ? SmallGemm::kTilesBf16 : SmallGemm::kBlas;
 }
 
 // Each GEMM these kernels take shows in the profiler as one "h3fusion::small_gemm" event, as a BLAS one shows as
@@ -366,11 +353,6 @@ H3F_INLINE void dispatch_small(at::ScalarType dt, const Fn& fn) {
   }
 }
 
-// True when a bf16 GEMM with this many rows runs the VDPBF16PS tiles (bf16_tiles.h).
-H3F_INLINE bool bf16_tiles_apply(int64_t rows, const at::Tensor& a) {
-  return rows > kSmallGemmMaxRows && a.scalar_type() == at::kBFloat16 && bf16_tiles_available();
-}
-
 #if H3F_HAVE_BF16_TILES
 H3F_INLINE const bf16_bits* bits(const at::Tensor& t) {
   return reinterpret_cast<const bf16_bits*>(t.const_data_ptr<c10::BFloat16>());
@@ -378,91 +360,78 @@ H3F_INLINE const bf16_bits* bits(const at::Tensor& t) {
 H3F_INLINE bf16_bits* mutable_bits(const at::Tensor& t) {
   return reinterpret_cast<bf16_bits*>(t.mutable_data_ptr<c10::BFloat16>());
 }
+#define H3F_BF16_TILES_CALL(call) call
+#else  // small_gemm_path never picks the bf16 tiles without them
+#define H3F_BF16_TILES_CALL(call) TORCH_INTERNAL_ASSERT(false, "bf16 tiles are not built")
 #endif
 
 // out[n, M] = a[n, K] @ w[M, K]^T, written into a view.
 [[maybe_unused]] void linear_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w) {
-  const int64_t n = a.size(0);
-  const bool small = w.stride(0) == w.size(1) && small_gemm_applies(n, out, a, w, kMidGemmMaxRows);
-  if (small && n <= kSmallGemmMaxRows) {
-    H3F_RECORD_SMALL_GEMM();
+  const int64_t n = a.size(0), M = w.size(0), K = w.size(1);
+  const SmallGemm path = w.stride(0) == K ? small_gemm_path(n, out, a, w) : SmallGemm::kBlas;
+  if (path == SmallGemm::kBlas) {
+    at::mm_out(const_cast<at::Tensor&>(out), a, w.t());
+    return;
+  }
+  H3F_RECORD_SMALL_GEMM();
+  if (path == SmallGemm::kFewRows) {
     dispatch_small(a.scalar_type(), [&](auto zero) {
       using scalar_t = decltype(zero);
-      small_nt(a.const_data_ptr<scalar_t>(), a.stride(0), n, w.const_data_ptr<scalar_t>(), w.size(0), w.size(1),
+      small_nt(a.const_data_ptr<scalar_t>(), a.stride(0), n, w.const_data_ptr<scalar_t>(), M, K,
                out.mutable_data_ptr<scalar_t>(), out.stride(0));
     });
-    return;
+  } else if (path == SmallGemm::kTilesFp32) {
+    mid_nt(a.const_data_ptr<float>(), a.stride(0), n, w.const_data_ptr<float>(), M, K, out.mutable_data_ptr<float>(),
+           out.stride(0));
+  } else {
+    H3F_BF16_TILES_CALL(bf16_nt(bits(a), a.stride(0), n, bits(w), M, K, mutable_bits(out), out.stride(0)));
   }
-  if (small && a.scalar_type() == at::kFloat) {
-    H3F_RECORD_SMALL_GEMM();
-    mid_nt(a.const_data_ptr<float>(), a.stride(0), n, w.const_data_ptr<float>(), w.size(0), w.size(1),
-           out.mutable_data_ptr<float>(), out.stride(0));
-    return;
-  }
-#if H3F_HAVE_BF16_TILES
-  if (small && bf16_tiles_apply(n, a)) {
-    H3F_RECORD_SMALL_GEMM();
-    bf16_nt(bits(a), a.stride(0), n, bits(w), w.size(0), w.size(1), mutable_bits(out), out.stride(0));
-    return;
-  }
-#endif
-  at::mm_out(const_cast<at::Tensor&>(out), a, w.t());
 }
 
 // out[n, M] = a[n, K] @ b[K, M], written into a view.
 [[maybe_unused]] void matmul_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  const int64_t n = a.size(0);
-  if (small_gemm_applies(n, out, a, b)) {
-    H3F_RECORD_SMALL_GEMM();
+  const int64_t n = a.size(0), K = b.size(0), M = b.size(1);
+  const SmallGemm path = small_gemm_path(n, out, a, b);
+  if (path == SmallGemm::kBlas) {
+    at::mm_out(const_cast<at::Tensor&>(out), a, b);
+    return;
+  }
+  H3F_RECORD_SMALL_GEMM();
+  if (path == SmallGemm::kFewRows) {
     dispatch_small(a.scalar_type(), [&](auto zero) {
       using scalar_t = decltype(zero);
-      small_nn(a.const_data_ptr<scalar_t>(), a.stride(0), n, b.const_data_ptr<scalar_t>(), b.stride(0), b.size(0),
-               b.size(1), out.mutable_data_ptr<scalar_t>(), out.stride(0));
+      small_nn(a.const_data_ptr<scalar_t>(), a.stride(0), n, b.const_data_ptr<scalar_t>(), b.stride(0), K, M,
+               out.mutable_data_ptr<scalar_t>(), out.stride(0));
     });
-    return;
-  }
-  if (small_gemm_applies(n, out, a, b, kMidGemmMaxRows) && a.scalar_type() == at::kFloat) {
-    H3F_RECORD_SMALL_GEMM();
-    mid_nn(a.const_data_ptr<float>(), a.stride(0), n, b.const_data_ptr<float>(), b.stride(0), b.size(0), b.size(1),
+  } else if (path == SmallGemm::kTilesFp32) {
+    mid_nn(a.const_data_ptr<float>(), a.stride(0), n, b.const_data_ptr<float>(), b.stride(0), K, M,
            out.mutable_data_ptr<float>(), out.stride(0));
-    return;
+  } else {
+    H3F_BF16_TILES_CALL(bf16_nn(bits(a), a.stride(0), n, bits(b), b.stride(0), K, M, mutable_bits(out), out.stride(0)));
   }
-#if H3F_HAVE_BF16_TILES
-  if (small_gemm_applies(n, out, a, b, kMidGemmMaxRows) && bf16_tiles_apply(n, a)) {
-    H3F_RECORD_SMALL_GEMM();
-    bf16_nn(bits(a), a.stride(0), n, bits(b), b.stride(0), b.size(0), b.size(1), mutable_bits(out), out.stride(0));
-    return;
-  }
-#endif
-  at::mm_out(const_cast<at::Tensor&>(out), a, b);
 }
 
 // out[M, K] = a[n, M]^T @ b[n, K], written into a view (a weight gradient: n is the expert's rows).
 [[maybe_unused]] void matmul_tn_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  const int64_t n = a.size(0);
-  if (small_gemm_applies(n, out, a, b)) {
-    H3F_RECORD_SMALL_GEMM();
+  const int64_t n = a.size(0), M = a.size(1), K = b.size(1);
+  const SmallGemm path = small_gemm_path(n, out, a, b);
+  if (path == SmallGemm::kBlas) {
+    at::mm_out(const_cast<at::Tensor&>(out), a.t(), b);
+    return;
+  }
+  H3F_RECORD_SMALL_GEMM();
+  if (path == SmallGemm::kFewRows) {
     dispatch_small(a.scalar_type(), [&](auto zero) {
       using scalar_t = decltype(zero);
-      small_tn(a.const_data_ptr<scalar_t>(), a.stride(0), n, b.const_data_ptr<scalar_t>(), b.stride(0), a.size(1),
-               b.size(1), out.mutable_data_ptr<scalar_t>(), out.stride(0));
+      small_tn(a.const_data_ptr<scalar_t>(), a.stride(0), n, b.const_data_ptr<scalar_t>(), b.stride(0), M, K,
+               out.mutable_data_ptr<scalar_t>(), out.stride(0));
     });
-    return;
-  }
-  if (small_gemm_applies(n, out, a, b, kMidGemmMaxRows) && a.scalar_type() == at::kFloat) {
-    H3F_RECORD_SMALL_GEMM();
-    mid_tn(a.const_data_ptr<float>(), a.stride(0), n, b.const_data_ptr<float>(), b.stride(0), a.size(1), b.size(1),
+  } else if (path == SmallGemm::kTilesFp32) {
+    mid_tn(a.const_data_ptr<float>(), a.stride(0), n, b.const_data_ptr<float>(), b.stride(0), M, K,
            out.mutable_data_ptr<float>(), out.stride(0));
-    return;
+  } else {
+    H3F_BF16_TILES_CALL(bf16_tn(bits(a), a.stride(0), n, bits(b), b.stride(0), M, K, mutable_bits(out), out.stride(0)));
   }
-#if H3F_HAVE_BF16_TILES
-  if (small_gemm_applies(n, out, a, b, kMidGemmMaxRows) && bf16_tiles_apply(n, a)) {
-    H3F_RECORD_SMALL_GEMM();
-    bf16_tn(bits(a), a.stride(0), n, bits(b), b.stride(0), a.size(1), b.size(1), mutable_bits(out), out.stride(0));
-    return;
-  }
-#endif
-  at::mm_out(const_cast<at::Tensor&>(out), a.t(), b);
 }
 
 }  // namespace
