@@ -5,6 +5,7 @@ Public ops (autograd-aware, `torch.compile`-traceable):
     moe_ffn(x[T,H], weights[T,k], experts[T,k], gate_up_proj[E,2F,H], down_proj[E,H,F], *, lora=None,
             activation="silu") -> y[T,H]   (lora: ExpertLoRA per-expert adapters, optionally on a shared base)
     linear_logprob(hidden[N,H], weight[V,H], targets[N], ignore_index=-100) -> logp[N] fp32
+`accumulate_dtype(*dtypes)` is the dtype they accumulate in (fp64 for fp64, else fp32).
 `h3fusion_ext.reference` has the same functions in plain PyTorch (the test oracle).
 """
 
@@ -12,6 +13,7 @@ from . import (
     moe_lora,  # noqa: F401  (registers the LoRA op's fake kernels and autograd)
     reference,
 )
+from ._dtypes import accumulate_dtype
 from ._library import has_cuda_kernels
 from .gemm_backend import moe_ffn_backend, moe_ffn_gemm_mode, set_moe_ffn_gemm_mode
 from .logprob import linear_logprob
@@ -20,6 +22,7 @@ from .routing import topk_route
 
 __all__ = [
     "ExpertLoRA",
+    "accumulate_dtype",
     "has_cuda_kernels",
     "linear_logprob",
     "moe_combine",

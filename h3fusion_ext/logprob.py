@@ -10,20 +10,17 @@ import torch
 
 from ._arguments import check_same_device, int_arg
 from ._autograd import check_no_forward_ad_or_func_grad, once_differentiable
+from ._dtypes import accumulate_dtype
 from ._library import ops
 
 __all__ = ["linear_logprob"]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.register_fake("h3fusion::linear_logprob_forward")
 def _forward_fake(hidden, weight, targets, ignore_index):
     check_same_device("linear_logprob", "hidden", hidden, weight=weight, targets=targets)
     n = hidden.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = accumulate_dtype(hidden.dtype)
     return hidden.new_empty((n,), dtype=acc), hidden.new_empty((n,), dtype=acc)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from ._arguments import check_same_device, int_arg
 from ._autograd import check_no_forward_ad_or_func_grad, once_differentiable
+from ._dtypes import accumulate_dtype
 from ._library import ops
 from .reference.moe import ACTIVATIONS
 
@@ -292,7 +293,7 @@ def _moe_combine_setup(ctx, inputs, output):
 def _moe_combine_backward(ctx, grad_y):
     rows, weights, pair_rows = ctx.saved_tensors
     T, k = weights.shape
-    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(rows.dtype)
     idx = pair_rows.long()
     grad_rows = grad_weights = None
     if ctx.needs_input_grad[0]:

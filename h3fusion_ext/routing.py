@@ -9,6 +9,7 @@ import torch
 
 from ._arguments import check_same_device, int_arg
 from ._autograd import check_no_forward_ad_or_func_grad, once_differentiable
+from ._dtypes import accumulate_dtype
 from ._library import ops
 
 __all__ = ["topk_route"]
@@ -42,7 +43,7 @@ def topk_route(logits: torch.Tensor, k: int, renormalize: bool = True) -> tuple[
 
 @torch.library.register_fake("h3fusion::topk_route")
 def _topk_route_fake(logits, k, renormalize):
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(logits.dtype)
     shape = (logits.shape[0], k)
     return logits.new_empty(shape, dtype=acc), logits.new_empty(shape, dtype=torch.int32)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 import torch
@@ -25,8 +26,9 @@ SEED_ENV = "H3FUSION_TEST_SEED"
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    """Fresh random inputs each run (never a fixed seed) unless H3FUSION_TEST_SEED sets one; a failing test's report
-    shows its seed (see pytest_runtest_makereport) so the failure can be replayed with that variable."""
+    """Fresh random inputs each run (never a fixed seed; torch and Python's `random` alike) unless
+    H3FUSION_TEST_SEED sets one; a failing test's report shows its seed (see pytest_runtest_makereport) so the
+    failure can be replayed with that variable."""
     chosen = os.environ.get(SEED_ENV, "").strip()
     if chosen:
         try:
@@ -36,6 +38,7 @@ def _fresh_seed(request):
     else:
         seed = torch.seed() % (2**31)
     torch.manual_seed(seed)
+    random.seed(seed)  # tests draw seeds for worker processes from `random` too: the replay must reproduce them
     request.node.user_properties.append(("torch_seed", seed))
     yield
 

@@ -152,6 +152,15 @@ def test_router_logits_still_recorded_after_replace():
     assert torch.isfinite(out.aux_loss)
 
 
+def test_fp64_model_keeps_fp64_router_logits():
+    # the replaced router computes in fp32 for bf16/fp16/fp32 models, never rounding an fp64 model to fp32
+    model = _model("mixtral").double().eval()
+    replace_moe_blocks(model)
+    ids = torch.randint(0, VOCAB, (1, 6))
+    out = model(ids, output_router_logits=True)
+    assert len(out.router_logits) == LAYERS and all(z.dtype == torch.float64 for z in out.router_logits)
+
+
 def test_from_pretrained_with_h3fusion_experts(tmp_path):
     from transformers import AutoModelForCausalLM
 

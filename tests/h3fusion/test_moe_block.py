@@ -57,6 +57,28 @@ def test_matches_oracle_values_and_grads(device, dtype, E, k, renorm):
         assert_close_to_reference(o, lo.grad, hi.grad, factor=3, atol=1e-5, what=f"grad {name}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp64_block_is_exact_in_fp64(device):
+    # an fp64 model (the exact oracle of the distributed tests) must never round router logits or routing weights
+    # to fp32 on the way: fp32 logits put ~1e-8 relative error into the router's gradient
+    H, F_, E, T = 16, 24, 4, 11
+    block = H3FusionMoE(H, F_, E, 2, initializer_range=0.2).to(device=device, dtype=torch.float64)
+    x = torch.randn(2, T, H, device=device, dtype=torch.float64)
+    ref, logits64, leaves = _oracle(block, x, torch.float64)
+    xx = x.clone().requires_grad_()
+    y, logits = block(xx)
+    assert logits.dtype == torch.float64 and y.dtype == torch.float64
+    torch.testing.assert_close(logits, logits64, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(y.reshape(-1, H), ref, rtol=1e-12, atol=1e-13)
+    g = torch.randn_like(ref)
+    y.reshape(-1, H).backward(g)
+    ref.backward(g)
+    ex = block.experts
+    ours = (xx.grad.reshape(-1, H), block.router.weight.grad, ex.gate_up_proj.grad, ex.down_proj.grad)
+    for name, o, want in zip(("x", "router", "gate_up", "down"), ours, leaves, strict=True):
+        torch.testing.assert_close(o, want.grad, rtol=1e-12, atol=1e-13, msg=name)
+
+
 def test_empty_input_and_bad_arguments():
     block = H3FusionMoE(16, 8, 4, 2)
     y, logits = block(torch.randn(0, 16))

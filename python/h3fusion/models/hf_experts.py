@@ -54,7 +54,7 @@ def h3fusion_experts_forward(
     activation = _check_experts_layout(self)
     return h3fusion_ext.moe_ffn(
         hidden_states,
-        top_k_weights.float(),
+        top_k_weights.to(h3fusion_ext.accumulate_dtype(hidden_states.dtype, top_k_weights.dtype)),
         top_k_index.to(torch.int32),
         self.gate_up_proj,
         self.down_proj,
@@ -83,12 +83,14 @@ def register_experts_implementation() -> bool:
 class H3FusionRouterMixin:
     """Replaces a transformers top-k router's forward with fp32 logits + `h3fusion_ext.topk_route`.
 
-    Returns what transformers' routers return: (router_logits[T, E] fp32, weights[T, k] fp32, experts[T, k] int32).
+    Returns what transformers' routers return: (router_logits[T, E] fp32, weights[T, k] fp32, experts[T, k] int32);
+    an fp64 model keeps fp64 logits and weights.
     """
 
     def forward(self, hidden_states: torch.Tensor):
         h = hidden_states.reshape(-1, self.weight.shape[1])
-        logits = F.linear(h.float(), self.weight.float())
+        acc = h3fusion_ext.accumulate_dtype(h.dtype, self.weight.dtype)  # never fp64 -> fp32
+        logits = F.linear(h.to(acc), self.weight.to(acc))
         renormalize = bool(getattr(self, "norm_topk_prob", True))
         weights, experts = h3fusion_ext.topk_route(logits, int(self.top_k), renormalize)
         return logits, weights, experts

@@ -175,7 +175,7 @@ class LoRAExperts(nn.Module):
         """
         return h3fusion_ext.moe_ffn(
             hidden_states,
-            top_k_weights.float(),
+            top_k_weights.to(h3fusion_ext.accumulate_dtype(hidden_states.dtype, top_k_weights.dtype)),
             top_k_index.to(torch.int32),
             self.gate_up_proj,
             self.down_proj,

@@ -14,15 +14,16 @@ import h3fusion_ext
 
 
 class H3FusionRouter(nn.Module):
-    """The router: `weight[E, H]`; logits = x W^T computed in fp32 whatever the parameter dtype."""
+    """The router: `weight[E, H]`; logits = x W^T computed in fp32 for bf16/fp16/fp32 (fp64 stays fp64)."""
 
     def __init__(self, hidden_size: int, num_experts: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x[T, H] (any float dtype) -> router logits [T, E] float32."""
-        return F.linear(x.float(), self.weight.float())
+        """x[T, H] (any float dtype) -> router logits [T, E], float32 (float64 for an fp64 model)."""
+        acc = h3fusion_ext.accumulate_dtype(x.dtype, self.weight.dtype)
+        return F.linear(x.to(acc), self.weight.to(acc))
 
 
 class H3FusionExperts(nn.Module):

@@ -125,7 +125,7 @@ def expert_parallel_ffn(
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     per_pair = back.index_select(0, inverse).view(T, k, H)
-    acc = torch.promote_types(x.dtype, torch.float32)
+    acc = h3fusion_ext.accumulate_dtype(x.dtype, weights.dtype)
     return (per_pair.to(acc) * weights.to(acc).unsqueeze(-1)).sum(1).to(x.dtype)
 
 
