@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 
 import pytest
 import torch
@@ -19,6 +20,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not HAS_GPU:
             item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU and a CUDA build of h3fusion_ext"))
+
+
+def free_port() -> int:
+    """A TCP port free right now (the OS picks it), for torchrun's --master_port: not drawn from the seeded `random`,
+    so a replayed seed never reuses a port still in TIME_WAIT from the run before."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 SEED_ENV = "H3FUSION_TEST_SEED"

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import free_port
 from h3fusion.data import InstructionExample, save_instructions
 from training_tiny import EXPERT_NAMES, tiny_mixtral_config, word_level_tokenizer
 from transformers import AutoModelForCausalLM, MixtralForCausalLM
@@ -81,7 +82,7 @@ def _train(tmp_path, out, nproc, seed):
             "--nproc_per_node",
             str(nproc),
             "--master_port",
-            str(random.randint(20000, 40000)),
+            str(free_port()),
             *train,
             "--batch-size",
             str(4 // nproc),

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,7 +38,7 @@ def _run(out, trainer, nproc, batch, ga=1, fsdp=False, seed=0, extra=()):
     args += ["--fsdp"] if fsdp else []
     args += list(extra)
     if nproc > 1:
-        port = str(random.randint(20000, 40000))
+        port = str(free_port())
         args = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port, *args]
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
