@@ -177,12 +177,12 @@ def collect(device: str, quick: bool, case_filter: str = "") -> list[dict]:
         dense_fn, dense_flops = dense_mm_step(T, H, F_, k, dtype, device)
         for mode in MODES:
             fns, _p = _steps(T, H, F_, E, k, dtype, device, mode)
-            if mode == "fwd":
-                fns["dense_mm"] = dense_fn
+            # the dense mm runs interleaved with every mode's calls, so each row's fraction of it comes from the same
+            # minutes of the machine (on a shared host the same mm measured 220-400 GFLOP/s a few minutes apart)
+            fns["dense_mm"] = dense_fn
             timings = time_interleaved(fns, device, warmup=2, repeats=repeats, budget_s=budget, min_repeats=min_repeats)
-            if mode == "fwd":
-                dense = timings.pop("dense_mm")
-                dense_rate = dense_flops / (dense["median_ms"] * 1e-3) if isinstance(dense, dict) else None
+            dense = timings.pop("dense_mm")
+            dense_rate = dense_flops / (dense["median_ms"] * 1e-3) if isinstance(dense, dict) else None
             row = {"bench": "moe", "case": case, "dtype": str(dtype).split(".")[-1], "mode": mode}
             row.update({"T": T, "H": H, "F": F_, "E": E, "k": k})
             errors = []
