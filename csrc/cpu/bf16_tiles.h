@@ -2,7 +2,8 @@
 // of one pair of bf16 elements), for experts with a few dozen rows (small_gemm.h routes kSmallGemmMaxRows+1 ..
 // kMidGemmMaxRows rows here when the CPU has the instruction). The three forms of small_gemm.h:
 //
-//   bf16_nt  out[n, M] = a[n, K] @ w[M, K]^T     pairs along K are adjacent in both operands: loaded as they are
+//   bf16_nt  out[n, M] = a[n, K] @ w[M, K]^T     a repacked K-pair-major (16 rows a vector), pairs of w broadcast;
+//                                                  one transpose per 16 x 16 output block
 //   bf16_nn  out[n, M] = a[n, K] @ b[K, M]        two rows of b interleaved on the fly (unpack), columns restored
 //                                                  by one permute per tile at the store
 //   bf16_tn  out[M, K] = a[n, M]^T @ b[n, K]      both operands repacked into row pairs first (O(n (M + K)), small
@@ -10,9 +11,9 @@
 //
 // Why: oneDNN's bf16 matmul is fast per FLOP but at 9-48 rows its per-call setup and the packing of the whole weight
 // cost as much as the multiply (a T256 E64 k8 layer makes 64 * 5 such calls). These tiles read the weight in place.
-// Accumulation is fp32 in a fixed order that depends on the shape only (pairs of K in ascending order, then for
-// bf16_nt the lane fold of fold16), so results do not depend on the thread count. The instruction treats denormal
-// inputs as zero; bf16 denormals (|x| < 1.2e-38) carry nothing a bf16 GEMM keeps.
+// Accumulation is fp32 in a fixed order that depends on the shape only (pairs of K in ascending order), so results
+// do not depend on the thread count. The instruction treats denormal inputs as zero; bf16 denormals (|x| < 1.2e-38)
+// carry nothing a bf16 GEMM keeps.
 #pragma once
 
 #include "row_passes.h"
@@ -71,47 +72,152 @@ H3F_BF16_INLINE __mmask32 mask32(int64_t count) {
   return count <= 0 ? __mmask32{0} : count >= 32 ? ~__mmask32{0} : (__mmask32{1} << count) - 1;
 }
 
+// The packed-rows form takes up to 48 rows a block (3 vectors of 16 lanes, 24 accumulators).
+constexpr int64_t kPackedMaxRows = 48;
+
 H3F_BF16_INLINE vfloat dp(vfloat acc, __m512i x, __m512i y) {
   return (vfloat)_mm512_dpbf16_ps((__m512)acc, (__m512bh)x, (__m512bh)y);
 }
 
-// ---- dot-product form -----------------------------------------------------------------------------------------------
-// NB rows of a against 4 rows of w (rows past mb repeat row mb - 1; their sums are dropped), 32 K elements a step; the
-// K tail is a masked (zero-filled) step, so every element goes through the instruction.
-template <int NB>
-H3F_BF16_INLINE void nt_tile(const bf16_bits* __restrict__ a, int64_t lda, const bf16_bits* __restrict__ w,
-                             int64_t mb, int64_t K, bf16_bits* out, int64_t ldo) {
-  constexpr int kW = 4;
-  const bf16_bits* wr[kW];
-  for (int m = 0; m < kW; ++m) wr[m] = w + std::min<int64_t>(m, mb - 1) * K;
-  vfloat acc[kLanes] = {};
-  for (int64_t i = 0; i < K; i += 32) {
-    const __mmask32 mk = mask32(K - i);
-    __m512i av[NB];
-    for (int r = 0; r < NB; ++r) av[r] = _mm512_maskz_loadu_epi16(mk, a + r * lda + i);
-    for (int m = 0; m < kW; ++m) {
-      __builtin_prefetch(reinterpret_cast<const char*>(wr[m] + i) + kPrefetchBytes, 0, 0);
-      const __m512i wv = _mm512_maskz_loadu_epi16(mk, wr[m] + i);
-      for (int r = 0; r < NB; ++r) acc[r * kW + m] = dp(acc[r * kW + m], av[r], wv);
+// ---- packed-rows form (a . w^T) -------------------------------------------------------------------------------------
+// All n (<= 48) rows of a are repacked K-pair-major into NV = ceil(n / 16) vectors a pair, ap[p][r] = (a[r, 2p],
+// a[r, 2p + 1]) (rows past n and an odd K's last partner zero), so NV loads hold a pair of every row; the matching
+// pair of each of 8 weight rows is broadcast against them. Accumulator (m, v) then holds out[16 v + lane, j + m], and a
+// 16 x 16 transpose per vector puts rows back at the store.
+// Why this shape (measured on the 2-core Zen 4 runner, VDPBF16PS peak 3.47 per ns and core):
+//  - It replaces a dot form (a row of a against a row of w, 32 K a step), which folds 16 lanes into each output
+//    (~3 shuffles per output, 20-40% of the multiply at K = 256-512) and stores scalars.
+//  - In a standalone loop with the weight in L2, 8 weight rows x 2-3 vectors ran at 95-100% of peak (8 broadcasts +
+//    NV loads per 8 NV products), 8 x 1 at 78%, 16 x 1 at 48% (rows 1 KB apart share 4 L1 sets).
+//  - In a layer the weights stream from L3 or memory, and rows of ~16 lines are too short for the hardware
+//    prefetchers: with 32 MB of weights the loop ran at 2.0 per ns prefetching 4 lines ahead in the row, 2.9 fetching
+//    the strip after next (below).
+//  - Against the dot form in moe_ffn, bf16 forward, 2 threads (E64 k8 H512 F256): T256 (32 rows an expert) 9.0 ->
+//    7.4 ms, T128 (16) 5.7-6.4 -> 5.1-5.6 ms, T80 (10) 6.6-9.0 -> 5.4-6.9 ms; the dot form for the rows past a
+//    multiple of 16 was slower than padding them at every split tried (rest >= 8, >= 12).
+
+// Transposes the 16 x 16 matrix whose row i is v[i] (any 32-bit lanes; the shuffles move bits only).
+H3F_BF16_INLINE void transpose16(vfloat* v) {
+#pragma GCC unroll 4
+  for (int d = 8; d >= 1; d /= 2) {
+    // Swap the off-diagonal d x d blocks of every 2d x 2d block: rows i, i + d exchange lanes across the d boundary.
+    vint lo, hi;
+    for (int l = 0; l < kLanes; ++l) {
+      lo[l] = (l & d) == 0 ? l : kLanes + l - d;
+      hi[l] = (l & d) == 0 ? l + d : kLanes + l;
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < kLanes; ++i) {
+      if ((i & d) != 0) continue;
+      const vfloat x = v[i], y = v[i + d];
+      v[i] = __builtin_shuffle(x, y, lo);
+      v[i + d] = __builtin_shuffle(x, y, hi);
     }
   }
-  const vfloat sums = fold16(acc);
-  float s[kLanes];
-  std::memcpy(s, &sums, sizeof(s));
-  for (int r = 0; r < NB; ++r)
-    for (int m = 0; m < mb; ++m) out[r * ldo + m] = c10::BFloat16(s[r * kW + m]).x;
+}
+
+// ap[p][16 * nv] (p < (K + 1) / 2) from n <= 16 * nv rows of a.
+H3F_BF16_INLINE void pack_row_pairs(const bf16_bits* a, int64_t lda, int64_t n, int64_t K, int nv, uint32_t* ap) {
+  const int64_t pairs = (K + 1) / 2, stride = kLanes * nv;
+  for (int v = 0; v < nv; ++v) {
+    const int64_t rows = std::min<int64_t>(kLanes, n - kLanes * v);
+    const bf16_bits* av = a + kLanes * v * lda;
+    for (int64_t p0 = 0; p0 < pairs; p0 += kLanes) {
+      const __mmask32 mk = mask32(K - 2 * p0);
+      vfloat t[kLanes];
+#pragma GCC unroll 16
+      for (int i = 0; i < kLanes; ++i)
+        t[i] = i < rows ? (vfloat)_mm512_maskz_loadu_epi16(mk, av + i * lda + 2 * p0) : vfloat{};
+      transpose16(t);
+      const int64_t np = std::min<int64_t>(kLanes, pairs - p0);
+#pragma GCC unroll 16
+      for (int q = 0; q < kLanes; ++q)
+        if (q < np) std::memcpy(ap + (p0 + q) * stride + kLanes * v, &t[q], sizeof(vfloat));
+    }
+  }
+}
+
+// tile[m][16 v + r] = sum_p ap[p][16 v + r] . w[m, 2p..2p+1] for 8 weight rows m at stride ldw; tile rows 48 floats.
+template <int NV>
+H3F_BF16_INLINE void nt_packed_strip(const uint32_t* __restrict__ ap, const bf16_bits* __restrict__ w, int64_t ldw,
+                                     int64_t K, float* tile) {
+  constexpr int kRows = 8;
+  vfloat acc[kRows * NV];
+#pragma GCC unroll 24
+  for (int q = 0; q < kRows * NV; ++q) acc[q] = vfloat{};
+  const int64_t whole = K / 2;  // pairs inside every weight row; an odd K's last element is read alone below
+  for (int64_t p0 = 0; p0 < whole; p0 += kLanes) {
+    // Rows are short (K * 2 bytes, ~16 lines) and read 8 at a time, too short for the hardware prefetchers to
+    // train on: each 16-pair step fetches the matching line of every row of the strip after next.
+#pragma GCC unroll 8
+    for (int m = 0; m < kRows; ++m) __builtin_prefetch(w + (2 * kRows + m) * ldw + 2 * p0, 0, 3);
+    const int64_t stop = std::min<int64_t>(whole, p0 + kLanes);
+    for (int64_t p = p0; p < stop; ++p) {
+      __m512i av[NV];
+#pragma GCC unroll 3
+      for (int v = 0; v < NV; ++v) av[v] = _mm512_loadu_si512(ap + (p * NV + v) * kLanes);
+#pragma GCC unroll 8
+      for (int m = 0; m < kRows; ++m) {
+        int32_t pair;
+        std::memcpy(&pair, w + m * ldw + 2 * p, sizeof(pair));
+        const __m512i b = _mm512_set1_epi32(pair);
+#pragma GCC unroll 3
+        for (int v = 0; v < NV; ++v) acc[m * NV + v] = dp(acc[m * NV + v], b, av[v]);
+      }
+    }
+  }
+  if (K % 2 != 0) {
+    __m512i av[NV];
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) av[v] = _mm512_loadu_si512(ap + (whole * NV + v) * kLanes);
+#pragma GCC unroll 8
+    for (int m = 0; m < kRows; ++m) {
+      const __m512i b = _mm512_set1_epi32(int32_t(w[m * ldw + K - 1]));
+#pragma GCC unroll 3
+      for (int v = 0; v < NV; ++v) acc[m * NV + v] = dp(acc[m * NV + v], b, av[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < kRows; ++m)
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) std::memcpy(tile + m * kPackedMaxRows + kLanes * v, &acc[m * NV + v], sizeof(vfloat));
 }
 
 H3F_BF16_FN void bf16_nt(const bf16_bits* a, int64_t lda, int64_t n, const bf16_bits* w, int64_t M, int64_t K,
                          bf16_bits* out, int64_t ldo) {
-  // Weight rows outermost: 4 weight rows stay in L1 while every row block of a passes them.
-  for (int64_t j = 0; j < M; j += 4) {
-    const bf16_bits* wj = w + j * K;
-    const int64_t mb = std::min<int64_t>(4, M - j);
-    int64_t r = 0;
-    for (; r + 4 <= n; r += 4) nt_tile<4>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
-    for (; r + 2 <= n; r += 2) nt_tile<2>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
-    for (; r < n; ++r) nt_tile<1>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
+  thread_local std::vector<uint32_t> ap;
+  thread_local std::vector<bf16_bits> tail;  // the last M % 16 weight rows, then zero rows up to 16
+  const int64_t whole = M / kLanes * kLanes;
+  if (whole < M) {
+    tail.assign(kLanes * K, 0);
+    std::memcpy(tail.data(), w + whole * K, (M - whole) * K * sizeof(bf16_bits));
+  }
+  for (int64_t r0 = 0; r0 < n; r0 += kPackedMaxRows) {  // one block unless a caller passes more than 48 rows
+    const int64_t rows = std::min<int64_t>(kPackedMaxRows, n - r0);
+    const int nv = int((rows + kLanes - 1) / kLanes);
+    ap.resize((K + 1) / 2 * kLanes * nv);
+    pack_row_pairs(a + r0 * lda, lda, rows, K, nv, ap.data());
+    alignas(64) float tile[kLanes * kPackedMaxRows];  // [16 weight rows][48 rows of a]
+    for (int64_t j = 0; j < M; j += kLanes) {
+      const bf16_bits* wj = j < whole ? w + j * K : tail.data();
+      for (int h = 0; h < 2; ++h) {
+        const bf16_bits* ws = wj + 8 * h * K;
+        float* th = tile + 8 * h * kPackedMaxRows;
+        if (nv == 1) nt_packed_strip<1>(ap.data(), ws, K, K, th);
+        else if (nv == 2) nt_packed_strip<2>(ap.data(), ws, K, K, th);
+        else nt_packed_strip<3>(ap.data(), ws, K, K, th);
+      }
+      const int64_t mb = std::min<int64_t>(kLanes, M - j);
+      for (int v = 0; v < nv; ++v) {
+        vfloat t[kLanes];
+#pragma GCC unroll 16
+        for (int m = 0; m < kLanes; ++m) std::memcpy(&t[m], tile + m * kPackedMaxRows + kLanes * v, sizeof(vfloat));
+        transpose16(t);  // t[r] = out[r0 + 16 v + r, j .. j + 15]
+#pragma GCC unroll 16
+        for (int r = 0; r < kLanes; ++r)
+          if (kLanes * v + r < rows) store_bf16(out + (r0 + kLanes * v + r) * ldo + j, t[r], mb);
+      }
+    }
   }
 }
 
