@@ -192,20 +192,22 @@ H3F_BF16_FN void bf16_nt(const bf16_bits* a, int64_t lda, int64_t n, const bf16_
     tail.assign(kLanes * K, 0);
     std::memcpy(tail.data(), w + whole * K, (M - whole) * K * sizeof(bf16_bits));
   }
+  const bf16_bits* const tail_rows = tail.data();
   for (int64_t r0 = 0; r0 < n; r0 += kPackedMaxRows) {  // one block unless a caller passes more than 48 rows
     const int64_t rows = std::min<int64_t>(kPackedMaxRows, n - r0);
     const int nv = int((rows + kLanes - 1) / kLanes);
     ap.resize((K + 1) / 2 * kLanes * nv);
+    const uint32_t* const apd = ap.data();  // thread_local storage is looked up by a call: once here
     pack_row_pairs(a + r0 * lda, lda, rows, K, nv, ap.data());
     alignas(64) float tile[kLanes * kPackedMaxRows];  // [16 weight rows][48 rows of a]
     for (int64_t j = 0; j < M; j += kLanes) {
-      const bf16_bits* wj = j < whole ? w + j * K : tail.data();
+      const bf16_bits* wj = j < whole ? w + j * K : tail_rows;
       for (int h = 0; h < 2; ++h) {
         const bf16_bits* ws = wj + 8 * h * K;
         float* th = tile + 8 * h * kPackedMaxRows;
-        if (nv == 1) nt_packed_strip<1>(ap.data(), ws, K, K, th);
-        else if (nv == 2) nt_packed_strip<2>(ap.data(), ws, K, K, th);
-        else nt_packed_strip<3>(ap.data(), ws, K, K, th);
+        if (nv == 1) nt_packed_strip<1>(apd, ws, K, K, th);
+        else if (nv == 2) nt_packed_strip<2>(apd, ws, K, K, th);
+        else nt_packed_strip<3>(apd, ws, K, K, th);
       }
       const int64_t mb = std::min<int64_t>(kLanes, M - j);
       for (int v = 0; v < nv; ++v) {
@@ -290,30 +292,59 @@ H3F_BF16_FN void bf16_nn(const bf16_bits* a, int64_t lda, int64_t n, const bf16_
 
 // ---- outer-product form ---------------------------------------------------------------------------------------------
 // out[j, c] = sum_r a[r, j] b[r, c]: the reduction runs over the n rows, so both operands are first repacked into row
-// pairs (an odd last row pairs with zero): bp[p][2c + s] = b[2p + s][c] and ap[j][p] = (a[2p][j], a[2p + 1][j]).
-// Tiles of 4 output rows x 64 columns then read bp (n/2 x 64 pairs, L1) and write the output once.
+// pairs (an odd last row pairs with zero): bp[p][2c + s] = b[2p + s][c] and ap[p][j] = (a[2p][j], a[2p + 1][j]), one
+// two-source permute per 16 columns. Tiles of 4 output rows x 64 columns then read bp (n/2 x 64 pairs, L1) and write
+// the output once.
+
+// dst[2c + s] = (s ? r1 : r0)[c] for c < cols; r1 == nullptr stands for a row of zeros.
+H3F_BF16_INLINE void interleave_rows(const bf16_bits* r0, const bf16_bits* r1, int64_t cols, bf16_bits* dst) {
+  __m512i first, second;  // lanes 2c, 2c + 1 <- element c of r0, r1 (sources >= 32 select r1)
+  {
+    alignas(64) int16_t f[32], g[32];
+    for (int q = 0; q < 32; ++q) {
+      f[q] = int16_t(q / 2 + (q % 2) * 32);
+      g[q] = int16_t(16 + q / 2 + (q % 2) * 32);
+    }
+    first = _mm512_load_si512(f);
+    second = _mm512_load_si512(g);
+  }
+  for (int64_t c = 0; c < cols; c += 32) {
+    const __mmask32 mk = mask32(cols - c);
+    const __m512i x = _mm512_maskz_loadu_epi16(mk, r0 + c);
+    const __m512i y = r1 != nullptr ? _mm512_maskz_loadu_epi16(mk, r1 + c) : _mm512_setzero_si512();
+    const int64_t left = 2 * (cols - c);
+    _mm512_mask_storeu_epi16(dst + 2 * c, mask32(left), _mm512_permutex2var_epi16(x, first, y));
+    _mm512_mask_storeu_epi16(dst + 2 * c + 32, mask32(left - 32), _mm512_permutex2var_epi16(x, second, y));
+  }
+}
+
 H3F_BF16_FN void bf16_tn(const bf16_bits* a, int64_t lda, int64_t n, const bf16_bits* b, int64_t ldb, int64_t M,
                          int64_t K, bf16_bits* out, int64_t ldo) {
   const int64_t pairs = (n + 1) / 2;
-  std::vector<bf16_bits> bp(pairs * 2 * K, 0);
-  std::vector<uint32_t> ap(M * pairs, 0);
-  for (int64_t r = 0; r < n; ++r) {
-    const int64_t p = r / 2, s = r % 2;
-    for (int64_t c = 0; c < K; ++c) bp[(p * K + c) * 2 + s] = b[r * ldb + c];
-    for (int64_t j = 0; j < M; ++j) ap[j * pairs + p] |= uint32_t(a[r * lda + j]) << (16 * s);
+  thread_local std::vector<bf16_bits> bp;
+  thread_local std::vector<uint32_t> ap;
+  bp.resize(pairs * 2 * K);
+  ap.resize(pairs * M);
+  bf16_bits* const bpd = bp.data();  // thread_local storage is looked up by a call: once here, not in the loops
+  uint32_t* const apd = ap.data();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const bool odd_last = 2 * p + 1 == n;
+    interleave_rows(b + 2 * p * ldb, odd_last ? nullptr : b + (2 * p + 1) * ldb, K, bpd + p * 2 * K);
+    interleave_rows(a + 2 * p * lda, odd_last ? nullptr : a + (2 * p + 1) * lda, M,
+                    reinterpret_cast<bf16_bits*>(apd + p * M));
   }
   constexpr int kRows = 4, kVecs = 4;
   for (int64_t j = 0; j < M; j += kRows) {
     const int64_t mb = std::min<int64_t>(kRows, M - j);
-    const uint32_t* arow[kRows];
-    for (int m = 0; m < kRows; ++m) arow[m] = ap.data() + std::min<int64_t>(j + m, M - 1) * pairs;
+    int64_t col[kRows];  // rows past M repeat the last one; their sums are dropped
+    for (int m = 0; m < kRows; ++m) col[m] = std::min<int64_t>(j + m, M - 1);
     for (int64_t c = 0; c < K; c += kVecs * kLanes) {
       __mmask16 mk[kVecs];
       for (int v = 0; v < kVecs; ++v) {
         const int64_t left = K - c - v * kLanes;
         mk[v] = left >= kLanes ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
       }
-      const bf16_bits* bc0 = bp.data() + c * 2;
+      const bf16_bits* bc0 = bpd + c * 2;
       vfloat acc[kRows * kVecs];
 #pragma GCC unroll 16
       for (int q = 0; q < kRows * kVecs; ++q) acc[q] = vfloat{};
@@ -321,12 +352,19 @@ H3F_BF16_FN void bf16_tn(const bf16_bits* a, int64_t lda, int64_t n, const bf16_
         __m512i bv[kVecs];
 #pragma GCC unroll 4
         for (int v = 0; v < kVecs; ++v) bv[v] = _mm512_maskz_loadu_epi32(mk[v], bc0 + p * K * 2 + v * 2 * kLanes);
+        const uint32_t* arow = apd + p * M;
 #pragma GCC unroll 4
         for (int m = 0; m < kRows; ++m) {
-          const __m512i bc = _mm512_set1_epi32(int32_t(arow[m][p]));
+          const __m512i bc = _mm512_set1_epi32(int32_t(arow[col[m]]));
 #pragma GCC unroll 4
           for (int v = 0; v < kVecs; ++v) acc[m * kVecs + v] = dp(acc[m * kVecs + v], bc, bv[v]);
         }
+      }
+      if (mb == kRows && c + kVecs * kLanes <= K) {  // a whole tile: stored from the registers
+#pragma GCC unroll 16
+        for (int q = 0; q < kRows * kVecs; ++q)
+          vstore(reinterpret_cast<c10::BFloat16*>(out + (j + q / kVecs) * ldo + c + (q % kVecs) * kLanes), acc[q]);
+        continue;
       }
       float res[kRows * kVecs][kLanes];
 #pragma GCC unroll 16
