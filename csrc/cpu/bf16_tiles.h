@@ -72,8 +72,10 @@ H3F_BF16_INLINE __mmask32 mask32(int64_t count) {
   return count <= 0 ? __mmask32{0} : count >= 32 ? ~__mmask32{0} : (__mmask32{1} << count) - 1;
 }
 
-// The packed-rows form takes up to 48 rows a block (3 vectors of 16 lanes, 24 accumulators).
+// The packed-rows form takes up to 48 rows a block (3 vectors of 16 lanes) against strips of 8 weight rows (24
+// accumulators).
 constexpr int64_t kPackedMaxRows = 48;
+constexpr int kPackedStripRows = 8;
 
 H3F_BF16_INLINE vfloat dp(vfloat acc, __m512i x, __m512i y) {
   return (vfloat)_mm512_dpbf16_ps((__m512)acc, (__m512bh)x, (__m512bh)y);
@@ -137,11 +139,12 @@ H3F_BF16_INLINE void pack_row_pairs(const bf16_bits* a, int64_t lda, int64_t n, 
   }
 }
 
-// tile[m][16 v + r] = sum_p ap[p][16 v + r] . w[m, 2p..2p+1] for 8 weight rows m at stride ldw; tile rows 48 floats.
+// tile[m][16 v + r] = sum_p ap[p][16 v + r] . w[m, 2p..2p+1] for the strip's weight rows m at stride ldw; tile rows
+// are kPackedMaxRows floats apart.
 template <int NV>
 H3F_BF16_INLINE void nt_packed_strip(const uint32_t* __restrict__ ap, const bf16_bits* __restrict__ w, int64_t ldw,
                                      int64_t K, float* tile) {
-  constexpr int kRows = 8;
+  constexpr int kRows = kPackedStripRows;
   vfloat acc[kRows * NV];
 #pragma GCC unroll 24
   for (int q = 0; q < kRows * NV; ++q) acc[q] = vfloat{};
@@ -197,14 +200,14 @@ H3F_BF16_FN void bf16_nt(const bf16_bits* a, int64_t lda, int64_t n, const bf16_
     const int64_t rows = std::min<int64_t>(kPackedMaxRows, n - r0);
     const int nv = int((rows + kLanes - 1) / kLanes);
     ap.resize((K + 1) / 2 * kLanes * nv);
-    const uint32_t* const apd = ap.data();  // thread_local storage is looked up by a call: once here
-    pack_row_pairs(a + r0 * lda, lda, rows, K, nv, ap.data());
+    uint32_t* const apd = ap.data();  // thread_local storage is looked up by a call: once here
+    pack_row_pairs(a + r0 * lda, lda, rows, K, nv, apd);
     alignas(64) float tile[kLanes * kPackedMaxRows];  // [16 weight rows][48 rows of a]
     for (int64_t j = 0; j < M; j += kLanes) {
       const bf16_bits* wj = j < whole ? w + j * K : tail_rows;
-      for (int h = 0; h < 2; ++h) {
-        const bf16_bits* ws = wj + 8 * h * K;
-        float* th = tile + 8 * h * kPackedMaxRows;
+      for (int h = 0; h < kLanes / kPackedStripRows; ++h) {
+        const bf16_bits* ws = wj + kPackedStripRows * h * K;
+        float* th = tile + kPackedStripRows * h * kPackedMaxRows;
         if (nv == 1) nt_packed_strip<1>(apd, ws, K, K, th);
         else if (nv == 2) nt_packed_strip<2>(apd, ws, K, K, th);
         else nt_packed_strip<3>(apd, ws, K, K, th);
