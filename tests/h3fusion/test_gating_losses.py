@@ -35,6 +35,18 @@ def test_gating_loss_hand_computed():
     assert gating_loss([z], mask, labels).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_gating_loss_keeps_fp64_logits_in_fp64():
+    # fp32 logits compute in fp32 (rel 1e-5 above); fp64 ones (an fp64 model, the tests' exact oracle) stay fp64
+    z = torch.randn(4, 3, dtype=torch.float64)
+    mask = torch.ones(2, 2)
+    labels = torch.tensor([2, 0])
+    p = torch.softmax(z, -1)
+    expected = -(torch.log((p[0, 2] + p[1, 2]) / 2) + torch.log((p[2, 0] + p[3, 0]) / 2)) / 2
+    loss = gating_loss([z], mask, labels)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+
+
 def test_gating_loss_mean_over_layers_then_log():
     z1, z2 = torch.randn(3, 2), torch.randn(3, 2)
     mask = torch.ones(1, 3)

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+import h3fusion_ext
+
 from .sharded_drift import per_expert_squared_norm, reference_like
 
 __all__ = [
@@ -32,7 +34,7 @@ _EXPERT_PARAM_RE = re.compile(r"(?:^|\.)mlp\.experts\.(gate_up_proj|down_proj)$"
 
 
 def _stack_layers(router_logits: Sequence[torch.Tensor] | torch.Tensor, attention_mask: torch.Tensor):
-    """Checks shapes and returns (probs[L, B, S, E] in fp32, mask[B, S] in fp32)."""
+    """Checks shapes and returns (probs[L, B, S, E], mask[B, S]), both fp32 (fp64 for fp64 logits)."""
     if isinstance(router_logits, torch.Tensor):
         router_logits = [router_logits]
     if len(router_logits) == 0:
@@ -48,8 +50,8 @@ def _stack_layers(router_logits: Sequence[torch.Tensor] | torch.Tensor, attentio
                 f"router_logits[{idx}] must be [B*S, E] = [{b * s}, {num_experts}] to match attention_mask "
                 f"{tuple(attention_mask.shape)}, got {tuple(z.shape)}"
             )
-        # fp32 softmax: the router's probabilities are computed in fp32 in the model too (design.md §2).
-        layers.append(torch.softmax(z.float(), dim=-1).view(b, s, num_experts))
+        # softmax in at least fp32, as the model's router computes it (design.md §2); an fp64 model stays fp64
+        layers.append(torch.softmax(z.to(h3fusion_ext.accumulate_dtype(z.dtype)), dim=-1).view(b, s, num_experts))
     probs = torch.stack(layers, dim=0)
     mask = attention_mask.to(device=probs.device, dtype=probs.dtype)
     return probs, mask
