@@ -13,7 +13,7 @@ from h3fusion.models import (
     set_experts_implementation,
 )
 from h3fusion.models.hf_experts import check_block
-from h3fusion.models.lora_experts import add_lora_experts
+from h3fusion.models.lora_experts import FACTOR_NAMES, add_lora_experts
 from op_counts import count_h3fusion_ops, count_lora_moe_calls
 from training_tiny import tiny_fused
 
@@ -82,6 +82,22 @@ def test_peft_style_init_starts_at_the_base_and_norms_match_the_product():
     for projection in ("gate_up_proj", "down_proj"):
         want = module.delta_weight(projection).pow(2).sum(dim=(1, 2))
         torch.testing.assert_close(module.delta_squared_norms(projection), want, rtol=1e-5, atol=1e-6)
+
+
+def test_fp64_experts_merge_and_norm_in_fp64():
+    # an fp64 base (the tests' exact oracle) must never be rounded to fp32 on the way through merged_weights
+    E, H, F, r = 2, 8, 6, 2
+    module = LoRAExperts(torch.randn(E, 2 * F, H), torch.randn(E, H, F), E, r).double()
+    gu, dp = module.merged_weights()
+    assert gu.dtype == torch.float64 and torch.equal(gu, module.gate_up_proj) and torch.equal(dp, module.down_proj)
+    _random_factors(module)
+    for projection in ("gate_up_proj", "down_proj"):
+        delta = module.delta_weight(projection)
+        assert delta.dtype == torch.float64
+        want = torch.bmm(getattr(module, FACTOR_NAMES[projection][1]), getattr(module, FACTOR_NAMES[projection][0]))
+        torch.testing.assert_close(delta, want * module.scaling, rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(module.delta_squared_norms(projection), delta.pow(2).sum(dim=(1, 2)), rtol=1e-12,
+                                   atol=1e-13)  # fmt: skip
 
 
 def test_bad_shapes_are_refused():

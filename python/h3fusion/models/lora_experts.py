@@ -184,23 +184,28 @@ class LoRAExperts(nn.Module):
         )
 
     def delta_weight(self, projection: str) -> torch.Tensor:
-        """s·B_e·A_e for every expert: [E, 2F, H] ("gate_up_proj") or [E, H, F] ("down_proj"), fp32, differentiable."""
+        """s·B_e·A_e for every expert: [E, 2F, H] ("gate_up_proj") or [E, H, F] ("down_proj"), fp32 (fp64 for fp64
+        factors), differentiable."""
         a_name, b_name = FACTOR_NAMES[projection]
         a, b = getattr(self, a_name), getattr(self, b_name)
-        return torch.bmm(b.float(), a.float()) * self.scaling
+        acc = h3fusion_ext.accumulate_dtype(a.dtype, b.dtype)
+        return torch.bmm(b.to(acc), a.to(acc)) * self.scaling
 
     def delta_squared_norms(self, projection: str) -> torch.Tensor:
-        """‖s·B_e·A_e‖_F² per expert, [E] fp32, differentiable, from the r×r Gram matrices (no [out, in] product):
-        ‖BA‖² = trace(AᵀBᵀBA) = Σ (BᵀB) ⊙ (AAᵀ)."""
+        """‖s·B_e·A_e‖_F² per expert, [E] fp32 (fp64 for fp64 factors), differentiable, from the r×r Gram matrices
+        (no [out, in] product): ‖BA‖² = trace(AᵀBᵀBA) = Σ (BᵀB) ⊙ (AAᵀ)."""
         a_name, b_name = FACTOR_NAMES[projection]
-        a, b = getattr(self, a_name).float(), getattr(self, b_name).float()
+        a, b = getattr(self, a_name), getattr(self, b_name)
+        acc = h3fusion_ext.accumulate_dtype(a.dtype, b.dtype)
+        a, b = a.to(acc), b.to(acc)
         gram_b = torch.bmm(b.transpose(1, 2), b)  # [E, r, r]
         gram_a = torch.bmm(a, a.transpose(1, 2))  # [E, r, r]
         return (gram_b * gram_a).sum(dim=(1, 2)) * self.scaling**2
 
     @torch.no_grad()
     def merged_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The effective expert weights W_e + s·B_e·A_e, summed in fp32 and cast to the base dtype.
+        """The effective expert weights W_e + s·B_e·A_e, summed in fp32 (fp64 for fp64 weights) and cast to the base
+        dtype.
 
         Returns:
             gate_up_proj [E, 2F, H], down_proj [E, H, F] (new tensors).
@@ -208,7 +213,9 @@ class LoRAExperts(nn.Module):
         out = []
         for projection in FACTOR_NAMES:
             base = getattr(self, projection)
-            merged = base.float().expand(self.num_experts, -1, -1) + self.delta_weight(projection)
+            delta = self.delta_weight(projection)
+            acc = h3fusion_ext.accumulate_dtype(base.dtype, delta.dtype)  # an fp64 base is never rounded to fp32
+            merged = base.to(acc).expand(self.num_experts, -1, -1) + delta.to(acc)
             out.append(merged.to(base.dtype))
         return out[0], out[1]
 
