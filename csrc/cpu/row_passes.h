@@ -133,14 +133,15 @@ H3F_INLINE void vstore(scalar_t* p, vfloat v) {
   }
 }
 
-// Prefetch distances of the GEMM kernels (small_gemm.h, bf16_tiles.h). A weight read as one long stream: hardware
-// prefetchers stop at 4 KiB page edges, so the dot-product kernels ask for the line 8 KiB ahead. A strip walked down
-// the rows of b (a page every row or two, which the prefetchers do not follow): the row 12 ahead, measured 20-25%
-// faster than 4 on a T4 E8 bf16 backward (24: no better). Hints only: past the end of a tensor they are dropped.
+// Prefetch distances of the GEMM kernels (small_gemm.h, bf16_tiles.h's row-axpy form; its packed-rows form fetches the
+// strip after next instead). A weight read as one long stream: hardware prefetchers stop at 4 KiB page edges, so the
+// dot-product kernels ask for the line 8 KiB ahead. A strip walked down the rows of b (a page every row or two, which
+// the prefetchers do not follow): the row 12 ahead, measured 20-25% faster than 4 on a T4 E8 bf16 backward (24: no
+// better). Hints only: past the end of a tensor they are dropped.
 constexpr int64_t kPrefetchBytes = 8192;
 constexpr int64_t kStripPrefetchRows = 12;
 
-// Folds v[0..15] (tile accumulators of small_gemm.h and bf16_tiles.h) so that lane q of the result is the sum of
+// Folds v[0..15] (tile accumulators of small_gemm.h's dot-product form) so that lane q of the result is the sum of
 // v[q]'s lanes.
 H3F_INLINE vfloat fold16(vfloat* v) {
   const vint l1a = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};

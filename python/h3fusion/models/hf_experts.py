@@ -80,6 +80,13 @@ def register_experts_implementation() -> bool:
     return True
 
 
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x[T, H] @ weight[E, H]^T in fp32 for bf16/fp16/fp32 (fp64 stays fp64): the logits of every router we run,
+    ours and the replaced transformers ones."""
+    acc = h3fusion_ext.accumulate_dtype(x.dtype, weight.dtype)
+    return F.linear(x.to(acc), weight.to(acc))
+
+
 class H3FusionRouterMixin:
     """Replaces a transformers top-k router's forward with fp32 logits + `h3fusion_ext.topk_route`.
 
@@ -89,8 +96,7 @@ class H3FusionRouterMixin:
 
     def forward(self, hidden_states: torch.Tensor):
         h = hidden_states.reshape(-1, self.weight.shape[1])
-        acc = h3fusion_ext.accumulate_dtype(h.dtype, self.weight.dtype)  # never fp64 -> fp32
-        logits = F.linear(h.to(acc), self.weight.to(acc))
+        logits = router_logits(h, self.weight)
         renormalize = bool(getattr(self, "norm_topk_prob", True))
         weights, experts = h3fusion_ext.topk_route(logits, int(self.top_k), renormalize)
         return logits, weights, experts

@@ -7,10 +7,11 @@ The weight layout is transformers v5's `MixtralExperts`, so weights copy (or ali
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import h3fusion_ext
+
+from .hf_experts import router_logits
 
 
 class H3FusionRouter(nn.Module):
@@ -22,8 +23,7 @@ class H3FusionRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x[T, H] (any float dtype) -> router logits [T, E], float32 (float64 for an fp64 model)."""
-        acc = h3fusion_ext.accumulate_dtype(x.dtype, self.weight.dtype)
-        return F.linear(x.to(acc), self.weight.to(acc))
+        return router_logits(x, self.weight)
 
 
 class H3FusionExperts(nn.Module):
