@@ -38,13 +38,18 @@ def moe_ffn_inputs(T, H, F, E, k, dtype=torch.float32):
     return x, weights, experts, gate_up, down
 
 
-# (T, H, F, E, k): many rows per expert (experts one after another, BLAS threads; with two active experts per thread
-# the backward runs one group of experts per thread instead), two large experts (BLAS threads in the backward too) and
-# many small experts (one expert per thread), each large enough that two threads really split the work.
+# (T, H, F, E, k), by how the CPU op splits the work (csrc/cpu/moe_ffn.cpp):
+#   token-groups: 512 rows per expert, two token groups in the forward (one per thread at 2 threads); four active
+#     experts, so the backward runs one group of experts per thread;
+#   blas-threaded-backward: two large experts, token groups in the forward, BLAS threads in the backward;
+#   more-groups-than-threads: 1024 rows per expert, four token groups, two per thread;
+#   blas-threaded: 384 rows per expert, one token group: BLAS threads inside every forward GEMM;
+#   per-expert: many small experts, one expert per thread;
+# each large enough that two threads really split the work.
 @pytest.mark.parametrize(
     "shape",
-    [(1024, 64, 96, 4, 2), (1024, 64, 96, 2, 1), (256, 16, 8, 32, 4)],
-    ids=["blas-threaded", "blas-threaded-backward", "per-expert"],
+    [(1024, 64, 96, 4, 2), (1024, 64, 96, 2, 1), (2048, 32, 48, 2, 1), (768, 64, 96, 4, 2), (256, 16, 8, 32, 4)],
+    ids=["token-groups", "blas-threaded-backward", "more-groups-than-threads", "blas-threaded", "per-expert"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_ffn_same_bits_for_1_and_2_threads(shape, dtype):
