@@ -152,8 +152,8 @@ constexpr int64_t kMaxTokenGroups = 64;
 
 // The number of token groups, from the shape alone: which rows form one GEMM, and so every bit of y, must not depend
 // on the thread count. A thread that owns whole groups runs every step single-threaded with no barrier between steps;
-// at T2048 H512 F1408 E8 k2 bf16 on 2 busy cores this took the forward from 61 to 58 ms (median of 10 interleaved
-// calls; 9% of the serial forward's time was spent spinning in barriers), and 430 -> 422 ms at T4096 H1024 F2816.
+// at T2048 H512 F1408 E8 k2 bf16 on 2 busy cores this took the forward from 72.9 to 66.8 ms (median of 10 interleaved
+// calls, faster in all 10; the serial forward spent 9% of its time spinning in barriers). fp32 (MKL) was unchanged.
 int64_t forward_token_groups(int64_t T, int64_t R, int64_t active) {
   const int64_t per_expert = R / std::max<int64_t>(active, 1);
   return std::clamp<int64_t>(per_expert / kTokenGroupRows, 1, std::clamp<int64_t>(T, 1, kMaxTokenGroups));
