@@ -3,9 +3,9 @@
 // that output_mask asks for.
 //
 // Threads: many small experts run one group of experts per thread (single-threaded GEMMs inside the parallel region).
-// The forward of few large experts splits the tokens into groups (forward_token_groups) that each run every expert on
-// their rows: one run of groups per thread when there are enough groups, else groups one after another, each GEMM with
-// all of BLAS's threads and the row passes with at::parallel_for. With at least two active experts per thread, the
+// The forward of few large experts splits bf16 tokens into groups (forward_token_groups) that each run every expert
+// on their rows: one run of groups per thread when there are enough groups, else groups one after another (always so
+// for other dtypes), each GEMM with all of BLAS's threads and the row passes with at::parallel_for. With at least two active experts per thread, the
 // backward also runs one group of experts per thread (fewer barriers; see backward_thread_count).
 // Memory: every scratch buffer is per expert (or per row block of an expert) and per thread, so a forward without
 // autograd holds only y and a block of scratch per thread; only the training forward keeps the [T*k, 2F]
@@ -150,11 +150,15 @@ int64_t forward_block_rows(int64_t R, int64_t active) {
 constexpr int64_t kTokenGroupRows = 256;
 constexpr int64_t kMaxTokenGroups = 64;
 
-// The number of token groups, from the shape alone: which rows form one GEMM, and so every bit of y, must not depend
-// on the thread count. A thread that owns whole groups runs every step single-threaded with no barrier between steps;
-// at T2048 H512 F1408 E8 k2 bf16 on 2 busy cores this took the forward from 72.9 to 66.8 ms (median of 10 interleaved
-// calls, faster in all 10; the serial forward spent 9% of its time spinning in barriers). fp32 (MKL) was unchanged.
-int64_t forward_token_groups(int64_t T, int64_t R, int64_t active) {
+// The number of token groups, from the dtype and shape alone: which rows form one GEMM, and so every bit of y, must
+// not depend on the thread count. A thread that owns whole groups runs every step single-threaded with no barrier
+// between steps. That pays for bf16, whose GEMMs are oneDNN's: at T2048 H512 F1408 E8 k2 on 2 busy cores the
+// forward without autograd went from 51.3 to 49.8 ms, the training forward from 79.4 to 74.0 and fwd+bwd with frozen
+// experts from 121 to 115 (medians of 16 interleaved calls, faster in 13-14 of 16; the serial forward had spent 9% of
+// its time spinning in barriers). MKL's threaded fp32 GEMMs lost nothing to barriers (the same A/B: 0.95-1.01x), so
+// other dtypes keep one group.
+int64_t forward_token_groups(at::ScalarType dtype, int64_t T, int64_t R, int64_t active) {
+  if (dtype != at::kBFloat16) return 1;
   const int64_t per_expert = R / std::max<int64_t>(active, 1);
   return std::clamp<int64_t>(per_expert / kTokenGroupRows, 1, std::clamp<int64_t>(T, 1, kMaxTokenGroups));
 }
@@ -187,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
   // many groups as threads (slots = threads), else one group after another with all threads in every step (slots = 1).
   int64_t active = 0;
   for (int64_t e = 0; e < d.E; ++e) active += off[e + 1] > off[e];
-  const int64_t groups = forward_token_groups(d.T, R, active);
+  const int64_t groups = forward_token_groups(x.scalar_type(), d.T, R, active);
   const int64_t slots = at::get_num_threads() > 1 && groups >= at::get_num_threads() ? at::get_num_threads() : 1;
   const bool serial_fill = expert_parallel_mode(off, d.E) ? nt == 1 : slots == 1;
   at::Tensor gate_up_out =

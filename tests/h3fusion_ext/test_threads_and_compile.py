@@ -38,7 +38,8 @@ def moe_ffn_inputs(T, H, F, E, k, dtype=torch.float32):
     return x, weights, experts, gate_up, down
 
 
-# (T, H, F, E, k), by how the CPU op splits the work (csrc/cpu/moe_ffn.cpp):
+# (T, H, F, E, k), by how the CPU op splits the work (csrc/cpu/moe_ffn.cpp; token groups in bf16 only, fp32 takes one
+# group and BLAS threads inside every forward GEMM):
 #   token-groups: 512 rows per expert, two token groups in the forward (one per thread at 2 threads); four active
 #     experts, so the backward runs one group of experts per thread;
 #   blas-threaded-backward: two large experts, token groups in the forward, BLAS threads in the backward;
