@@ -5,8 +5,9 @@
 // Threads: many small experts run one group of experts per thread (single-threaded GEMMs inside the parallel region).
 // The forward of few large experts splits bf16 tokens into groups (forward_token_groups) that each run every expert
 // on their rows: one run of groups per thread when there are enough groups, else groups one after another (always so
-// for other dtypes), each GEMM with all of BLAS's threads and the row passes with at::parallel_for. With at least two active experts per thread, the
-// backward also runs one group of experts per thread (fewer barriers; see backward_thread_count).
+// for other dtypes), each GEMM with all of BLAS's threads and the row passes with at::parallel_for. With at least two
+// active experts per thread, the backward also runs one group of experts per thread (fewer barriers; see
+// backward_thread_count).
 // Memory: every scratch buffer is per expert (or per row block of an expert) and per thread, so a forward without
 // autograd holds only y and a block of scratch per thread; only the training forward keeps the [T*k, 2F]
 // pre-activation for the backward.
