@@ -103,6 +103,13 @@ void for_each_expert(const int64_t* off, int64_t E, int64_t nt, const Fn& fn) {
   });
 }
 
+// Experts with at least one row.
+int64_t active_experts(const int64_t* off, int64_t E) {
+  int64_t active = 0;
+  for (int64_t e = 0; e < E; ++e) active += off[e + 1] > off[e];
+  return active;
+}
+
 int64_t max_rows(const int64_t* off, int64_t E) {
   int64_t m = 0;
   for (int64_t e = 0; e < E; ++e) m = std::max(m, off[e + 1] - off[e]);
@@ -113,8 +120,7 @@ int64_t max_rows(const int64_t* off, int64_t E) {
 // spread over threads, one group per thread, each GEMM single-threaded. Otherwise serial mode: experts one after
 // another, BLAS threads inside each GEMM.
 bool expert_parallel_mode(const int64_t* off, int64_t E) {
-  int64_t active = 0;
-  for (int64_t e = 0; e < E; ++e) active += off[e + 1] > off[e];
+  const int64_t active = active_experts(off, E);
   return active > 1 && off[E] < kRowsPerExpertForBlasThreads * active;
 }
 
@@ -131,8 +137,7 @@ int64_t expert_thread_count(const int64_t* off, int64_t E) {
 // barrier, and a descheduled thread stalls the other at every one of them. With fewer experts than that (or many
 // threads) BLAS threads keep every core busy.
 int64_t backward_thread_count(const int64_t* off, int64_t E) {
-  int64_t active = 0;
-  for (int64_t e = 0; e < E; ++e) active += off[e + 1] > off[e];
+  const int64_t active = active_experts(off, E);
   const int64_t threads = at::get_num_threads();
   const bool per_expert = expert_parallel_mode(off, E) || (threads > 1 && active >= 2 * threads);
   return per_expert ? std::min<int64_t>(threads, E) : 1;
@@ -190,10 +195,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
   const int64_t nt = expert_thread_count(off, d.E);
   // Few large experts: token groups (forward_token_groups), one run of them per thread when there are at least as
   // many groups as threads (slots = threads), else one group after another with all threads in every step (slots = 1).
-  int64_t active = 0;
-  for (int64_t e = 0; e < d.E; ++e) active += off[e + 1] > off[e];
+  const int64_t active = active_experts(off, d.E), threads = at::get_num_threads();
   const int64_t groups = forward_token_groups(x.scalar_type(), d.T, R, active);
-  const int64_t slots = at::get_num_threads() > 1 && groups >= at::get_num_threads() ? at::get_num_threads() : 1;
+  const int64_t slots = threads > 1 && groups >= threads ? threads : 1;
   const bool serial_fill = expert_parallel_mode(off, d.E) ? nt == 1 : slots == 1;
   at::Tensor gate_up_out =
       save_pre_activation ? empty_large({R, 2 * F}, opts, serial_fill) : at::empty({0, 2 * F}, opts);
