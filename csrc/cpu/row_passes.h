@@ -2,10 +2,10 @@
 // the gated activation act(gate) * up (forward and backward, see h3fusion/activation.h for the math), the gather of
 // token rows into expert order and the weighted accumulation of expert rows into tokens.
 //
-// fp32 and bf16 rows run on GCC vector-extension types of 16 floats (one AVX-512 register; two or four on older
-// ISAs), so that the selects of exp/sigmoid and the bf16 rounding vectorise whatever the compiler's auto-vectoriser
-// decides; each row function is compiled for three ISA levels (the loader picks the best). fp64 (tests, gradcheck)
-// and fp16 run a scalar loop. Every lane does the same operations, so results do not depend on the ISA level.
+// fp32 and bf16 rows run on GCC vector-extension types of one register's width (16 floats with AVX-512, else 8;
+// see Vec below), so that the selects of exp/sigmoid and the bf16 rounding vectorise whatever the compiler's
+// auto-vectoriser decides; each row function is compiled for three ISA levels (the loader picks the best). fp64
+// (tests, gradcheck) and fp16 run a scalar loop.
 // Everything here has internal linkage (one copy per translation unit, as the ISA clones need).
 #pragma once
 
@@ -34,47 +34,93 @@ namespace {
 #define H3F_INLINE inline __attribute__((always_inline))
 #define H3F_ROW_FN __attribute__((noinline)) H3F_ISA_CLONES
 
-constexpr int64_t kLanes = 16;
+// The vector kernels are templates on their lane count L: a vector of L floats must fit the CPU's registers, or GCC
+// lowers every operation through the stack. 16 lanes (one AVX-512 register) on CPUs with x86-64-v4; 8 (one AVX2
+// register) on other x86-64 CPUs, where 16-lane code ran 3-8x slower than BLAS (measured on an AVX2-only EPYC: the
+// v3 clone of small_nt spent 40% of its time storing vectors to the stack and reloading their halves); 4 without
+// ISA clones. Every row function (H3F_ROW_FN) picks L at run time by wide_vectors(), the test GCC's clone resolver
+// makes, so each clone runs the width it was built for. Results depend on L (the lanes a dot product sums in), so on
+// the CPU, never on the thread count.
+template <int L>
+struct Vec {
+  typedef float f __attribute__((vector_size(4 * L)));
+  typedef int32_t i __attribute__((vector_size(4 * L)));
+  typedef uint32_t u __attribute__((vector_size(4 * L)));
+  typedef uint16_t h __attribute__((vector_size(2 * L)));
+};
+template <typename V>
+constexpr int kLanesOf = int(sizeof(V) / sizeof(float));
+
+constexpr int kWideLanes = 16;
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+constexpr int kNarrowLanes = 8;
+#else
+constexpr int kNarrowLanes = 4;
+#endif
+
+H3F_INLINE bool wide_vectors() {
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+  static const bool wide = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("x86-64-v4") > 0;
+  }();
+  return wide;
+#else
+  return false;
+#endif
+}
+
+// The AVX-512 width, which bf16_tiles.h's VDPBF16PS kernels use throughout.
+constexpr int64_t kLanes = kWideLanes;
 // The 64-byte vector types never cross a call boundary of another translation unit: GCC's ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
-typedef float vfloat __attribute__((vector_size(64)));
-typedef int32_t vint __attribute__((vector_size(64)));
-typedef uint32_t vuint __attribute__((vector_size(64)));
-typedef uint16_t vhalfword __attribute__((vector_size(32)));
+typedef Vec<kWideLanes>::f vfloat;
+typedef Vec<kWideLanes>::i vint;
+typedef Vec<kWideLanes>::u vuint;
+typedef Vec<kWideLanes>::h vhalfword;
 
 template <typename scalar_t>
 constexpr bool kVectorRows = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
 
-H3F_INLINE vfloat splat(float v) { return vfloat{} + v; }
+template <typename V = vfloat>
+H3F_INLINE V splat(float v) {
+  return V{} + v;
+}
 
 // exp(x) with x clamped to [-87, 88]: Cody-Waite reduction x = n ln2 + r, a degree-6 polynomial for e^r (Cephes
 // coefficients), 2^n built in the exponent bits. Relative error about 1e-7.
-H3F_INLINE vfloat vexp(vfloat x) {
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;
-  x = x > splat(88.0f) ? splat(88.0f) : x;
-  const vfloat t = x * 1.44269504088896341f + 12582912.0f;  // round(x / ln2) in the low mantissa bits
-  const vfloat n = t - 12582912.0f;
-  const vfloat r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  vfloat p = splat(1.9875691500e-4f);
+template <typename V>
+H3F_INLINE V vexp(V x) {
+  using VI = typename Vec<kLanesOf<V>>::i;
+  x = x < splat<V>(-87.0f) ? splat<V>(-87.0f) : x;
+  x = x > splat<V>(88.0f) ? splat<V>(88.0f) : x;
+  const V t = x * 1.44269504088896341f + 12582912.0f;  // round(x / ln2) in the low mantissa bits
+  const V n = t - 12582912.0f;
+  const V r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  V p = splat<V>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const vint bits = (((vint)t) - 0x4B400000 + 127) << 23;
-  return p * (vfloat)bits;
+  const VI bits = (((VI)t) - 0x4B400000 + 127) << 23;
+  return p * (V)bits;
 }
 
-H3F_INLINE vfloat vsigmoid(vfloat g) { return 1.0f / (1.0f + vexp(-g)); }
+template <typename V>
+H3F_INLINE V vsigmoid(V g) {
+  return 1.0f / (1.0f + vexp(-g));
+}
 
 // Phi(g), the standard normal CDF, from erfc(z) = t exp(-z^2 + poly(t)), t = 1 / (1 + z/2), z = |g| / sqrt(2)
 // (Chebyshev fit with fractional error below 1.2e-7 for every z >= 0): the small tail is computed directly, so
 // Phi keeps its relative accuracy for negative g instead of losing it to 1 - erf cancellation.
-H3F_INLINE vfloat vnormcdf(vfloat g) {
-  const vfloat z = (g < splat(0.0f) ? -g : g) * float(kInvSqrt2);
-  const vfloat t = 1.0f / (1.0f + 0.5f * z);
-  vfloat p = splat(0.17087277f);
+template <typename V>
+H3F_INLINE V vnormcdf(V g) {
+  const V z = (g < splat<V>(0.0f) ? -g : g) * float(kInvSqrt2);
+  const V t = 1.0f / (1.0f + 0.5f * z);
+  V p = splat<V>(0.17087277f);
   p = p * t - 0.82215223f;
   p = p * t + 1.48851587f;
   p = p * t - 1.13520398f;
@@ -84,12 +130,13 @@ H3F_INLINE vfloat vnormcdf(vfloat g) {
   p = p * t + 0.37409196f;
   p = p * t + 1.00002368f;
   p = p * t - 1.26551223f;
-  const vfloat half_erfc = 0.5f * t * vexp(p - z * z);
-  return g < splat(0.0f) ? half_erfc : 1.0f - half_erfc;
+  const V half_erfc = 0.5f * t * vexp(p - z * z);
+  return g < splat<V>(0.0f) ? half_erfc : 1.0f - half_erfc;
 }
 
 // act(g) = g * P(g): P and P' for each activation (h3fusion/activation.h).
-H3F_INLINE vfloat vgate_p(vfloat g, Activation a) {
+template <typename V>
+H3F_INLINE V vgate_p(V g, Activation a) {
   switch (a) {
     case Activation::kGelu: return vnormcdf(g);
     case Activation::kGeluTanh:
@@ -97,7 +144,8 @@ H3F_INLINE vfloat vgate_p(vfloat g, Activation a) {
     default: return vsigmoid(g);
   }
 }
-H3F_INLINE vfloat vgate_dp(vfloat g, vfloat P, Activation a) {
+template <typename V>
+H3F_INLINE V vgate_dp(V g, V P, Activation a) {
   switch (a) {
     case Activation::kGelu: return float(kInvSqrt2Pi) * vexp(-0.5f * g * g);
     case Activation::kGeluTanh:
@@ -106,29 +154,31 @@ H3F_INLINE vfloat vgate_dp(vfloat g, vfloat P, Activation a) {
   }
 }
 
-template <typename scalar_t>
-H3F_INLINE vfloat vload(const scalar_t* p) {
-  vfloat v;
+// L floats from p (fp32, or bf16 widened).
+template <int L = kWideLanes, typename scalar_t>
+H3F_INLINE typename Vec<L>::f vload(const scalar_t* p) {
+  typename Vec<L>::f v;
   if constexpr (std::is_same_v<scalar_t, float>) {
     std::memcpy(&v, p, sizeof(v));
   } else {
-    vhalfword h;
+    typename Vec<L>::h h;
     std::memcpy(&h, p, sizeof(h));
-    v = (vfloat)(__builtin_convertvector(h, vuint) << 16);
+    v = (typename Vec<L>::f)(__builtin_convertvector(h, typename Vec<L>::u) << 16);
   }
   return v;
 }
 
 // bf16: round to nearest even, NaN stays NaN (c10::BFloat16's rounding).
-template <typename scalar_t>
-H3F_INLINE void vstore(scalar_t* p, vfloat v) {
+template <typename scalar_t, typename V>
+H3F_INLINE void vstore(scalar_t* p, V v) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     std::memcpy(p, &v, sizeof(v));
   } else {
-    const vuint u = (vuint)v;
-    const vuint rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const vuint bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? vuint{} + 0x7FC0u : rounded;
-    const vhalfword h = __builtin_convertvector(bits, vhalfword);
+    using VU = typename Vec<kLanesOf<V>>::u;
+    const VU u = (VU)v;
+    const VU rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const VU bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? VU{} + 0x7FC0u : rounded;
+    const auto h = __builtin_convertvector(bits, typename Vec<kLanesOf<V>>::h);
     std::memcpy(p, &h, sizeof(h));
   }
 }
@@ -141,32 +191,31 @@ H3F_INLINE void vstore(scalar_t* p, vfloat v) {
 constexpr int64_t kPrefetchBytes = 8192;
 constexpr int64_t kStripPrefetchRows = 12;
 
-// Folds v[0..15] (tile accumulators of small_gemm.h's dot-product form) so that lane q of the result is the sum of
-// v[q]'s lanes.
-H3F_INLINE vfloat fold16(vfloat* v) {
-  const vint l1a = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-  const vint l2a = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
-  const vint l3a = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
-  const vint l4a = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-  // Lanes lo of (x, y) plus the lanes `step` further on: each level halves the lanes per accumulator.
-  auto fold = [](vfloat x, vfloat y, vint lo, int step) {
-    return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, lo + step);
+// Folds the L accumulators v[0..L-1] (of small_gemm.h's dot-product tiles) so that lane q of the result is the sum
+// of v[q]'s lanes: each level adds the lanes of pairs of vectors `s` apart (s = L/2, ..., 1), halving the vectors.
+template <typename V>
+H3F_INLINE V fold_lanes(V* v) {
+  constexpr int L = kLanesOf<V>;
+  using VI = typename Vec<L>::i;
+  auto fold = [](V x, V y, int s) {  // lanes of (x, y) taken pairwise: lo = 2s * (q / s) + q % s, and lo + s
+    VI lo;
+    for (int q = 0; q < L; ++q) lo[q] = 2 * s * (q / s) + q % s;
+    return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, lo + s);
   };
-  for (int q = 0; q < 8; ++q) v[q] = fold(v[2 * q], v[2 * q + 1], l1a, 8);
-  for (int q = 0; q < 4; ++q) v[q] = fold(v[2 * q], v[2 * q + 1], l2a, 4);
-  for (int q = 0; q < 2; ++q) v[q] = fold(v[2 * q], v[2 * q + 1], l3a, 2);
-  return fold(v[0], v[1], l4a, 1);
+  for (int s = L / 2, count = L; s >= 1; s /= 2, count /= 2)
+    for (int q = 0; q < count / 2; ++q) v[q] = fold(v[2 * q], v[2 * q + 1], s);
+  return v[0];
 }
 
 // Rounds to scalar_t and back (what a stored and reloaded value is).
-template <typename scalar_t>
-H3F_INLINE vfloat vround(vfloat v) {
+template <typename scalar_t, typename V>
+H3F_INLINE V vround(V v) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return v;
   } else {
-    scalar_t tmp[kLanes];
+    scalar_t tmp[kLanesOf<V>];
     vstore(tmp, v);
-    return vload(tmp);
+    return vload<kLanesOf<V>>(tmp);
   }
 }
 
@@ -205,15 +254,28 @@ H3F_INLINE scalar_t store(at::opmath_type<scalar_t> v) {
 }
 
 // ---- gated activation rows ----------------------------------------------------------------------------------
+// Each row function runs its body at the lane count of the CPU (wide_vectors(): every clone runs its own width).
+// H3F_BY_LANES(fn, (args...), template args after L...) calls fn<L, ...>(args...). Direct calls, so that the
+// always-inline bodies are inlined into (and compiled for) each clone; a call through a function pointer was not.
+#define H3F_BY_LANES(fn, args, ...)                       \
+  do {                                                    \
+    if (wide_vectors()) {                                 \
+      fn<kWideLanes __VA_OPT__(, ) __VA_ARGS__> args;     \
+    } else {                                              \
+      fn<kNarrowLanes __VA_OPT__(, ) __VA_ARGS__> args;   \
+    }                                                     \
+  } while (0)
+
 // out[f] = act(g[f]) * u[f] for one row (out may be gate: then the activation overwrites the gate half in place;
 // every element is read before it is written).
-template <typename scalar_t>
-H3F_ROW_FN void gated_row(const scalar_t* gate, const scalar_t* up, scalar_t* out, int64_t F, Activation act) {
+template <int L, typename scalar_t>
+H3F_INLINE void gated_row_l(const scalar_t* gate, const scalar_t* up, scalar_t* out, int64_t F, Activation act) {
+  using V = typename Vec<L>::f;
   int64_t f = 0;
   if constexpr (kVectorRows<scalar_t>) {
-    for (; f + kLanes <= F; f += kLanes) {
-      const vfloat g = vload(gate + f);
-      vstore(out + f, g * vgate_p(g, act) * vload(up + f));
+    for (; f + L <= F; f += L) {
+      const V g = vload<L>(gate + f);
+      vstore(out + f, g * vgate_p(g, act) * vload<L>(up + f));
     }
   }
   for (; f < F; ++f) {
@@ -221,39 +283,44 @@ H3F_ROW_FN void gated_row(const scalar_t* gate, const scalar_t* up, scalar_t* ou
     out[f] = store<scalar_t>(g * gate_p(g, act) * load(up[f]));
   }
 }
+template <typename scalar_t>
+H3F_ROW_FN void gated_row(const scalar_t* gate, const scalar_t* up, scalar_t* out, int64_t F, Activation act) {
+  H3F_BY_LANES(gated_row_l, (gate, up, out, F, act), scalar_t);
+}
 
 // Backward of one row, with h = [g | u] the saved pre-activation, U = grad_y row @ W_down[e] and w the routing weight:
 //   a = act(g) u;  grad_w = U . a;  dA = w U;  du = dA act(g);  dg = dA u act'(g),  act'(g) = P + g P' (act = g P).
 // `ua` holds U on entry (when kDH or kGW) and the activation a on return (when kWriteA): read and written at the same
 // index, so one buffer serves both. a is rounded to scalar_t before the dot product, as grad_down sees it. The dot
-// product sums in 16 fixed lanes, then a fixed tree: the same order every run.
-template <typename scalar_t, bool kDH, bool kGW, bool kWriteA>
-H3F_ROW_FN void gated_backward_row(const scalar_t* __restrict__ hr, scalar_t* ua, scalar_t* __restrict__ dr,
-                                   at::opmath_type<scalar_t> w, at::opmath_type<scalar_t>* grad_w, int64_t F,
-                                   Activation act) {
+// product sums in L fixed lanes, then a fixed tree: the same order every run.
+template <int L, typename scalar_t, bool kDH, bool kGW, bool kWriteA>
+H3F_INLINE void gated_backward_row_l(const scalar_t* __restrict__ hr, scalar_t* ua, scalar_t* __restrict__ dr,
+                                     at::opmath_type<scalar_t> w, at::opmath_type<scalar_t>* grad_w, int64_t F,
+                                     Activation act) {
   using acc_t = at::opmath_type<scalar_t>;
+  using V = typename Vec<L>::f;
   acc_t dot = 0;
   int64_t f = 0;
   if constexpr (kVectorRows<scalar_t>) {
-    vfloat vdot{};
-    for (; f + kLanes <= F; f += kLanes) {
-      const vfloat g = vload(hr + f), u = vload(hr + F + f);
-      const vfloat P = vgate_p(g, act), gp = g * P;
-      const vfloat a = vround<scalar_t>(gp * u);
-      vfloat U{};
-      if constexpr (kDH || kGW) U = vload(ua + f);
+    V vdot{};
+    for (; f + L <= F; f += L) {
+      const V g = vload<L>(hr + f), u = vload<L>(hr + F + f);
+      const V P = vgate_p(g, act), gp = g * P;
+      const V a = vround<scalar_t>(gp * u);
+      V U{};
+      if constexpr (kDH || kGW) U = vload<L>(ua + f);
       if constexpr (kGW) vdot += U * a;
       if constexpr (kDH) {
-        const vfloat dA = w * U;
+        const V dA = w * U;
         vstore(dr + f, dA * u * (P + g * vgate_dp(g, P, act)));
         vstore(dr + F + f, dA * gp);
       }
       if constexpr (kWriteA) vstore(ua + f, a);
     }
     if constexpr (kGW) {
-      float lanes[kLanes];
+      float lanes[L];
       std::memcpy(lanes, &vdot, sizeof(lanes));
-      for (int64_t half = kLanes / 2; half >= 1; half /= 2)
+      for (int64_t half = L / 2; half >= 1; half /= 2)
         for (int64_t l = 0; l < half; ++l) lanes[l] += lanes[l + half];
       dot = lanes[0];
     }
@@ -274,29 +341,43 @@ H3F_ROW_FN void gated_backward_row(const scalar_t* __restrict__ hr, scalar_t* ua
   }
   if constexpr (kGW) *grad_w = dot;
 }
+template <typename scalar_t, bool kDH, bool kGW, bool kWriteA>
+H3F_ROW_FN void gated_backward_row(const scalar_t* __restrict__ hr, scalar_t* ua, scalar_t* __restrict__ dr,
+                                   at::opmath_type<scalar_t> w, at::opmath_type<scalar_t>* grad_w, int64_t F,
+                                   Activation act) {
+  H3F_BY_LANES(gated_backward_row_l, (hr, ua, dr, w, grad_w, F, act), scalar_t, kDH, kGW, kWriteA);
+}
 
 // g[i] *= w, rounded once.
-template <typename scalar_t>
-H3F_ROW_FN void scale_row(scalar_t* __restrict__ g, at::opmath_type<scalar_t> w, int64_t n) {
+template <int L, typename scalar_t>
+H3F_INLINE void scale_row_l(scalar_t* __restrict__ g, at::opmath_type<scalar_t> w, int64_t n) {
   int64_t i = 0;
   if constexpr (kVectorRows<scalar_t>)
-    for (; i + kLanes <= n; i += kLanes) vstore(g + i, w * vload(g + i));
+    for (; i + L <= n; i += L) vstore(g + i, w * vload<L>(g + i));
   for (; i < n; ++i) g[i] = store<scalar_t>(w * load(g[i]));
+}
+template <typename scalar_t>
+H3F_ROW_FN void scale_row(scalar_t* __restrict__ g, at::opmath_type<scalar_t> w, int64_t n) {
+  H3F_BY_LANES(scale_row_l, (g, w, n), scalar_t);
 }
 
 // dst[i] += w * src[i] in the accumulation dtype.
-template <typename scalar_t, typename acc_t>
-H3F_ROW_FN void accumulate_row(acc_t* __restrict__ dst, const scalar_t* __restrict__ src, acc_t w, int64_t n) {
+template <int L, typename scalar_t, typename acc_t>
+H3F_INLINE void accumulate_row_l(acc_t* __restrict__ dst, const scalar_t* __restrict__ src, acc_t w, int64_t n) {
   int64_t i = 0;
   if constexpr (kVectorRows<scalar_t>) {
-    for (; i + kLanes <= n; i += kLanes) {
-      vfloat d;
+    for (; i + L <= n; i += L) {
+      typename Vec<L>::f d;
       std::memcpy(&d, dst + i, sizeof(d));
-      d += w * vload(src + i);
+      d += w * vload<L>(src + i);
       std::memcpy(dst + i, &d, sizeof(d));
     }
   }
   for (; i < n; ++i) dst[i] += w * load(src[i]);
+}
+template <typename scalar_t, typename acc_t>
+H3F_ROW_FN void accumulate_row(acc_t* __restrict__ dst, const scalar_t* __restrict__ src, acc_t w, int64_t n) {
+  H3F_BY_LANES(accumulate_row_l, (dst, src, w, n), scalar_t, acc_t);
 }
 
 // out[r, :] = act(h[r, :F]) * h[r, F:] for n rows of h[n, 2F]; out == h writes the activation over the gate half.

@@ -14,8 +14,7 @@
 // fp16/fp64, or for strided layouts, each function calls at::mm_out. The choice depends on the shape (and for bf16 on
 // the CPU) only, never on the thread count, so results are bitwise the same at any number of threads. The kernels are
 // single-threaded: they run inside a thread's group of experts, or on experts too small for threads to pay. The
-// vector-extension kernels are compiled for three ISA levels (row_passes.h); every lane does the same operations, so
-// their result does not depend on the level.
+// vector-extension kernels are compiled for three ISA levels and run at the CPU's vector width (row_passes.h: Vec).
 #pragma once
 
 #include "bf16_tiles.h"
@@ -38,25 +37,27 @@ constexpr int64_t kMidGemmMaxRows = 48;
 
 // ---- dot-product form: out[r, j] = a[r, :] . w[j, :] --------------------------------------------------------------
 // Few rows (<= kSmallGemmMaxRows; memory-bound, fp32 and bf16): one weight row at a time against up to 4 rows of a,
-// so the weight is a single stream the prefetcher follows. Lane l sums the elements i = l (mod 16); the lanes are
-// then added in a fixed tree (lane l + 8 into l, then + 4, + 2, + 1), and the scalar tail over K comes last.
-H3F_INLINE float hsum(vfloat v) {
-  float t[kLanes];
+// so the weight is a single stream the prefetcher follows. Lane l sums the elements i = l (mod L); the lanes are
+// then added in a fixed tree (lane l + L/2 into l, then + L/4, ..., + 1), and the scalar tail over K comes last.
+template <typename V>
+H3F_INLINE float hsum(V v) {
+  constexpr int L = kLanesOf<V>;
+  float t[L];
   std::memcpy(t, &v, sizeof(v));
-  for (int64_t half = kLanes / 2; half >= 1; half /= 2)
+  for (int64_t half = L / 2; half >= 1; half /= 2)
     for (int64_t l = 0; l < half; ++l) t[l] += t[l + half];
   return t[0];
 }
 
-template <int NB, typename scalar_t>
+template <int NB, int L, typename scalar_t>
 H3F_INLINE void dot_rows(const scalar_t* __restrict__ a, int64_t lda, const scalar_t* __restrict__ wj, int64_t K,
                          scalar_t* out, int64_t ldo) {
-  vfloat acc[NB] = {};
+  typename Vec<L>::f acc[NB] = {};
   int64_t i = 0;
-  for (; i + kLanes <= K; i += kLanes) {
+  for (; i + L <= K; i += L) {
     __builtin_prefetch(reinterpret_cast<const char*>(wj + i) + kPrefetchBytes, 0, 0);
-    const vfloat wv = vload(wj + i);
-    for (int r = 0; r < NB; ++r) acc[r] += wv * vload(a + r * lda + i);
+    const auto wv = vload<L>(wj + i);
+    for (int r = 0; r < NB; ++r) acc[r] += wv * vload<L>(a + r * lda + i);
   }
   for (int r = 0; r < NB; ++r) {
     float sum = hsum(acc[r]);
@@ -65,49 +66,55 @@ H3F_INLINE void dot_rows(const scalar_t* __restrict__ a, int64_t lda, const scal
   }
 }
 
-template <typename scalar_t>
-H3F_ROW_FN void small_nt(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* w, int64_t M, int64_t K,
-                         scalar_t* out, int64_t ldo) {
+template <int L, typename scalar_t>
+H3F_INLINE void small_nt_l(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* w, int64_t M, int64_t K,
+                           scalar_t* out, int64_t ldo) {
   for (int64_t j = 0; j < M; ++j) {
     const scalar_t* wj = w + j * K;
     int64_t r = 0;
-    for (; r + 4 <= n; r += 4) dot_rows<4>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo);
+    for (; r + 4 <= n; r += 4) dot_rows<4, L>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo);
     switch (n - r) {
-      case 3: dot_rows<3>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo); break;
-      case 2: dot_rows<2>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo); break;
-      case 1: dot_rows<1>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo); break;
+      case 3: dot_rows<3, L>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo); break;
+      case 2: dot_rows<2, L>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo); break;
+      case 1: dot_rows<1, L>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo); break;
       default: break;
     }
   }
 }
+template <typename scalar_t>
+H3F_ROW_FN void small_nt(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* w, int64_t M, int64_t K,
+                         scalar_t* out, int64_t ldo) {
+  H3F_BY_LANES(small_nt_l, (a, lda, n, w, M, K, out, ldo), scalar_t);
+}
 
-// More rows (fp32, up to kMidGemmMaxRows; compute-bound): tiles of NB rows of a against 4 rows of w, 4*NB
-// accumulator vectors, so every vector loaded feeds NB or 4 FMAs and the tile runs at FMA speed from L1/L2 without
-// packing w first. The accumulators are folded into one vector (lane q = accumulator q) by a tree of shuffles that
-// adds lanes in the same order as hsum.
+// More rows (fp32, up to kMidGemmMaxRows; compute-bound): tiles of NB rows of a against 4 rows of w, 4*NB <= L
+// accumulator vectors (NB = 4 with AVX-512, 2 with AVX2: half the register file), so every vector loaded feeds NB or
+// 4 FMAs and the tile runs at FMA speed from L1/L2 without packing w first. The accumulators are folded into one
+// vector (lane q = accumulator q) by a tree of shuffles that adds lanes in the same order as hsum.
 constexpr int kTileW = 4;
 
 // out[r, m] for r < NB, m < mb (<= 4) of the tile at a, w; rows of w past mb repeat row mb - 1 (their sums are
 // dropped), so the tail tile needs no other code path.
-template <int NB>
+template <int NB, int L>
 H3F_INLINE void dot_tile(const float* __restrict__ a, int64_t lda, const float* __restrict__ w, int64_t mb,
                          int64_t K, float* out, int64_t ldo) {
-  static_assert(NB * kTileW <= kLanes);
+  static_assert(NB * kTileW <= L);
+  using V = typename Vec<L>::f;
   const float* wr[kTileW];
   for (int m = 0; m < kTileW; ++m) wr[m] = w + std::min<int64_t>(m, mb - 1) * K;
-  vfloat acc[kLanes] = {};
+  V acc[L] = {};
   int64_t i = 0;
-  for (; i + kLanes <= K; i += kLanes) {
-    vfloat av[NB];
-    for (int r = 0; r < NB; ++r) av[r] = vload(a + r * lda + i);
+  for (; i + L <= K; i += L) {
+    V av[NB];
+    for (int r = 0; r < NB; ++r) av[r] = vload<L>(a + r * lda + i);
     for (int m = 0; m < kTileW; ++m) {
       __builtin_prefetch(reinterpret_cast<const char*>(wr[m] + i) + kPrefetchBytes, 0, 0);
-      const vfloat wv = vload(wr[m] + i);
+      const V wv = vload<L>(wr[m] + i);
       for (int r = 0; r < NB; ++r) acc[r * kTileW + m] += av[r] * wv;
     }
   }
-  const vfloat sums = fold16(acc);
-  float s[kLanes];
+  const V sums = fold_lanes(acc);
+  float s[L];
   std::memcpy(s, &sums, sizeof(s));
   for (int r = 0; r < NB; ++r)
     for (int m = 0; m < mb; ++m) {
@@ -117,54 +124,62 @@ H3F_INLINE void dot_tile(const float* __restrict__ a, int64_t lda, const float* 
     }
 }
 
-H3F_ROW_FN void mid_nt(const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K, float* out,
-                       int64_t ldo) {
+template <int L>
+H3F_INLINE void mid_nt_l(const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K, float* out,
+                         int64_t ldo) {
   // Weight rows outermost: a tile of 4 weight rows stays in L1 while every row block of a passes it.
   for (int64_t j = 0; j < M; j += kTileW) {
     const float* wj = w + j * K;
     const int64_t mb = std::min<int64_t>(kTileW, M - j);
     int64_t r = 0;
-    for (; r + 4 <= n; r += 4) dot_tile<4>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
-    for (; r + 2 <= n; r += 2) dot_tile<2>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
-    for (; r < n; ++r) dot_tile<1>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
+    if constexpr (L >= 4 * kTileW)
+      for (; r + 4 <= n; r += 4) dot_tile<4, L>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
+    if constexpr (L >= 2 * kTileW)
+      for (; r + 2 <= n; r += 2) dot_tile<2, L>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
+    for (; r < n; ++r) dot_tile<1, L>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
   }
+}
+H3F_ROW_FN void mid_nt(const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K, float* out,
+                       int64_t ldo) {
+  H3F_BY_LANES(mid_nt_l, (a, lda, n, w, M, K, out, ldo));
 }
 
 // ---- row-axpy form: out[r, :] = sum_i a[r, i] * b[i, :] --------------------------------------------------------
 // A block of NC vectors of output columns for all NB rows stays in registers while b's rows stream past; every
 // output element sums i in ascending order. The block walks down b's rows, so each row of b is read in runs of
-// NC vectors: fewer rows leave registers for wider runs (8 vectors: 256-512 contiguous bytes), and the runs of the
-// row kStripPrefetchRows ahead are prefetched.
+// NC vectors: fewer rows leave registers for wider runs (8 vectors of 16 lanes: 256-512 contiguous bytes), and the
+// runs of the row kStripPrefetchRows ahead are prefetched. Blocks hold at most 16 accumulators with AVX-512 (half its
+// registers) and 8 with narrower vectors.
+template <int NB, int L>
+constexpr int kAxpyBlock = std::max(1, (NB <= 2 ? 8 : NB <= 4 ? 4 : 2) * L / kWideLanes);
 
-template <int NB>
-constexpr int kAxpyBlock = NB <= 2 ? 8 : NB <= 4 ? 4 : 2;
-
-template <int NB, int NC, typename scalar_t>
+template <int NB, int NC, int L, typename scalar_t>
 H3F_INLINE void axpy_block(const scalar_t* __restrict__ a, int64_t lda, const scalar_t* __restrict__ b, int64_t ldb,
                            int64_t K, scalar_t* out, int64_t ldo) {
+  using V = typename Vec<L>::f;
   constexpr int64_t kLineElems = 64 / sizeof(scalar_t);
-  vfloat acc[NB][NC] = {};
+  V acc[NB][NC] = {};
   for (int64_t i = 0; i < K; ++i) {
     const scalar_t* ahead = b + (i + kStripPrefetchRows) * ldb;
-    for (int64_t e = 0; e < NC * kLanes; e += kLineElems) __builtin_prefetch(ahead + e, 0, 3);
-    vfloat bv[NC];
-    for (int c = 0; c < NC; ++c) bv[c] = vload(b + i * ldb + c * kLanes);
+    for (int64_t e = 0; e < NC * L; e += kLineElems) __builtin_prefetch(ahead + e, 0, 3);
+    V bv[NC];
+    for (int c = 0; c < NC; ++c) bv[c] = vload<L>(b + i * ldb + c * L);
     for (int r = 0; r < NB; ++r) {
       const float s = float(a[r * lda + i]);
       for (int c = 0; c < NC; ++c) acc[r][c] += s * bv[c];
     }
   }
   for (int r = 0; r < NB; ++r)
-    for (int c = 0; c < NC; ++c) vstore(out + r * ldo + c * kLanes, acc[r][c]);
+    for (int c = 0; c < NC; ++c) vstore(out + r * ldo + c * L, acc[r][c]);
 }
 
-template <int NB, typename scalar_t>
+template <int NB, int L, typename scalar_t>
 H3F_INLINE void axpy_rows(const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb, int64_t K, int64_t M,
                           scalar_t* out, int64_t ldo) {
-  constexpr int NC = kAxpyBlock<NB>;
+  constexpr int NC = kAxpyBlock<NB, L>;
   int64_t j = 0;
-  for (; j + NC * kLanes <= M; j += NC * kLanes) axpy_block<NB, NC>(a, lda, b + j, ldb, K, out + j, ldo);
-  for (; j + kLanes <= M; j += kLanes) axpy_block<NB, 1>(a, lda, b + j, ldb, K, out + j, ldo);
+  for (; j + NC * L <= M; j += NC * L) axpy_block<NB, NC, L>(a, lda, b + j, ldb, K, out + j, ldo);
+  for (; j + L <= M; j += L) axpy_block<NB, 1, L>(a, lda, b + j, ldb, K, out + j, ldo);
   for (; j < M; ++j)
     for (int r = 0; r < NB; ++r) {
       float sum = 0.0f;
@@ -178,21 +193,22 @@ H3F_INLINE void axpy_rows(const scalar_t* a, int64_t lda, const scalar_t* b, int
 // element still sums i in ascending order: the same bits as axpy_rows.
 constexpr int64_t kStreamCols = 2048;
 
-template <int NB, typename scalar_t>
+template <int NB, int L, typename scalar_t>
 H3F_INLINE void axpy_stream(const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb, int64_t K, int64_t M,
                             scalar_t* out, int64_t ldo) {
+  using V = typename Vec<L>::f;
   alignas(64) float acc[NB][kStreamCols];
   for (int64_t j0 = 0; j0 < M; j0 += kStreamCols) {
-    const int64_t cols = std::min<int64_t>(kStreamCols, M - j0), vec_cols = cols - cols % kLanes;
+    const int64_t cols = std::min<int64_t>(kStreamCols, M - j0), vec_cols = cols - cols % L;
     for (int r = 0; r < NB; ++r) std::fill(acc[r], acc[r] + cols, 0.0f);
     for (int64_t i = 0; i < K; ++i) {
       const scalar_t* bi = b + i * ldb + j0;
       float s[NB];
       for (int r = 0; r < NB; ++r) s[r] = float(a[r * lda + i]);
-      for (int64_t c = 0; c < vec_cols; c += kLanes) {
-        const vfloat bv = vload(bi + c);
+      for (int64_t c = 0; c < vec_cols; c += L) {
+        const V bv = vload<L>(bi + c);
         for (int r = 0; r < NB; ++r) {
-          vfloat v;
+          V v;
           std::memcpy(&v, acc[r] + c, sizeof(v));
           v += s[r] * bv;
           std::memcpy(acc[r] + c, &v, sizeof(v));
@@ -203,8 +219,8 @@ H3F_INLINE void axpy_stream(const scalar_t* a, int64_t lda, const scalar_t* b, i
     }
     for (int r = 0; r < NB; ++r) {
       int64_t c = 0;
-      for (; c < vec_cols; c += kLanes) {
-        vfloat v;
+      for (; c < vec_cols; c += L) {
+        V v;
         std::memcpy(&v, acc[r] + c, sizeof(v));
         vstore(out + r * ldo + j0 + c, v);
       }
@@ -213,40 +229,50 @@ H3F_INLINE void axpy_stream(const scalar_t* a, int64_t lda, const scalar_t* b, i
   }
 }
 
-template <typename scalar_t>
-H3F_ROW_FN void small_nn(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* b, int64_t ldb, int64_t K,
-                         int64_t M, scalar_t* out, int64_t ldo) {
-  // Up to 8 rows in one pass over b (16 accumulator vectors: the register file of AVX-512).
+template <int L, typename scalar_t>
+H3F_INLINE void small_nn_l(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* b, int64_t ldb, int64_t K,
+                           int64_t M, scalar_t* out, int64_t ldo) {
+  // Up to 8 rows in one pass over b.
   switch (n) {
-    case 8: return axpy_rows<8>(a, lda, b, ldb, K, M, out, ldo);
-    case 7: return axpy_rows<7>(a, lda, b, ldb, K, M, out, ldo);
-    case 6: return axpy_rows<6>(a, lda, b, ldb, K, M, out, ldo);
-    case 5: return axpy_rows<5>(a, lda, b, ldb, K, M, out, ldo);
-    case 4: return axpy_rows<4>(a, lda, b, ldb, K, M, out, ldo);
-    case 3: return axpy_rows<3>(a, lda, b, ldb, K, M, out, ldo);
-    case 2: return axpy_stream<2>(a, lda, b, ldb, K, M, out, ldo);
-    case 1: return axpy_stream<1>(a, lda, b, ldb, K, M, out, ldo);
+    case 8: return axpy_rows<8, L>(a, lda, b, ldb, K, M, out, ldo);
+    case 7: return axpy_rows<7, L>(a, lda, b, ldb, K, M, out, ldo);
+    case 6: return axpy_rows<6, L>(a, lda, b, ldb, K, M, out, ldo);
+    case 5: return axpy_rows<5, L>(a, lda, b, ldb, K, M, out, ldo);
+    case 4: return axpy_rows<4, L>(a, lda, b, ldb, K, M, out, ldo);
+    case 3: return axpy_rows<3, L>(a, lda, b, ldb, K, M, out, ldo);
+    case 2: return axpy_stream<2, L>(a, lda, b, ldb, K, M, out, ldo);
+    case 1: return axpy_stream<1, L>(a, lda, b, ldb, K, M, out, ldo);
     default: return;
   }
 }
+template <typename scalar_t>
+H3F_ROW_FN void small_nn(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* b, int64_t ldb, int64_t K,
+                         int64_t M, scalar_t* out, int64_t ldo) {
+  H3F_BY_LANES(small_nn_l, (a, lda, n, b, ldb, K, M, out, ldo), scalar_t);
+}
 
-// More rows (fp32, up to kMidGemmMaxRows): axpy_block tiles of 4 rows x 4 vectors (64 columns), 16 accumulators,
-// strips outermost so that b's strip stays in L2 for the next row tile. No packing of b and no beta pass over the
-// output, which BLAS spends as much time on as multiplying at these sizes.
-template <int NC>
+// More rows (fp32, up to kMidGemmMaxRows): axpy_block tiles of 4 rows x kNnVecs vectors (64 columns with AVX-512, 16
+// accumulators; 16 columns and 8 with AVX2), strips outermost so that b's strip stays in L2 for the next row tile. No
+// packing of b and no beta pass over the output, which BLAS spends as much time on as multiplying at these sizes.
+template <int L>
+constexpr int kNnVecs = std::max(1, 4 * L / kWideLanes);
+
+template <int NC, int L>
 H3F_INLINE void nn_strip(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t K, float* out,
                          int64_t ldo) {
   int64_t r = 0;
-  for (; r + 4 <= n; r += 4) axpy_block<4, NC>(a + r * lda, lda, b, ldb, K, out + r * ldo, ldo);
-  for (; r + 2 <= n; r += 2) axpy_block<2, NC>(a + r * lda, lda, b, ldb, K, out + r * ldo, ldo);
-  for (; r < n; ++r) axpy_block<1, NC>(a + r * lda, lda, b, ldb, K, out + r * ldo, ldo);
+  for (; r + 4 <= n; r += 4) axpy_block<4, NC, L>(a + r * lda, lda, b, ldb, K, out + r * ldo, ldo);
+  for (; r + 2 <= n; r += 2) axpy_block<2, NC, L>(a + r * lda, lda, b, ldb, K, out + r * ldo, ldo);
+  for (; r < n; ++r) axpy_block<1, NC, L>(a + r * lda, lda, b, ldb, K, out + r * ldo, ldo);
 }
 
-H3F_ROW_FN void mid_nn(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t K, int64_t M,
-                       float* out, int64_t ldo) {
+template <int L>
+H3F_INLINE void mid_nn_l(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t K, int64_t M,
+                         float* out, int64_t ldo) {
+  constexpr int NC = kNnVecs<L>;
   int64_t j = 0;
-  for (; j + 4 * kLanes <= M; j += 4 * kLanes) nn_strip<4>(a, lda, n, b + j, ldb, K, out + j, ldo);
-  for (; j + kLanes <= M; j += kLanes) nn_strip<1>(a, lda, n, b + j, ldb, K, out + j, ldo);
+  for (; j + NC * L <= M; j += NC * L) nn_strip<NC, L>(a, lda, n, b + j, ldb, K, out + j, ldo);
+  for (; j + L <= M; j += L) nn_strip<1, L>(a, lda, n, b + j, ldb, K, out + j, ldo);
   for (; j < M; ++j)
     for (int64_t r = 0; r < n; ++r) {
       float sum = 0.0f;
@@ -254,21 +280,25 @@ H3F_ROW_FN void mid_nn(const float* a, int64_t lda, int64_t n, const float* b, i
       out[r * ldo + j] = sum;
     }
 }
+H3F_ROW_FN void mid_nn(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t K, int64_t M,
+                       float* out, int64_t ldo) {
+  H3F_BY_LANES(mid_nn_l, (a, lda, n, b, ldb, K, M, out, ldo));
+}
 
 // ---- outer-product form: out[j, :] = sum_r a[r, j] * b[r, :] -----------------------------------------------------
 // The n rows of b stay in L1 while the output (a weight gradient) is written once, row by row; every element sums r
 // in ascending order.
-template <typename scalar_t>
-H3F_ROW_FN void small_tn(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* b, int64_t ldb, int64_t M,
-                         int64_t K, scalar_t* out, int64_t ldo) {
+template <int L, typename scalar_t>
+H3F_INLINE void small_tn_l(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* b, int64_t ldb, int64_t M,
+                           int64_t K, scalar_t* out, int64_t ldo) {
   float s[kSmallGemmMaxRows];
   for (int64_t j = 0; j < M; ++j) {
     for (int64_t r = 0; r < n; ++r) s[r] = float(a[r * lda + j]);
     scalar_t* oj = out + j * ldo;
     int64_t c = 0;
-    for (; c + kLanes <= K; c += kLanes) {
-      vfloat acc{};
-      for (int64_t r = 0; r < n; ++r) acc += s[r] * vload(b + r * ldb + c);
+    for (; c + L <= K; c += L) {
+      typename Vec<L>::f acc{};
+      for (int64_t r = 0; r < n; ++r) acc += s[r] * vload<L>(b + r * ldb + c);
       vstore(oj + c, acc);
     }
     for (; c < K; ++c) {
@@ -278,18 +308,24 @@ H3F_ROW_FN void small_tn(const scalar_t* a, int64_t lda, int64_t n, const scalar
     }
   }
 }
+template <typename scalar_t>
+H3F_ROW_FN void small_tn(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* b, int64_t ldb, int64_t M,
+                         int64_t K, scalar_t* out, int64_t ldo) {
+  H3F_BY_LANES(small_tn_l, (a, lda, n, b, ldb, M, K, out, ldo), scalar_t);
+}
 
-// More rows (fp32, up to kMidGemmMaxRows): tiles of 4 output rows x NV vectors of columns, 4*NV accumulators, each
-// row of b's strip loaded once per tile and fed to 4 FMAs. The output is written once: BLAS at these sizes first
-// scales the whole output by beta = 0 and packs b (measured: mscale + scopy were a third of MKL's time in a T256 E64
-// fp32 backward). Every element sums r in ascending order, as small_tn.
-template <int NV>
+// More rows (fp32, up to kMidGemmMaxRows): tiles of 4 output rows x NV vectors of columns, 4*NV accumulators (16 with
+// AVX-512, 8 with AVX2), each row of b's strip loaded once per tile and fed to 4 FMAs. The output is written once:
+// BLAS at these sizes first scales the whole output by beta = 0 and packs b (measured: mscale + scopy were a third
+// of MKL's time in a T256 E64 fp32 backward). Every element sums r in ascending order, as small_tn.
+template <int NV, int L>
 H3F_INLINE void tn_tile(const float* const* ar, int64_t lda, int64_t n, const float* __restrict__ b, int64_t ldb,
                         int64_t mb, float* out, int64_t ldo) {
-  vfloat acc[kTileW][NV] = {};
+  using V = typename Vec<L>::f;
+  V acc[kTileW][NV] = {};
   for (int64_t r = 0; r < n; ++r) {
-    vfloat bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = vload(b + r * ldb + v * kLanes);
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = vload<L>(b + r * ldb + v * L);
     for (int m = 0; m < kTileW; ++m) {
       const float s = ar[m][r * lda];
       for (int v = 0; v < NV; ++v) acc[m][v] += s * bv[v];
@@ -297,20 +333,21 @@ H3F_INLINE void tn_tile(const float* const* ar, int64_t lda, int64_t n, const fl
   }
   for (int m = 0; m < kTileW; ++m)
     if (m < mb)
-      for (int v = 0; v < NV; ++v) vstore(out + m * ldo + v * kLanes, acc[m][v]);
+      for (int v = 0; v < NV; ++v) vstore(out + m * ldo + v * L, acc[m][v]);
 }
 
-H3F_ROW_FN void mid_tn(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t M, int64_t K,
-                       float* out, int64_t ldo) {
-  constexpr int kVecs = 4;
+template <int L>
+H3F_INLINE void mid_tn_l(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t M, int64_t K,
+                         float* out, int64_t ldo) {
+  constexpr int kVecs = kNnVecs<L>;
   for (int64_t j = 0; j < M; j += kTileW) {
     const int64_t mb = std::min<int64_t>(kTileW, M - j);
     const float* ar[kTileW];  // rows past mb repeat row mb - 1; their sums are not stored
     for (int m = 0; m < kTileW; ++m) ar[m] = a + j + std::min<int64_t>(m, mb - 1);
     float* oj = out + j * ldo;
     int64_t c = 0;
-    for (; c + kVecs * kLanes <= K; c += kVecs * kLanes) tn_tile<kVecs>(ar, lda, n, b + c, ldb, mb, oj + c, ldo);
-    for (; c + kLanes <= K; c += kLanes) tn_tile<1>(ar, lda, n, b + c, ldb, mb, oj + c, ldo);
+    for (; c + kVecs * L <= K; c += kVecs * L) tn_tile<kVecs, L>(ar, lda, n, b + c, ldb, mb, oj + c, ldo);
+    for (; c + L <= K; c += L) tn_tile<1, L>(ar, lda, n, b + c, ldb, mb, oj + c, ldo);
     for (; c < K; ++c)
       for (int64_t m = 0; m < mb; ++m) {
         float sum = 0.0f;
@@ -318,6 +355,10 @@ H3F_ROW_FN void mid_tn(const float* a, int64_t lda, int64_t n, const float* b, i
         oj[m * ldo + c] = sum;
       }
   }
+}
+H3F_ROW_FN void mid_tn(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t M, int64_t K,
+                       float* out, int64_t ldo) {
+  H3F_BY_LANES(mid_tn_l, (a, lda, n, b, ldb, M, K, out, ldo));
 }
 
 // True when our kernels may take this GEMM: at most kMidGemmMaxRows rows, fp32 or bf16, unit stride along the inner
