@@ -162,9 +162,10 @@ constexpr int64_t kMaxTokenGroups = 64;
 // forward without autograd went from 51.3 to 49.8 ms, the training forward from 79.4 to 74.0 and fwd+bwd with frozen
 // experts from 121 to 115 (medians of 16 interleaved calls, faster in 13-14 of 16; the serial forward had spent 9% of
 // its time spinning in barriers). MKL's threaded fp32 GEMMs lost nothing to barriers (the same A/B: 0.95-1.01x), so
-// other dtypes keep one group.
+// other dtypes keep one group, and so does bf16 on CPUs without bf16 dot products, whose GEMMs are widened to fp32
+// (small_gemm.h), each expert's weights once per call.
 int64_t forward_token_groups(at::ScalarType dtype, int64_t T, int64_t R, int64_t active) {
-  if (dtype != at::kBFloat16) return 1;
+  if (dtype != at::kBFloat16 || !cpu_has_bf16_dot()) return 1;
   const int64_t per_expert = R / std::max<int64_t>(active, 1);
   return std::clamp<int64_t>(per_expert / kTokenGroupRows, 1, std::clamp<int64_t>(T, 1, kMaxTokenGroups));
 }

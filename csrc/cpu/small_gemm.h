@@ -381,6 +381,36 @@ H3F_INLINE SmallGemm small_gemm_path(int64_t rows, const at::Tensor& out, const 
   return bf16_tiles_available() ? SmallGemm::kTilesBf16 : SmallGemm::kBlas;
 }
 
+// Whether the CPU has bf16 dot products (AVX512_BF16; every AMX CPU has them too), which BLAS's bf16 GEMMs (oneDNN)
+// are built on. Without them oneDNN widens the elements inside its inner loop: on an AVX2-only EPYC a bf16 mm ran
+// at 15-19 GFLOP/s on 2 threads where fp32 sgemm ran at 100-145, so widening both operands first and running sgemm
+// took 0.11-0.14x the time ([256-4096, 512] x [512, 2816]).
+H3F_INLINE bool cpu_has_bf16_dot() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return ok;
+#else
+  return true;  // other CPUs keep BLAS's bf16 path (not measured)
+#endif
+}
+
+// bf16 GEMMs above the few-rows kernels (which widen as they load) on CPUs without bf16 dot products: both operands
+// widened to fp32 once, the fp32 path (tiles or sgemm), the output rounded to bf16 once, as a bf16 GEMM rounds its
+// fp32 sums. Decided by the shape and the CPU only.
+H3F_INLINE bool widen_bf16_gemm(int64_t rows, const at::Tensor& a) {
+  return a.scalar_type() == at::kBFloat16 && rows > kSmallGemmMaxRows && !cpu_has_bf16_dot();
+}
+
+template <typename Gemm>
+void widened_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const Gemm& gemm) {
+  at::Tensor out32 = at::empty(out.sizes(), out.options().dtype(at::kFloat));
+  gemm(out32, a.to(at::kFloat), b.to(at::kFloat));
+  const_cast<at::Tensor&>(out).copy_(out32);
+}
+
 // Each GEMM these kernels take shows in the profiler as one "h3fusion::small_gemm" event, as a BLAS one shows as
 // aten::mm (tests count GEMMs that way to check that unneeded gradients cost none).
 #define H3F_RECORD_SMALL_GEMM() RECORD_FUNCTION("h3fusion::small_gemm", c10::ArrayRef<const c10::IValue>{})
@@ -410,6 +440,7 @@ H3F_INLINE bf16_bits* mutable_bits(const at::Tensor& t) {
 // out[n, M] = a[n, K] @ w[M, K]^T, written into a view.
 [[maybe_unused]] void linear_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w) {
   const int64_t n = a.size(0), M = w.size(0), K = w.size(1);
+  if (widen_bf16_gemm(n, a)) return widened_gemm(out, a, w, linear_into);
   const SmallGemm path = w.stride(0) == K ? small_gemm_path(n, out, a, w) : SmallGemm::kBlas;
   if (path == SmallGemm::kBlas) {
     at::mm_out(const_cast<at::Tensor&>(out), a, w.t());
@@ -433,6 +464,7 @@ H3F_INLINE bf16_bits* mutable_bits(const at::Tensor& t) {
 // out[n, M] = a[n, K] @ b[K, M], written into a view.
 [[maybe_unused]] void matmul_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   const int64_t n = a.size(0), K = b.size(0), M = b.size(1);
+  if (widen_bf16_gemm(n, a)) return widened_gemm(out, a, b, matmul_into);
   const SmallGemm path = small_gemm_path(n, out, a, b);
   if (path == SmallGemm::kBlas) {
     at::mm_out(const_cast<at::Tensor&>(out), a, b);
@@ -456,6 +488,7 @@ H3F_INLINE bf16_bits* mutable_bits(const at::Tensor& t) {
 // out[M, K] = a[n, M]^T @ b[n, K], written into a view (a weight gradient: n is the expert's rows).
 [[maybe_unused]] void matmul_tn_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   const int64_t n = a.size(0), M = a.size(1), K = b.size(1);
+  if (widen_bf16_gemm(n, a)) return widened_gemm(out, a, b, matmul_tn_into);
   const SmallGemm path = small_gemm_path(n, out, a, b);
   if (path == SmallGemm::kBlas) {
     at::mm_out(const_cast<at::Tensor&>(out), a.t(), b);
