@@ -43,6 +43,7 @@ H3F_INLINE bool bf16_tiles_available() {
   static const bool ok = [] {
     const char* env = std::getenv("H3FUSION_BF16_TILES");
     if (env != nullptr && std::string(env) == "0") return false;
+    if (cpu_isa_capped_at_avx2()) return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512bf16") != 0 && __builtin_cpu_supports("avx512bw") != 0;
   }();

@@ -66,6 +66,7 @@ Dims check_ffn_args(const at::Tensor& x, const at::Tensor& weights, const at::Te
   check_same_device(weights, "weights", x, "x");
   check_same_device(gate_up_proj, "gate_up_proj", x, "x");
   check_same_device(down_proj, "down_proj", x, "x");
+  (void)cpu_isa_capped_at_avx2();  // read first here, on the calling thread: a bad value is an error, not an abort
   return {T, H, k, E, F};
 }
 

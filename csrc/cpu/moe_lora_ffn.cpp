@@ -59,7 +59,9 @@ struct CpuGenericPrimitives : CpuPlan, lora::AtenRowPasses {
   static constexpr bool kHostThreads = false;
 };
 
+// Also where H3FUSION_CPU_ISA is first read, on the calling thread: a bad value is an error there, not in a worker.
 bool generic_requested() {
+  (void)cpu_isa_capped_at_avx2();
   const char* v = std::getenv("H3FUSION_LORA_GENERIC");
   return v != nullptr && v[0] == '1';
 }

@@ -18,7 +18,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
@@ -58,9 +60,22 @@ constexpr int kNarrowLanes = 8;
 constexpr int kNarrowLanes = 4;
 #endif
 
+// H3FUSION_CPU_ISA=avx2 runs the kernels as on a CPU without AVX-512 (8-lane vectors, no bf16 dot products), so that
+// tests on an AVX-512 machine cover the AVX2 paths too. Read once.
+inline bool cpu_isa_capped_at_avx2() {
+  static const bool capped = [] {
+    const char* env = std::getenv("H3FUSION_CPU_ISA");
+    if (env == nullptr || *env == '\0') return false;
+    TORCH_CHECK(std::string(env) == "avx2", "H3FUSION_CPU_ISA must be 'avx2' or unset, got '", env, "'");
+    return true;
+  }();
+  return capped;
+}
+
 H3F_INLINE bool wide_vectors() {
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
   static const bool wide = [] {
+    if (cpu_isa_capped_at_avx2()) return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("x86-64-v4") > 0;
   }();

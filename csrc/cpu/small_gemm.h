@@ -388,6 +388,7 @@ H3F_INLINE SmallGemm small_gemm_path(int64_t rows, const at::Tensor& out, const 
 H3F_INLINE bool cpu_has_bf16_dot() {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   static const bool ok = [] {
+    if (cpu_isa_capped_at_avx2()) return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512bf16") != 0;
   }();
