@@ -7,7 +7,8 @@ transformers implementation's time / ours) and `pct_of_dense` (our FLOP rate as 
 Modes: `fwd` (torch.no_grad), `fwd+bwd` (gradients of x, routing weights and both expert weights) and
 `fwd+bwd frozen` (expert weights frozen: gradients of x and routing weights only, as with LoRA or frozen experts).
 Every implementation gets two untimed warm-up calls (a user's first steps), then the implementations run
-interleaved call by call so that load drift on a shared machine hits all of them alike.
+interleaved call by call so that load drift on a shared machine hits all of them alike; on the CPU one whose first
+call takes over 10 s is timed by that call alone (listed in the row's `single_call`).
 Routing (router GEMM, softmax, top-k) is computed once outside the timed region: it is the same for every
 implementation. FLOPs: 6*T*k*H*F forward, 3x that for fwd+bwd (2x for frozen experts: no weight-gradient GEMMs).
 
@@ -171,6 +172,8 @@ def collect(device: str, quick: bool, case_filter: str = "") -> list[dict]:
     # The largest CPU shapes take seconds per call, so the budget alone would stop them at 3 calls; on a shared
     # machine a median of 3 moved vs-best by +-10% between runs, so full runs take at least 5 (about a minute more).
     min_repeats = 3 if quick or on_gpu else 5
+    # transformers' bf16 backward on a CPU without bf16 dot products: 21 s a call at T2048 (see time_interleaved)
+    single_call_s = None if on_gpu else 10.0
     for case, T, H, F_, E, k, dtype in _cases(device, quick):
         if case_filter and case_filter not in case:
             continue
@@ -180,7 +183,15 @@ def collect(device: str, quick: bool, case_filter: str = "") -> list[dict]:
             # the dense mm runs interleaved with every mode's calls, so each row's fraction of it comes from the same
             # minutes of the machine (on a shared host the same mm measured 220-400 GFLOP/s a few minutes apart)
             fns["dense_mm"] = dense_fn
-            timings = time_interleaved(fns, device, warmup=2, repeats=repeats, budget_s=budget, min_repeats=min_repeats)
+            timings = time_interleaved(
+                fns,
+                device,
+                warmup=2,
+                repeats=repeats,
+                budget_s=budget,
+                min_repeats=min_repeats,
+                single_call_s=single_call_s,
+            )
             dense = timings.pop("dense_mm")
             dense_rate = dense_flops / (dense["median_ms"] * 1e-3) if isinstance(dense, dict) else None
             row = {"bench": "moe", "case": case, "dtype": str(dtype).split(".")[-1], "mode": mode}
@@ -194,6 +205,8 @@ def collect(device: str, quick: bool, case_filter: str = "") -> list[dict]:
                     errors.append(f"{impl}: {type(t).__name__}: {str(t).splitlines()[0][:120]}")
                 else:
                     row[f"{impl}_ms"] = t["median_ms"]
+                    if t.get("single_call"):
+                        row.setdefault("single_call", []).append(impl)
             others = [row[f"{i}_ms"] for i in HF_IMPLS if isinstance(row.get(f"{i}_ms"), float)]
             ours_ms = row.get("ours_ms")
             if isinstance(ours_ms, float):

@@ -70,3 +70,23 @@ def test_time_fn_and_table():
     assert stats["repeats"] == 4 and stats["q20_ms"] <= stats["median_ms"] <= stats["q80_ms"]
     table = format_table([{"a": 1.23456, "b": None}, {"a": 12345.0, "b": "x"}], ["a", "b"])
     assert table.splitlines()[2].split() == ["1.23", "-"] and table.splitlines()[3].split() == ["12345", "x"]
+
+
+def test_time_interleaved_times_a_slow_implementation_by_its_first_call():
+    import time
+
+    from h3fusion.bench.common import time_interleaved
+
+    calls = {"fast": 0, "slow": 0}
+
+    def fast():
+        calls["fast"] += 1
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.05)
+
+    out = time_interleaved({"fast": fast, "slow": slow}, "cpu", warmup=2, repeats=4, min_repeats=4, single_call_s=0.02)
+    assert out["slow"]["repeats"] == 1 and out["slow"]["single_call"] and out["slow"]["median_ms"] >= 50
+    assert calls["slow"] == 1  # neither a second warm-up nor timed calls
+    assert out["fast"]["repeats"] == 4 and "single_call" not in out["fast"] and calls["fast"] == 6
