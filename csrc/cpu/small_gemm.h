@@ -10,9 +10,9 @@
 // beta = 0 first), which for 1-8 rows costs several times streaming the weight once, plus a fixed cost per call that a
 // decode step with 64 experts pays hundreds of times; at 9-48 rows packing still costs about as much as multiplying.
 // Up to kSmallGemmMaxRows rows the memory-bound kernels below run (fp32, bf16); up to kMidGemmMaxRows, fp32 tiles
-// (mid_nt, mid_nn, mid_tn) and bf16 VDPBF16PS tiles (bf16_tiles.h, where the CPU has them). Above that, for
-// fp16/fp64, or for strided layouts, each function calls at::mm_out. The choice depends on the shape (and for bf16 on
-// the CPU) only, never on the thread count, so results are bitwise the same at any number of threads. The kernels are
+// (mid_nt, mid_nn, mid_tn, where the CPU has AVX-512) and bf16 VDPBF16PS tiles (bf16_tiles.h, where the CPU has
+// them). Above that, for fp16/fp64, or for strided layouts, each function calls at::mm_out (bf16 widened to fp32 on
+// CPUs without bf16 dot products). The choice depends on the shape and the CPU only, never on the thread count, so results are bitwise the same at any number of threads. The kernels are
 // single-threaded: they run inside a thread's group of experts, or on experts too small for threads to pay. The
 // vector-extension kernels are compiled for three ISA levels and run at the CPU's vector width (row_passes.h: Vec).
 #pragma once
@@ -87,8 +87,8 @@ H3F_ROW_FN void small_nt(const scalar_t* a, int64_t lda, int64_t n, const scalar
   H3F_BY_LANES(small_nt_l, (a, lda, n, w, M, K, out, ldo), scalar_t);
 }
 
-// More rows (fp32, up to kMidGemmMaxRows; compute-bound): tiles of NB rows of a against 4 rows of w, 4*NB <= L
-// accumulator vectors (NB = 4 with AVX-512, 2 with AVX2: half the register file), so every vector loaded feeds NB or
+// More rows (fp32, up to kMidGemmMaxRows, AVX-512 CPUs; compute-bound): tiles of NB rows of a against 4 rows of w,
+// 4*NB <= L accumulator vectors (NB = 4 at 16 lanes: half the register file), so every vector loaded feeds NB or
 // 4 FMAs and the tile runs at FMA speed from L1/L2 without packing w first. The accumulators are folded into one
 // vector (lane q = accumulator q) by a tree of shuffles that adds lanes in the same order as hsum.
 constexpr int kTileW = 4;
@@ -141,7 +141,7 @@ H3F_INLINE void mid_nt_l(const float* a, int64_t lda, int64_t n, const float* w,
 }
 H3F_ROW_FN void mid_nt(const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K, float* out,
                        int64_t ldo) {
-  H3F_BY_LANES(mid_nt_l, (a, lda, n, w, M, K, out, ldo));
+  mid_nt_l<kWideLanes>(a, lda, n, w, M, K, out, ldo);  // AVX-512 CPUs only (small_gemm_path)
 }
 
 // ---- row-axpy form: out[r, :] = sum_i a[r, i] * b[i, :] --------------------------------------------------------
@@ -251,8 +251,8 @@ H3F_ROW_FN void small_nn(const scalar_t* a, int64_t lda, int64_t n, const scalar
   H3F_BY_LANES(small_nn_l, (a, lda, n, b, ldb, K, M, out, ldo), scalar_t);
 }
 
-// More rows (fp32, up to kMidGemmMaxRows): axpy_block tiles of 4 rows x kNnVecs vectors (64 columns with AVX-512, 16
-// accumulators; 16 columns and 8 with AVX2), strips outermost so that b's strip stays in L2 for the next row tile. No
+// More rows (fp32, up to kMidGemmMaxRows, AVX-512 CPUs): axpy_block tiles of 4 rows x kNnVecs vectors (64 columns at
+// 16 lanes, 16 accumulators), strips outermost so that b's strip stays in L2 for the next row tile. No
 // packing of b and no beta pass over the output, which BLAS spends as much time on as multiplying at these sizes.
 template <int L>
 constexpr int kNnVecs = std::max(1, 4 * L / kWideLanes);
@@ -282,7 +282,7 @@ H3F_INLINE void mid_nn_l(const float* a, int64_t lda, int64_t n, const float* b,
 }
 H3F_ROW_FN void mid_nn(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t K, int64_t M,
                        float* out, int64_t ldo) {
-  H3F_BY_LANES(mid_nn_l, (a, lda, n, b, ldb, K, M, out, ldo));
+  mid_nn_l<kWideLanes>(a, lda, n, b, ldb, K, M, out, ldo);  // AVX-512 CPUs only (small_gemm_path)
 }
 
 // ---- outer-product form: out[j, :] = sum_r a[r, j] * b[r, :] -----------------------------------------------------
@@ -314,8 +314,8 @@ H3F_ROW_FN void small_tn(const scalar_t* a, int64_t lda, int64_t n, const scalar
   H3F_BY_LANES(small_tn_l, (a, lda, n, b, ldb, M, K, out, ldo), scalar_t);
 }
 
-// More rows (fp32, up to kMidGemmMaxRows): tiles of 4 output rows x NV vectors of columns, 4*NV accumulators (16 with
-// AVX-512, 8 with AVX2), each row of b's strip loaded once per tile and fed to 4 FMAs. The output is written once:
+// More rows (fp32, up to kMidGemmMaxRows, AVX-512 CPUs): tiles of 4 output rows x NV vectors of columns, 4*NV
+// accumulators (16 at 16 lanes), each row of b's strip loaded once per tile and fed to 4 FMAs. The output is written once:
 // BLAS at these sizes first scales the whole output by beta = 0 and packs b (measured: mscale + scopy were a third
 // of MKL's time in a T256 E64 fp32 backward). Every element sums r in ascending order, as small_tn.
 template <int NV, int L>
@@ -358,7 +358,7 @@ H3F_INLINE void mid_tn_l(const float* a, int64_t lda, int64_t n, const float* b,
 }
 H3F_ROW_FN void mid_tn(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t M, int64_t K,
                        float* out, int64_t ldo) {
-  H3F_BY_LANES(mid_tn_l, (a, lda, n, b, ldb, M, K, out, ldo));
+  mid_tn_l<kWideLanes>(a, lda, n, b, ldb, M, K, out, ldo);  // AVX-512 CPUs only (small_gemm_path)
 }
 
 // True when our kernels may take this GEMM: at most kMidGemmMaxRows rows, fp32 or bf16, unit stride along the inner
@@ -370,14 +370,16 @@ H3F_INLINE bool small_gemm_applies(int64_t rows, const at::Tensor& out, const at
          out.scalar_type() == dt && a.stride(1) == 1 && b.stride(1) == 1 && out.stride(1) == 1;
 }
 
-// Which kernels take a GEMM, the same ladder for all three forms: few rows (either dtype), fp32 tiles, bf16 tiles
-// where the CPU has VDPBF16PS, else BLAS. Decided by the shape (and for bf16 the CPU) only.
+// Which kernels take a GEMM, the same ladder for all three forms: few rows (either dtype), fp32 tiles where the CPU
+// has AVX-512, bf16 tiles where it has VDPBF16PS, else BLAS. Decided by the shape and the CPU only. (With AVX2's 16
+// registers the tiles hold half the accumulators and MKL was faster: T256 H512 F256 E64 k8 fp32 on an AVX2 EPYC,
+// 2 threads, forward 25.0 -> 21.3 ms and fwd+bwd 72.4 -> 62.4 with BLAS, medians of 9 interleaved calls.)
 enum class SmallGemm { kBlas, kFewRows, kTilesFp32, kTilesBf16 };
 
 H3F_INLINE SmallGemm small_gemm_path(int64_t rows, const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (!small_gemm_applies(rows, out, a, b)) return SmallGemm::kBlas;
   if (rows <= kSmallGemmMaxRows) return SmallGemm::kFewRows;
-  if (a.scalar_type() == at::kFloat) return SmallGemm::kTilesFp32;
+  if (a.scalar_type() == at::kFloat) return wide_vectors() ? SmallGemm::kTilesFp32 : SmallGemm::kBlas;
   return bf16_tiles_available() ? SmallGemm::kTilesBf16 : SmallGemm::kBlas;
 }
 
