@@ -150,7 +150,13 @@ def device_name(device: str) -> str:
         import platform
 
         model = platform.processor() or "cpu"
-    return f"{model} ({torch.get_num_threads()} threads)"
+    # The vector ISA torch's kernels use (AVX2 / AVX512 / ...): one model name covers CPUs with and without AVX-512,
+    # on which the same op differs several-fold (bf16 GEMMs above all).
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        isa = "unknown ISA"
+    return f"{model} ({torch.get_num_threads()} threads, {isa})"
 
 
 def measure_ceiling(device: str) -> dict[str, float]:
