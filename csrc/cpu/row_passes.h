@@ -16,6 +16,7 @@
 #include <h3fusion/activation.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -207,19 +208,33 @@ constexpr int64_t kPrefetchBytes = 8192;
 constexpr int64_t kStripPrefetchRows = 12;
 
 // Folds the L accumulators v[0..L-1] (of small_gemm.h's dot-product tiles) so that lane q of the result is the sum
-// of v[q]'s lanes: each level adds the lanes of pairs of vectors `s` apart (s = L/2, ..., 1), halving the vectors.
+// of v[q]'s lanes: each level adds the lanes of pairs of vectors S apart (S = L/2, ..., 1), halving the vectors.
+// Lanes of (x, y) taken pairwise at level S: lo(q) = 2S (q / S) + q % S, and lo(q) + S.
+template <int L, int S>
+constexpr std::array<int32_t, L> fold_index() {
+  std::array<int32_t, L> lo{};
+  for (int q = 0; q < L; ++q) lo[q] = 2 * S * (q / S) + q % S;
+  return lo;
+}
+
+template <int S, typename V>
+H3F_INLINE V fold_from(V* v) {
+  using VI = typename Vec<kLanesOf<V>>::i;
+  static constexpr std::array<int32_t, kLanesOf<V>> kIndex = fold_index<kLanesOf<V>, S>();  // a constant vector
+  VI lo;
+  std::memcpy(&lo, kIndex.data(), sizeof(lo));
+  for (int q = 0; q < S; ++q)
+    v[q] = __builtin_shuffle(v[2 * q], v[2 * q + 1], lo) + __builtin_shuffle(v[2 * q], v[2 * q + 1], lo + S);
+  if constexpr (S == 1) {
+    return v[0];
+  } else {
+    return fold_from<S / 2>(v);
+  }
+}
+
 template <typename V>
 H3F_INLINE V fold_lanes(V* v) {
-  constexpr int L = kLanesOf<V>;
-  using VI = typename Vec<L>::i;
-  auto fold = [](V x, V y, int s) {  // lanes of (x, y) taken pairwise: lo = 2s * (q / s) + q % s, and lo + s
-    VI lo;
-    for (int q = 0; q < L; ++q) lo[q] = 2 * s * (q / s) + q % s;
-    return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, lo + s);
-  };
-  for (int s = L / 2, count = L; s >= 1; s /= 2, count /= 2)
-    for (int q = 0; q < count / 2; ++q) v[q] = fold(v[2 * q], v[2 * q + 1], s);
-  return v[0];
+  return fold_from<kLanesOf<V> / 2>(v);
 }
 
 // Rounds to scalar_t and back (what a stored and reloaded value is).
