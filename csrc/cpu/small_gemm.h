@@ -12,9 +12,10 @@
 // Up to kSmallGemmMaxRows rows the memory-bound kernels below run (fp32, bf16); up to kMidGemmMaxRows, fp32 tiles
 // (mid_nt, mid_nn, mid_tn, where the CPU has AVX-512) and bf16 VDPBF16PS tiles (bf16_tiles.h, where the CPU has
 // them). Above that, for fp16/fp64, or for strided layouts, each function calls at::mm_out (bf16 widened to fp32 on
-// CPUs without bf16 dot products). The choice depends on the shape and the CPU only, never on the thread count, so results are bitwise the same at any number of threads. The kernels are
-// single-threaded: they run inside a thread's group of experts, or on experts too small for threads to pay. The
-// vector-extension kernels are compiled for three ISA levels and run at the CPU's vector width (row_passes.h: Vec).
+// CPUs without bf16 dot products). The choice depends on the shape and the CPU only, never on the thread count, so
+// results are bitwise the same at any number of threads. The kernels are single-threaded: they run inside a thread's
+// group of experts, or on experts too small for threads to pay. The vector-extension kernels are compiled for three
+// ISA levels and run at the CPU's vector width (row_passes.h: Vec).
 #pragma once
 
 #include "bf16_tiles.h"
@@ -88,9 +89,9 @@ H3F_ROW_FN void small_nt(const scalar_t* a, int64_t lda, int64_t n, const scalar
 }
 
 // More rows (fp32, up to kMidGemmMaxRows, AVX-512 CPUs; compute-bound): tiles of NB rows of a against 4 rows of w,
-// 4*NB <= L accumulator vectors (NB = 4 at 16 lanes: half the register file), so every vector loaded feeds NB or
-// 4 FMAs and the tile runs at FMA speed from L1/L2 without packing w first. The accumulators are folded into one
-// vector (lane q = accumulator q) by a tree of shuffles that adds lanes in the same order as hsum.
+// 4*NB accumulator vectors (at most 16: half the register file), so every vector loaded feeds NB or 4 FMAs and the
+// tile runs at FMA speed from L1/L2 without packing w first. The accumulators are folded into one vector (lane q =
+// accumulator q) by a tree of shuffles that adds lanes in the same order as hsum.
 constexpr int kTileW = 4;
 
 // out[r, m] for r < NB, m < mb (<= 4) of the tile at a, w; rows of w past mb repeat row mb - 1 (their sums are
@@ -124,24 +125,18 @@ H3F_INLINE void dot_tile(const float* __restrict__ a, int64_t lda, const float* 
     }
 }
 
-template <int L>
-H3F_INLINE void mid_nt_l(const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K, float* out,
-                         int64_t ldo) {
+H3F_ROW_FN void mid_nt(const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K, float* out,
+                       int64_t ldo) {
+  constexpr int L = kWideLanes;  // AVX-512 CPUs only (small_gemm_path)
   // Weight rows outermost: a tile of 4 weight rows stays in L1 while every row block of a passes it.
   for (int64_t j = 0; j < M; j += kTileW) {
     const float* wj = w + j * K;
     const int64_t mb = std::min<int64_t>(kTileW, M - j);
     int64_t r = 0;
-    if constexpr (L >= 4 * kTileW)
-      for (; r + 4 <= n; r += 4) dot_tile<4, L>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
-    if constexpr (L >= 2 * kTileW)
-      for (; r + 2 <= n; r += 2) dot_tile<2, L>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
+    for (; r + 4 <= n; r += 4) dot_tile<4, L>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
+    for (; r + 2 <= n; r += 2) dot_tile<2, L>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
     for (; r < n; ++r) dot_tile<1, L>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
   }
-}
-H3F_ROW_FN void mid_nt(const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K, float* out,
-                       int64_t ldo) {
-  mid_nt_l<kWideLanes>(a, lda, n, w, M, K, out, ldo);  // AVX-512 CPUs only (small_gemm_path)
 }
 
 // ---- row-axpy form: out[r, :] = sum_i a[r, i] * b[i, :] --------------------------------------------------------
@@ -251,11 +246,9 @@ H3F_ROW_FN void small_nn(const scalar_t* a, int64_t lda, int64_t n, const scalar
   H3F_BY_LANES(small_nn_l, (a, lda, n, b, ldb, K, M, out, ldo), scalar_t);
 }
 
-// More rows (fp32, up to kMidGemmMaxRows, AVX-512 CPUs): axpy_block tiles of 4 rows x kNnVecs vectors (64 columns at
-// 16 lanes, 16 accumulators), strips outermost so that b's strip stays in L2 for the next row tile. No
-// packing of b and no beta pass over the output, which BLAS spends as much time on as multiplying at these sizes.
-template <int L>
-constexpr int kNnVecs = std::max(1, 4 * L / kWideLanes);
+// More rows (fp32, up to kMidGemmMaxRows, AVX-512 CPUs): axpy_block tiles of 4 rows x 4 vectors (64 columns), 16
+// accumulators, strips outermost so that b's strip stays in L2 for the next row tile. No packing of b and no beta
+// pass over the output, which BLAS spends as much time on as multiplying at these sizes.
 
 template <int NC, int L>
 H3F_INLINE void nn_strip(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t K, float* out,
@@ -266,12 +259,11 @@ H3F_INLINE void nn_strip(const float* a, int64_t lda, int64_t n, const float* b,
   for (; r < n; ++r) axpy_block<1, NC, L>(a + r * lda, lda, b, ldb, K, out + r * ldo, ldo);
 }
 
-template <int L>
-H3F_INLINE void mid_nn_l(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t K, int64_t M,
-                         float* out, int64_t ldo) {
-  constexpr int NC = kNnVecs<L>;
+H3F_ROW_FN void mid_nn(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t K, int64_t M,
+                       float* out, int64_t ldo) {
+  constexpr int L = kWideLanes;  // AVX-512 CPUs only (small_gemm_path)
   int64_t j = 0;
-  for (; j + NC * L <= M; j += NC * L) nn_strip<NC, L>(a, lda, n, b + j, ldb, K, out + j, ldo);
+  for (; j + 4 * L <= M; j += 4 * L) nn_strip<4, L>(a, lda, n, b + j, ldb, K, out + j, ldo);
   for (; j + L <= M; j += L) nn_strip<1, L>(a, lda, n, b + j, ldb, K, out + j, ldo);
   for (; j < M; ++j)
     for (int64_t r = 0; r < n; ++r) {
@@ -279,10 +271,6 @@ H3F_INLINE void mid_nn_l(const float* a, int64_t lda, int64_t n, const float* b,
       for (int64_t i = 0; i < K; ++i) sum += a[r * lda + i] * b[i * ldb + j];
       out[r * ldo + j] = sum;
     }
-}
-H3F_ROW_FN void mid_nn(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t K, int64_t M,
-                       float* out, int64_t ldo) {
-  mid_nn_l<kWideLanes>(a, lda, n, b, ldb, K, M, out, ldo);  // AVX-512 CPUs only (small_gemm_path)
 }
 
 // ---- outer-product form: out[j, :] = sum_r a[r, j] * b[r, :] -----------------------------------------------------
@@ -315,9 +303,9 @@ H3F_ROW_FN void small_tn(const scalar_t* a, int64_t lda, int64_t n, const scalar
 }
 
 // More rows (fp32, up to kMidGemmMaxRows, AVX-512 CPUs): tiles of 4 output rows x NV vectors of columns, 4*NV
-// accumulators (16 at 16 lanes), each row of b's strip loaded once per tile and fed to 4 FMAs. The output is written once:
-// BLAS at these sizes first scales the whole output by beta = 0 and packs b (measured: mscale + scopy were a third
-// of MKL's time in a T256 E64 fp32 backward). Every element sums r in ascending order, as small_tn.
+// accumulators, each row of b's strip loaded once per tile and fed to 4 FMAs. The output is written once: BLAS at
+// these sizes first scales the whole output by beta = 0 and packs b (measured: mscale + scopy were a third of MKL's
+// time in a T256 E64 fp32 backward). Every element sums r in ascending order, as small_tn.
 template <int NV, int L>
 H3F_INLINE void tn_tile(const float* const* ar, int64_t lda, int64_t n, const float* __restrict__ b, int64_t ldb,
                         int64_t mb, float* out, int64_t ldo) {
@@ -336,10 +324,9 @@ H3F_INLINE void tn_tile(const float* const* ar, int64_t lda, int64_t n, const fl
       for (int v = 0; v < NV; ++v) vstore(out + m * ldo + v * L, acc[m][v]);
 }
 
-template <int L>
-H3F_INLINE void mid_tn_l(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t M, int64_t K,
-                         float* out, int64_t ldo) {
-  constexpr int kVecs = kNnVecs<L>;
+H3F_ROW_FN void mid_tn(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t M, int64_t K,
+                       float* out, int64_t ldo) {
+  constexpr int L = kWideLanes, kVecs = 4;  // AVX-512 CPUs only (small_gemm_path)
   for (int64_t j = 0; j < M; j += kTileW) {
     const int64_t mb = std::min<int64_t>(kTileW, M - j);
     const float* ar[kTileW];  // rows past mb repeat row mb - 1; their sums are not stored
@@ -355,10 +342,6 @@ H3F_INLINE void mid_tn_l(const float* a, int64_t lda, int64_t n, const float* b,
         oj[m * ldo + c] = sum;
       }
   }
-}
-H3F_ROW_FN void mid_tn(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t M, int64_t K,
-                       float* out, int64_t ldo) {
-  mid_tn_l<kWideLanes>(a, lda, n, b, ldb, M, K, out, ldo);  // AVX-512 CPUs only (small_gemm_path)
 }
 
 // True when our kernels may take this GEMM: at most kMidGemmMaxRows rows, fp32 or bf16, unit stride along the inner
@@ -381,23 +364,6 @@ H3F_INLINE SmallGemm small_gemm_path(int64_t rows, const at::Tensor& out, const 
   if (rows <= kSmallGemmMaxRows) return SmallGemm::kFewRows;
   if (a.scalar_type() == at::kFloat) return wide_vectors() ? SmallGemm::kTilesFp32 : SmallGemm::kBlas;
   return bf16_tiles_available() ? SmallGemm::kTilesBf16 : SmallGemm::kBlas;
-}
-
-// Whether the CPU has bf16 dot products (AVX512_BF16; every AMX CPU has them too), which BLAS's bf16 GEMMs (oneDNN)
-// are built on. Without them oneDNN widens the elements inside its inner loop: on an AVX2-only EPYC a bf16 mm ran
-// at 15-19 GFLOP/s on 2 threads where fp32 sgemm ran at 100-145, so widening both operands first and running sgemm
-// took 0.11-0.14x the time ([256-4096, 512] x [512, 2816]).
-H3F_INLINE bool cpu_has_bf16_dot() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  static const bool ok = [] {
-    if (cpu_isa_capped_at_avx2()) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-  return ok;
-#else
-  return true;  // other CPUs keep BLAS's bf16 path (not measured)
-#endif
 }
 
 // bf16 GEMMs above the few-rows kernels (which widen as they load) on CPUs without bf16 dot products: both operands
