@@ -2,7 +2,9 @@
 // and its backward, which recomputes the activation from the saved pre-activation and computes only the gradients
 // that output_mask asks for.
 //
-// Threads: many small experts run one group of experts per thread (single-threaded GEMMs inside the parallel region).
+// Threads: when no expert has more than a few rows (decode), the threads split every expert's weight rows
+// (few_rows_ffn.h). Many small experts run one group of experts per thread (single-threaded GEMMs inside the parallel
+// region).
 // The forward of few large experts splits bf16 tokens into groups (forward_token_groups) that each run every expert
 // on their rows: one run of groups per thread when there are enough groups, else groups one after another (always so
 // for other dtypes), each GEMM with all of BLAS's threads and the row passes with at::parallel_for. With at least two
@@ -13,6 +15,7 @@
 // pre-activation for the backward.
 // The gated-activation row passes (row_passes.h: silu, gelu, gelu_tanh) are written to vectorise and compiled for
 // three ISA levels (the loader picks the best).
+#include "few_rows_ffn.h"
 #include "large_buffers.h"
 #include "moe_cpu.h"
 #include "row_passes.h"
@@ -147,7 +150,12 @@ int64_t backward_thread_count(const int64_t* off, int64_t E) {
 // Rows per block of one expert in the few-large-experts forward, for R rows (of one token group) over `active`
 // experts: the scratch (gathered x, pre-activation, output) stays at about an eighth of the experts' rows, so a
 // forward without autograd holds little beyond y.
-int64_t forward_block_rows(int64_t R, int64_t active) {
+// Where bf16 GEMMs are widened to fp32 (small_gemm.h: widen_bf16_gemm), blocks are kWidenedBlockRows rows: the fp32
+// copies of a block's activation and of a weight chunk come on top of the scratch, and at 512-640 rows a forward
+// without autograd peaked at twice the eager loop's memory (T2048 H512 F1408 E8 k2 bf16: 19.9 MB against 9.2).
+constexpr int64_t kWidenedBlockRows = 256;
+int64_t forward_block_rows(int64_t R, int64_t active, bool widened) {
+  if (widened) return kWidenedBlockRows;
   const int64_t avg = (R + std::max<int64_t>(active, 1) - 1) / std::max<int64_t>(active, 1);
   return std::max<int64_t>(512, avg + avg / 4);
 }
@@ -217,6 +225,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
       gated_rows(h.mutable_data_ptr<scalar_t>(), act.mutable_data_ptr<scalar_t>(), act.stride(0), n, F, activation);
       linear_into(out, act, w_down[e]);
     };
+    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (few_rows_applies(x.scalar_type(), max_rows(off, d.E))) {  // decode: threads split weight rows
+        const at::Tensor h = save_pre_activation ? gate_up_out : at::empty({R, 2 * F}, opts);
+        const at::Tensor act = save_pre_activation ? at::empty({R, F}, opts) : at::Tensor();
+        y = combine_rows(few_rows_ffn<scalar_t>(x, w_gu, w_down, sp, off, d.k, h, act, activation), weights_in,
+                         pair_rows, d.k);
+        return;
+      }
+    }
     if (expert_parallel_mode(off, d.E)) {
       // Many small experts, one group per thread: per-thread scratch, expert outputs in expert-sorted rows, then the
       // weighted combine in slot order.
@@ -247,7 +264,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
         if (g > 0) longest = std::max(longest, cut[g * d.E + e] - cut[(g - 1) * d.E + e]);
       }
     }
-    const int64_t B = std::min(longest, forward_block_rows(R / groups, active));
+    const bool widened = x.scalar_type() == at::kBFloat16 && !cpu_has_bf16_dot();
+    const int64_t B = std::min(longest, forward_block_rows(R / groups, active, widened));
     const bool acc_is_y = x.scalar_type() == acc_dtype;
     at::Tensor acc = at::zeros({d.T, H}, opts.dtype(acc_dtype));
     const at::Tensor w_pair = weights_in.to(acc_dtype).contiguous();

@@ -37,71 +37,24 @@ constexpr int64_t kSmallGemmMaxRows = 8;
 constexpr int64_t kMidGemmMaxRows = 48;
 
 // ---- dot-product form: out[r, j] = a[r, :] . w[j, :] --------------------------------------------------------------
-// Few rows (<= kSmallGemmMaxRows; memory-bound, fp32 and bf16): one weight row at a time against up to 4 rows of a,
-// so the weight is a single stream the prefetcher follows. Lane l sums the elements i = l (mod L); the lanes are
-// then added in a fixed tree (lane l + L/2 into l, then + L/4, ..., + 1), and the scalar tail over K comes last.
-template <typename V>
-H3F_INLINE float hsum(V v) {
-  constexpr int L = kLanesOf<V>;
-  float t[L];
-  std::memcpy(t, &v, sizeof(v));
-  for (int64_t half = L / 2; half >= 1; half /= 2)
-    for (int64_t l = 0; l < half; ++l) t[l] += t[l + half];
-  return t[0];
-}
-
-template <int NB, int L, typename scalar_t>
-H3F_INLINE void dot_rows(const scalar_t* __restrict__ a, int64_t lda, const scalar_t* __restrict__ wj, int64_t K,
-                         scalar_t* out, int64_t ldo) {
-  typename Vec<L>::f acc[NB] = {};
-  int64_t i = 0;
-  for (; i + L <= K; i += L) {
-    __builtin_prefetch(reinterpret_cast<const char*>(wj + i) + kPrefetchBytes, 0, 0);
-    const auto wv = vload<L>(wj + i);
-    for (int r = 0; r < NB; ++r) acc[r] += wv * vload<L>(a + r * lda + i);
-  }
-  for (int r = 0; r < NB; ++r) {
-    float sum = hsum(acc[r]);
-    for (int64_t t = i; t < K; ++t) sum += float(wj[t]) * float(a[r * lda + t]);
-    out[r * ldo] = scalar_t(sum);
-  }
-}
-
-template <int L, typename scalar_t>
-H3F_INLINE void small_nt_l(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* w, int64_t M, int64_t K,
-                           scalar_t* out, int64_t ldo) {
-  for (int64_t j = 0; j < M; ++j) {
-    const scalar_t* wj = w + j * K;
-    int64_t r = 0;
-    for (; r + 4 <= n; r += 4) dot_rows<4, L>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo);
-    switch (n - r) {
-      case 3: dot_rows<3, L>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo); break;
-      case 2: dot_rows<2, L>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo); break;
-      case 1: dot_rows<1, L>(a + r * lda, lda, wj, K, out + r * ldo + j, ldo); break;
-      default: break;
-    }
-  }
-}
-template <typename scalar_t>
-H3F_ROW_FN void small_nt(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* w, int64_t M, int64_t K,
-                         scalar_t* out, int64_t ldo) {
-  H3F_BY_LANES(small_nt_l, (a, lda, n, w, M, K, out, ldo), scalar_t);
-}
-
-// More rows (fp32, up to kMidGemmMaxRows, AVX-512 CPUs; compute-bound): tiles of NB rows of a against 4 rows of w,
-// 4*NB accumulator vectors (at most 16: half the register file), so every vector loaded feeds NB or 4 FMAs and the
-// tile runs at FMA speed from L1/L2 without packing w first. The accumulators are folded into one vector (lane q =
-// accumulator q) by a tree of shuffles that adds lanes in the same order as hsum.
+// Tiles of NB rows of a against 4 rows of w, 4*NB accumulator vectors (at most L: half the register file), so every
+// vector loaded feeds NB or 4 FMAs, and even a single row of a keeps 4 independent FMA chains in flight (one chain
+// per output waited on the FMA latency: at decode sizes on AVX2 a third of small_nt's samples sat on that wait).
+// Weight rows are outermost: a tile of 4 weight rows stays in L1 while every row block of a passes it, and the 4
+// weight streams are prefetched. Few rows (<= kSmallGemmMaxRows; memory-bound; fp32 and bf16) run at the CPU's
+// width; 9-48 rows (fp32, AVX-512 CPUs; compute-bound) at 16 lanes. Lane l of an accumulator sums the elements
+// i = l (mod L); the accumulators are folded into one vector (lane q = accumulator q) by a tree of shuffles that adds
+// lanes in a fixed order (lane l + L/2 into l, then + L/4, ..., + 1), and the scalar tail over K comes last.
 constexpr int kTileW = 4;
 
 // out[r, m] for r < NB, m < mb (<= 4) of the tile at a, w; rows of w past mb repeat row mb - 1 (their sums are
 // dropped), so the tail tile needs no other code path.
-template <int NB, int L>
-H3F_INLINE void dot_tile(const float* __restrict__ a, int64_t lda, const float* __restrict__ w, int64_t mb,
-                         int64_t K, float* out, int64_t ldo) {
+template <int NB, int L, typename scalar_t>
+H3F_INLINE void dot_tile(const scalar_t* __restrict__ a, int64_t lda, const scalar_t* __restrict__ w, int64_t mb,
+                         int64_t K, scalar_t* out, int64_t ldo) {
   static_assert(NB * kTileW <= L);
   using V = typename Vec<L>::f;
-  const float* wr[kTileW];
+  const scalar_t* wr[kTileW];
   for (int m = 0; m < kTileW; ++m) wr[m] = w + std::min<int64_t>(m, mb - 1) * K;
   V acc[L] = {};
   int64_t i = 0;
@@ -121,22 +74,34 @@ H3F_INLINE void dot_tile(const float* __restrict__ a, int64_t lda, const float* 
     for (int m = 0; m < mb; ++m) {
       float sum = s[r * kTileW + m];
       for (int64_t t = i; t < K; ++t) sum += float(a[r * lda + t]) * float(wr[m][t]);
-      out[r * ldo + m] = sum;
+      out[r * ldo + m] = scalar_t(sum);
     }
+}
+
+template <int L, typename scalar_t>
+H3F_INLINE void dot_tiles(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* w, int64_t M, int64_t K,
+                          scalar_t* out, int64_t ldo) {
+  constexpr int kRows = L / kTileW;  // 4 at 16 lanes, 2 at 8, 1 at 4
+  for (int64_t j = 0; j < M; j += kTileW) {
+    const scalar_t* wj = w + j * K;
+    const int64_t mb = std::min<int64_t>(kTileW, M - j);
+    int64_t r = 0;
+    for (; r + kRows <= n; r += kRows) dot_tile<kRows, L>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
+    if constexpr (kRows >= 4)
+      for (; r + 2 <= n; r += 2) dot_tile<2, L>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
+    for (; r < n; ++r) dot_tile<1, L>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
+  }
+}
+
+template <typename scalar_t>
+H3F_ROW_FN void small_nt(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* w, int64_t M, int64_t K,
+                         scalar_t* out, int64_t ldo) {
+  H3F_BY_LANES(dot_tiles, (a, lda, n, w, M, K, out, ldo), scalar_t);
 }
 
 H3F_ROW_FN void mid_nt(const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K, float* out,
                        int64_t ldo) {
-  constexpr int L = kWideLanes;  // AVX-512 CPUs only (small_gemm_path)
-  // Weight rows outermost: a tile of 4 weight rows stays in L1 while every row block of a passes it.
-  for (int64_t j = 0; j < M; j += kTileW) {
-    const float* wj = w + j * K;
-    const int64_t mb = std::min<int64_t>(kTileW, M - j);
-    int64_t r = 0;
-    for (; r + 4 <= n; r += 4) dot_tile<4, L>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
-    for (; r + 2 <= n; r += 2) dot_tile<2, L>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
-    for (; r < n; ++r) dot_tile<1, L>(a + r * lda, lda, wj, mb, K, out + r * ldo + j, ldo);
-  }
+  dot_tiles<kWideLanes>(a, lda, n, w, M, K, out, ldo);  // AVX-512 CPUs only (small_gemm_path)
 }
 
 // ---- row-axpy form: out[r, :] = sum_i a[r, i] * b[i, :] --------------------------------------------------------
@@ -380,6 +345,22 @@ void widened_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& 
   const_cast<at::Tensor&>(out).copy_(out32);
 }
 
+// The forward projections (linear_into) widen the weight kWidenedChunkRows rows at a time, each chunk's output columns
+// a GEMM of their own: the fp32 copies then stay small beside the forward's scratch (a whole widened [2F, H] weight
+// was 6 MB at H512 F1408, and a forward without autograd peaked at twice the eager loop's memory).
+constexpr int64_t kWidenedChunkRows = 128;
+
+template <typename Gemm>
+void widened_linear(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w, const Gemm& gemm) {
+  const at::Tensor a32 = a.to(at::kFloat);
+  for (int64_t j = 0; j < w.size(0); j += kWidenedChunkRows) {
+    const int64_t m = std::min(kWidenedChunkRows, w.size(0) - j);
+    at::Tensor out32 = at::empty({a.size(0), m}, out.options().dtype(at::kFloat));
+    gemm(out32, a32, w.narrow(0, j, m).to(at::kFloat));
+    out.narrow(1, j, m).copy_(out32);
+  }
+}
+
 // Each GEMM these kernels take shows in the profiler as one "h3fusion::small_gemm" event, as a BLAS one shows as
 // aten::mm (tests count GEMMs that way to check that unneeded gradients cost none).
 #define H3F_RECORD_SMALL_GEMM() RECORD_FUNCTION("h3fusion::small_gemm", c10::ArrayRef<const c10::IValue>{})
@@ -409,7 +390,7 @@ H3F_INLINE bf16_bits* mutable_bits(const at::Tensor& t) {
 // out[n, M] = a[n, K] @ w[M, K]^T, written into a view.
 [[maybe_unused]] void linear_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w) {
   const int64_t n = a.size(0), M = w.size(0), K = w.size(1);
-  if (widen_bf16_gemm(n, a)) return widened_gemm(out, a, w, linear_into);
+  if (widen_bf16_gemm(n, a)) return widened_linear(out, a, w, linear_into);
   const SmallGemm path = w.stride(0) == K ? small_gemm_path(n, out, a, w) : SmallGemm::kBlas;
   if (path == SmallGemm::kBlas) {
     at::mm_out(const_cast<at::Tensor&>(out), a, w.t());

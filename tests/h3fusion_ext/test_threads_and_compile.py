@@ -46,11 +46,26 @@ def moe_ffn_inputs(T, H, F, E, k, dtype=torch.float32):
 #   more-groups-than-threads: 1024 rows per expert, four token groups, two per thread;
 #   blas-threaded: 384 rows per expert, one token group: BLAS threads inside every forward GEMM;
 #   per-expert: many small experts, one expert per thread;
+#   few-rows: decode, no expert above 8 rows: the threads split every expert's weights in 64-column units;
 # each large enough that two threads really split the work.
 @pytest.mark.parametrize(
     "shape",
-    [(1024, 64, 96, 4, 2), (1024, 64, 96, 2, 1), (2048, 32, 48, 2, 1), (768, 64, 96, 4, 2), (256, 16, 8, 32, 4)],
-    ids=["token-groups", "blas-threaded-backward", "more-groups-than-threads", "blas-threaded", "per-expert"],
+    [
+        (1024, 64, 96, 4, 2),
+        (1024, 64, 96, 2, 1),
+        (2048, 32, 48, 2, 1),
+        (768, 64, 96, 4, 2),
+        (256, 16, 8, 32, 4),
+        (6, 150, 200, 8, 2),
+    ],
+    ids=[
+        "token-groups",
+        "blas-threaded-backward",
+        "more-groups-than-threads",
+        "blas-threaded",
+        "per-expert",
+        "few-rows",
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_ffn_same_bits_for_1_and_2_threads(shape, dtype):
