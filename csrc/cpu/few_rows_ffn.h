@@ -27,12 +27,6 @@ namespace {
 // 64 KiB streamed per GEMM, long enough to amortise a unit's start, short enough for tens of units per expert.
 constexpr int64_t kFewRowsUnitCols = 64;
 
-// Whether few_rows_ffn takes this forward: fp32/bf16 (the dtypes of the small GEMMs) and no expert above
-// kSmallGemmMaxRows rows.
-bool few_rows_applies(at::ScalarType dtype, int64_t longest_expert_rows) {
-  return (dtype == at::kFloat || dtype == at::kBFloat16) && longest_expert_rows <= kSmallGemmMaxRows;
-}
-
 // x[T, H], w_gu[E, 2F, H], w_down[E, H, F] contiguous, scalar_t; sp/off the route plan (rows sorted by expert);
 // h[R, 2F]: receives the pre-activation (the saved buffer), or scratch whose gate half takes the activation when
 // `act` is null; act[R, F] (optional): the activation. Returns down_out[R, H]: each sorted row's expert output, not

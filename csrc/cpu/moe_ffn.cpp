@@ -174,7 +174,7 @@ constexpr int64_t kMaxTokenGroups = 64;
 // other dtypes keep one group, and so does bf16 on CPUs without bf16 dot products, whose GEMMs are widened to fp32
 // (small_gemm.h), each expert's weights once per call.
 int64_t forward_token_groups(at::ScalarType dtype, int64_t T, int64_t R, int64_t active) {
-  if (dtype != at::kBFloat16 || !cpu_has_bf16_dot()) return 1;
+  if (dtype != at::kBFloat16 || bf16_widened(dtype)) return 1;
   const int64_t per_expert = R / std::max<int64_t>(active, 1);
   return std::clamp<int64_t>(per_expert / kTokenGroupRows, 1, std::clamp<int64_t>(T, 1, kMaxTokenGroups));
 }
@@ -225,8 +225,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
       gated_rows(h.mutable_data_ptr<scalar_t>(), act.mutable_data_ptr<scalar_t>(), act.stride(0), n, F, activation);
       linear_into(out, act, w_down[e]);
     };
+    // Decode (fp32/bf16, the dtypes of the small GEMMs; no expert above kSmallGemmMaxRows rows): threads split
+    // every expert's weight rows.
     if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (few_rows_applies(x.scalar_type(), max_rows(off, d.E))) {  // decode: threads split weight rows
+      if (max_rows(off, d.E) <= kSmallGemmMaxRows) {
         const at::Tensor h = save_pre_activation ? gate_up_out : at::empty({R, 2 * F}, opts);
         const at::Tensor act = save_pre_activation ? at::empty({R, F}, opts) : at::Tensor();
         y = combine_rows(few_rows_ffn<scalar_t>(x, w_gu, w_down, sp, off, d.k, h, act, activation), weights_in,
@@ -264,8 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
         if (g > 0) longest = std::max(longest, cut[g * d.E + e] - cut[(g - 1) * d.E + e]);
       }
     }
-    const bool widened = x.scalar_type() == at::kBFloat16 && !cpu_has_bf16_dot();
-    const int64_t B = std::min(longest, forward_block_rows(R / groups, active, widened));
+    const int64_t B = std::min(longest, forward_block_rows(R / groups, active, bf16_widened(x.scalar_type())));
     const bool acc_is_y = x.scalar_type() == acc_dtype;
     at::Tensor acc = at::zeros({d.T, H}, opts.dtype(acc_dtype));
     const at::Tensor w_pair = weights_in.to(acc_dtype).contiguous();

@@ -334,8 +334,9 @@ H3F_INLINE SmallGemm small_gemm_path(int64_t rows, const at::Tensor& out, const 
 // bf16 GEMMs above the few-rows kernels (which widen as they load) on CPUs without bf16 dot products: both operands
 // widened to fp32 once, the fp32 path (tiles or sgemm), the output rounded to bf16 once, as a bf16 GEMM rounds its
 // fp32 sums. Decided by the shape and the CPU only.
+H3F_INLINE bool bf16_widened(at::ScalarType dtype) { return dtype == at::kBFloat16 && !cpu_has_bf16_dot(); }
 H3F_INLINE bool widen_bf16_gemm(int64_t rows, const at::Tensor& a) {
-  return a.scalar_type() == at::kBFloat16 && rows > kSmallGemmMaxRows && !cpu_has_bf16_dot();
+  return rows > kSmallGemmMaxRows && bf16_widened(a.scalar_type());
 }
 
 template <typename Gemm>
