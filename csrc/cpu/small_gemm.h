@@ -10,15 +10,17 @@
 // beta = 0 first), which for 1-8 rows costs several times streaming the weight once, plus a fixed cost per call that a
 // decode step with 64 experts pays hundreds of times; at 9-48 rows packing still costs about as much as multiplying.
 // Up to kSmallGemmMaxRows rows the memory-bound kernels below run (fp32, bf16); up to kMidGemmMaxRows, fp32 tiles
-// (mid_nt, mid_nn, mid_tn, where the CPU has AVX-512) and bf16 VDPBF16PS tiles (bf16_tiles.h, where the CPU has
-// them). Above that, for fp16/fp64, or for strided layouts, each function calls at::mm_out (bf16 widened to fp32 on
-// CPUs without bf16 dot products). The choice depends on the shape and the CPU only, never on the thread count, so
-// results are bitwise the same at any number of threads. The kernels are single-threaded: they run inside a thread's
-// group of experts, or on experts too small for threads to pay. The vector-extension kernels are compiled for three
-// ISA levels and run at the CPU's vector width (row_passes.h: Vec).
+// (mid_nt, mid_nn, mid_tn where the CPU has AVX-512, narrow_tiles.h's broadcast tiles where it has AVX2 only) and
+// bf16 VDPBF16PS tiles (bf16_tiles.h, where the CPU has them). Above that, for fp16/fp64, or for strided layouts,
+// each function calls at::mm_out (bf16 widened to fp32 on CPUs without bf16 dot products). The choice depends on the
+// shape and the CPU only, never on the thread count, so results are bitwise the same at any number of threads. The
+// kernels are single-threaded: they run inside a thread's group of experts, or on experts too small for threads to
+// pay. The vector-extension kernels are compiled for three ISA levels and run at the CPU's vector width (row_passes.h:
+// Vec); narrow_tiles.h's for AVX2 + FMA only.
 #pragma once
 
 #include "bf16_tiles.h"
+#include "narrow_tiles.h"
 #include "row_passes.h"
 
 #include <ATen/ATen.h>
@@ -319,15 +321,18 @@ H3F_INLINE bool small_gemm_applies(int64_t rows, const at::Tensor& out, const at
 }
 
 // Which kernels take a GEMM, the same ladder for all three forms: few rows (either dtype), fp32 tiles where the CPU
-// has AVX-512, bf16 tiles where it has VDPBF16PS, else BLAS. Decided by the shape and the CPU only. (With AVX2's 16
-// registers the tiles hold half the accumulators and MKL was faster: T256 H512 F256 E64 k8 fp32 on an AVX2 EPYC,
-// 2 threads, forward 25.0 -> 21.3 ms and fwd+bwd 72.4 -> 62.4 with BLAS, medians of 9 interleaved calls.)
-enum class SmallGemm { kBlas, kFewRows, kTilesFp32, kTilesBf16 };
+// has AVX-512 (dot-product tiles) or AVX2 (narrow_tiles.h: the dot-product tiles hold half their accumulators in
+// AVX2's 16 registers, and MKL beat them), bf16 tiles where it has VDPBF16PS, else BLAS. Decided by the shape and the
+// CPU only.
+enum class SmallGemm { kBlas, kFewRows, kTilesFp32, kTilesFp32Narrow, kTilesBf16 };
 
 H3F_INLINE SmallGemm small_gemm_path(int64_t rows, const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (!small_gemm_applies(rows, out, a, b)) return SmallGemm::kBlas;
   if (rows <= kSmallGemmMaxRows) return SmallGemm::kFewRows;
-  if (a.scalar_type() == at::kFloat) return wide_vectors() ? SmallGemm::kTilesFp32 : SmallGemm::kBlas;
+  if (a.scalar_type() == at::kFloat) {
+    if (wide_vectors()) return SmallGemm::kTilesFp32;
+    return narrow_tiles_available() ? SmallGemm::kTilesFp32Narrow : SmallGemm::kBlas;
+  }
   return bf16_tiles_available() ? SmallGemm::kTilesBf16 : SmallGemm::kBlas;
 }
 
@@ -404,6 +409,9 @@ H3F_INLINE bf16_bits* mutable_bits(const at::Tensor& t) {
       small_nt(a.const_data_ptr<scalar_t>(), a.stride(0), n, w.const_data_ptr<scalar_t>(), M, K,
                out.mutable_data_ptr<scalar_t>(), out.stride(0));
     });
+  } else if (path == SmallGemm::kTilesFp32Narrow) {
+    tile_nt(a.const_data_ptr<float>(), a.stride(0), n, w.const_data_ptr<float>(), M, K, out.mutable_data_ptr<float>(),
+            out.stride(0));
   } else if (path == SmallGemm::kTilesFp32) {
     mid_nt(a.const_data_ptr<float>(), a.stride(0), n, w.const_data_ptr<float>(), M, K, out.mutable_data_ptr<float>(),
            out.stride(0));
@@ -428,6 +436,9 @@ H3F_INLINE bf16_bits* mutable_bits(const at::Tensor& t) {
       small_nn(a.const_data_ptr<scalar_t>(), a.stride(0), n, b.const_data_ptr<scalar_t>(), b.stride(0), K, M,
                out.mutable_data_ptr<scalar_t>(), out.stride(0));
     });
+  } else if (path == SmallGemm::kTilesFp32Narrow) {
+    tile_nn(a.const_data_ptr<float>(), a.stride(0), n, b.const_data_ptr<float>(), b.stride(0), K, M,
+            out.mutable_data_ptr<float>(), out.stride(0));
   } else if (path == SmallGemm::kTilesFp32) {
     mid_nn(a.const_data_ptr<float>(), a.stride(0), n, b.const_data_ptr<float>(), b.stride(0), K, M,
            out.mutable_data_ptr<float>(), out.stride(0));
@@ -437,9 +448,16 @@ H3F_INLINE bf16_bits* mutable_bits(const at::Tensor& t) {
 }
 
 // out[M, K] = a[n, M]^T @ b[n, K], written into a view (a weight gradient: n is the expert's rows).
-[[maybe_unused]] void matmul_tn_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+// `final_output`: out is the gradient itself, not read again soon (the AVX2 tiles then write it with non-temporal
+// stores); false for the fp32 scratch of a widened bf16 GEMM, which is read back at once.
+[[maybe_unused]] void matmul_tn_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                                     bool final_output = true) {
   const int64_t n = a.size(0), M = a.size(1), K = b.size(1);
-  if (widen_bf16_gemm(n, a)) return widened_gemm(out, a, b, matmul_tn_into);
+  if (widen_bf16_gemm(n, a)) {
+    return widened_gemm(out, a, b, [](const at::Tensor& o, const at::Tensor& x, const at::Tensor& y) {
+      matmul_tn_into(o, x, y, /*final_output=*/false);
+    });
+  }
   const SmallGemm path = small_gemm_path(n, out, a, b);
   if (path == SmallGemm::kBlas) {
     at::mm_out(const_cast<at::Tensor&>(out), a.t(), b);
@@ -452,6 +470,9 @@ H3F_INLINE bf16_bits* mutable_bits(const at::Tensor& t) {
       small_tn(a.const_data_ptr<scalar_t>(), a.stride(0), n, b.const_data_ptr<scalar_t>(), b.stride(0), M, K,
                out.mutable_data_ptr<scalar_t>(), out.stride(0));
     });
+  } else if (path == SmallGemm::kTilesFp32Narrow) {
+    tile_tn(a.const_data_ptr<float>(), a.stride(0), n, b.const_data_ptr<float>(), b.stride(0), M, K,
+            out.mutable_data_ptr<float>(), out.stride(0), final_output);
   } else if (path == SmallGemm::kTilesFp32) {
     mid_tn(a.const_data_ptr<float>(), a.stride(0), n, b.const_data_ptr<float>(), b.stride(0), M, K,
            out.mutable_data_ptr<float>(), out.stride(0));

@@ -1,6 +1,8 @@
 """moe_ffn on experts with few rows, where the CPU runs its own GEMMs (csrc/cpu/small_gemm.h) instead of BLAS: every
-row count 1..8 in one call (all three GEMM forms), 9..48 rows (fp32 forward tiles; bf16 VDPBF16PS tiles of all three
-forms where the CPU has them), widths that leave every vector and tile tail, fp32 and bf16, all four gradients."""
+row count 1..8 in one call (all three GEMM forms), 9..48 rows (fp32 tiles: AVX-512 dot-product tiles, or on AVX2 CPUs
+narrow_tiles.h's broadcast tiles of all three forms; bf16 VDPBF16PS tiles of all three forms where the CPU has them,
+else bf16 widened onto the fp32 ones), widths that leave every vector and tile tail, fp32 and bf16, all four
+gradients."""
 
 from __future__ import annotations
 
@@ -64,13 +66,20 @@ def test_every_small_row_count_matches_reference(dtype, H, F):
         (53, 39),  # 53, 78 weight rows: 4-row tiles with 1 and 2 left over; U = dY W_down has an odd K (53)
         (75, 41),  # K tails of 11 (H) and 9 (F) in 32-wide steps; 64-column strips with 11 left; 16-column tails
         (20, 12),  # narrower than one 32-column half: the second half's mask is empty
+        (55, 26),  # AVX2 broadcast tiles: 55 = 9 x 6 + 1 weight rows (a 1-row tile), 26 = 16 + 8 + 2 columns
     ],
 )
 def test_tiles_up_to_48_rows_match_reference(dtype, H, F):
     # 9..48 rows: fp32 forward projections in 4x4 tiles, bf16 tiles of all three forms (row counts that leave 2- and
-    # 1-row tiles, odd counts that pair the last row with zero in the weight gradients); 49: BLAS again.
-    rows = [SMALL_MAX_ROWS + 1, 10, 13, 31, 46, 47, MID_MAX_ROWS, MID_MAX_ROWS + 1]
-    check_all(routed_inputs(rows, H, F, dtype, seed=7))
+    # 1-row tiles, odd counts that pair the last row with zero in the weight gradients); 49: BLAS again. On AVX2 the
+    # broadcast tiles pack a's rows in blocks of 16 and a last one of 8 (24, 40) or 16 (9, 31, 46) and run 6-row
+    # tiles with every remainder 1..5 (H, 2F, F and the row counts). The forward without autograd (the activation
+    # read with the pre-activation's row stride) gives the training forward's bits.
+    rows = [SMALL_MAX_ROWS + 1, 10, 13, 24, 31, 40, 46, 47, MID_MAX_ROWS, MID_MAX_ROWS + 1]
+    inputs = routed_inputs(rows, H, F, dtype, seed=7)
+    y = check_all(inputs)
+    with torch.no_grad():
+        assert torch.equal(h3fusion_ext.moe_ffn(*inputs), y)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

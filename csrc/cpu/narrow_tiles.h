@@ -1,0 +1,283 @@
+// fp32 GEMMs of 9-48 rows on CPUs with 8-lane vectors (AVX2 + FMA, no AVX-512): the three forms of small_gemm.h
+// (a.w^T, a.b, a^T.b) on one register tile of broadcast-times-vector FMAs.
+//
+// Why: at these sizes MKL spends about as long packing the weight as multiplying (T256 H512 F256 E64 k8: sgemm_scopy
+// was 46% of its GEMM time), and small_gemm.h's dot-product tiles need AVX-512's 32 registers (with AVX2's 16 they
+// hold half their accumulators, and MKL beat them). Here a tile of kTileRows broadcast scalars x 2 vectors (12
+// accumulators, 2 vector loads, one broadcast register) keeps both FMA pipes busy with 8 loads per 12 FMAs and needs
+// no horizontal sums. One [32, 512] x [512, 512]^T GEMM, the weights of 64 experts in turn (not in cache), single
+// thread, on an AVX2 EPYC: MKL 407 us, this tile 235-240 us.
+//
+// The tile (mk_tile) computes acc[m][v] += s[m](i) * vec(i)[8v .. 8v + 8) over a reduction index i, where
+//   a.w^T (nt): s[m] = weight row j + m, read in place; vec = a's rows packed lane-major ([K][16] per block of 16
+//               rows, zero-padded), so out is the tile transposed;
+//   a.b   (nn): s[m] = row r + m of a; vec = 16 columns of b's row i, from a packed panel of b;
+//   a^T.b (tn): s[m] = column j + m of a, vec = 16 columns of b's row i (i runs over a's n rows), both packed.
+// Operands other than a.w^T's weight are packed because their rows are often a power of two apart (2 KiB at 512
+// columns): a strip read in place then falls into two of L1's 64 sets and is refetched from L2 on every pass.
+// Each output element is one fp32 lane summing its reduction index in ascending order (a.b: per panel of kNnPanel
+// rows, the panels added in order), so results depend on the shape only, never on the thread count.
+#pragma once
+
+#include "row_passes.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define H3F_HAVE_NARROW_TILES 1
+#else
+#define H3F_HAVE_NARROW_TILES 0
+#endif
+
+namespace h3fusion::cpu {
+namespace {
+
+constexpr int kTileRows = 6;   // broadcast scalars per tile
+constexpr int kTileLanes = 8;  // one AVX2 register of fp32
+constexpr int kTileCols = 2 * kTileLanes;
+using V8 = Vec<kTileLanes>::f;
+
+// True on x86-64 CPUs with AVX2 and FMA (the ISA these tiles are written for; small_gemm_path takes them only where
+// vectors are 8 lanes).
+H3F_INLINE bool narrow_tiles_available() {
+#if H3F_HAVE_NARROW_TILES
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") > 0 && __builtin_cpu_supports("fma") > 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// A thread's packing buffer of at least `size` floats. It only grows: resizing it to each GEMM's size zero-filled
+// the growth on every call whose expert had more rows than the last (2% of a T256 E64 forward in "rep stos").
+H3F_INLINE float* scratch(std::vector<float>& buf, int64_t size) {
+  if (buf.size() < static_cast<size_t>(size)) buf.resize(static_cast<size_t>(size));
+  return buf.data();
+}
+
+// Column strips of the vector operand: 16 columns while 16 fit in the first vec_cols, then one of 8 (vec_cols is a
+// multiple of 8; the columns past it are a scalar tail).
+H3F_INLINE int64_t strip_width(int64_t c, int64_t vec_cols) {
+  return c + kTileCols <= vec_cols ? int64_t(kTileCols) : int64_t(kTileLanes);
+}
+
+// Where a tile prefetches: one cache line at pf + i * step_bytes for each reduction step i < count, into L1, or into
+// L2 only for data needed only after the tile (l2_only).
+struct Prefetch {
+  const char* pf = nullptr;
+  int64_t step_bytes = 0, count = 0;
+  bool l2_only = false;
+};
+
+// Everything from here to the pop is compiled for AVX2 + FMA only (no ISA clones: small_gemm_path takes these kernels
+// only on CPUs with both), lambdas included, which a target attribute on the kernels would not reach.
+#if H3F_HAVE_NARROW_TILES
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+
+// The tile's sums, acc[m][c] = sum over i < steps of s[m][i * s_step] * vec[i * v_step + 8 c + (0 .. 8)] for m < MR,
+// c < NV, are handed to put(m, c, acc[m][c]).
+template <int MR, int NV, typename Put>
+H3F_INLINE void mk_tile(const float* const* s, int64_t s_step, const float* __restrict__ vec, int64_t v_step,
+                        int64_t steps, const Prefetch& p, const Put& put) {
+  V8 acc[MR][NV] = {};
+  for (int64_t i = 0, si = 0, vi = 0; i < steps; ++i, si += s_step, vi += v_step) {
+    if (i < p.count) {
+      if (p.l2_only) {
+        __builtin_prefetch(p.pf + i * p.step_bytes, 0, 1);
+      } else {
+        __builtin_prefetch(p.pf + i * p.step_bytes, 0, 3);
+      }
+    }
+    V8 v[NV];
+    for (int c = 0; c < NV; ++c) v[c] = vload<kTileLanes>(vec + vi + c * kTileLanes);
+    for (int m = 0; m < MR; ++m) {
+      const float x = s[m][si];
+      const V8 b = {x, x, x, x, x, x, x, x};  // one vbroadcastss from memory (splat's V{} + x adds a zero first)
+      for (int c = 0; c < NV; ++c) acc[m][c] += b * v[c];
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < NV; ++c) put(m, c, acc[m][c]);
+}
+
+// mk_tile with MR = mr (1 .. kTileRows) and NV = nv (1, 2).
+template <typename Put>
+H3F_INLINE void run_tile(int mr, int nv, const float* const* s, int64_t s_step, const float* vec, int64_t v_step,
+                         int64_t steps, const Prefetch& p, const Put& put) {
+#define H3F_TILE_CASE(MR)                                    \
+  case MR:                                                   \
+    if (nv == 2) {                                           \
+      mk_tile<MR, 2>(s, s_step, vec, v_step, steps, p, put); \
+    } else {                                                 \
+      mk_tile<MR, 1>(s, s_step, vec, v_step, steps, p, put); \
+    }                                                        \
+    return;
+  switch (mr) {
+    H3F_TILE_CASE(6)
+    H3F_TILE_CASE(5)
+    H3F_TILE_CASE(4)
+    H3F_TILE_CASE(3)
+    H3F_TILE_CASE(2)
+    H3F_TILE_CASE(1)
+    default: return;
+  }
+#undef H3F_TILE_CASE
+}
+
+// out[n, M] = a[n, K] @ w[M, K]^T.
+__attribute__((noinline)) void tile_nt(const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K,
+                                      float* out, int64_t ldo) {
+  // a's rows packed lane-major in blocks of 16 rows (the last one 8 when at most 8 rows remain), zero-padded: block
+  // b, of width(r0) columns from row r0 on, starts width-sized blocks after the previous one.
+  auto width = [n](int64_t r0) { return n - r0 > kTileLanes ? int64_t(kTileCols) : int64_t(kTileLanes); };
+  thread_local std::vector<float> pack_buf;
+  float* const pack = scratch(pack_buf, (n + kTileCols) * K);
+  for (int64_t r0 = 0, used = 0; r0 < n; used += width(r0) * K, r0 += width(r0)) {
+    const int64_t wd = width(r0);
+    float* blk = pack + used;
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t c = 0; c < wd; ++c) blk[i * wd + c] = r0 + c < n ? a[(r0 + c) * lda + i] : 0.0f;
+  }
+  for (int64_t j = 0; j < M; j += kTileRows) {
+    const int mb = static_cast<int>(std::min<int64_t>(kTileRows, M - j));
+    const float* wr[kTileRows];
+    for (int m = 0; m < mb; ++m) wr[m] = w + (j + m) * K;
+    // the next tile's weight rows, contiguous: a line every other step covers them (6 K floats in 3 K / 8 lines)
+    const int64_t next_rows = std::clamp<int64_t>(M - j - kTileRows, 0, kTileRows);
+    const Prefetch next{reinterpret_cast<const char*>(w + std::min(j + kTileRows, M) * K), 32, next_rows * K / 8};
+    for (int64_t r0 = 0, used = 0; r0 < n; used += width(r0) * K, r0 += width(r0)) {
+      const int64_t wd = width(r0);
+      const int64_t rows = std::min(wd, n - r0);
+      // the tile is out's block transposed: lane l of acc[m][c] is out[r0 + 8 c + l, j + m]
+      run_tile(mb, static_cast<int>(wd / kTileLanes), wr, 1, pack + used, wd, K, r0 == 0 ? next : Prefetch{},
+               [&](int m, int c, V8 v) {
+                 for (int64_t l = 0; l < kTileLanes && c * kTileLanes + l < rows; ++l)
+                   out[(r0 + c * kTileLanes + l) * ldo + j + m] = v[l];
+               });
+    }
+  }
+}
+
+// out[n, M] = a[n, K] @ b[K, M]. b is copied in panels of kNnPanel rows (read row after row, as the hardware
+// prefetcher likes) to [strip][row][16] blocks, so that a strip (8 KiB) stays in L1 while every row tile of a passes
+// it. Read in place, a strip of a weight whose rows are a power of two apart (2 KiB at F 512) falls into two of L1's
+// 64 sets, and perf put 30% of the kernel's samples on its loads. The panels' sums add into out in order.
+constexpr int64_t kNnPanel = 128;
+
+__attribute__((noinline)) void tile_nn(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t K,
+                                      int64_t M, float* out, int64_t ldo) {
+  const int64_t vec_cols = M - M % kTileLanes;
+  thread_local std::vector<float> panel_buf;
+  float* const panel = scratch(panel_buf, kNnPanel * vec_cols);
+  // strips of 16 columns, then one of 8 where 8-15 columns are left: strip_cols(j) for the strip at column j
+  auto strip_cols = [vec_cols](int64_t j) { return strip_width(j, vec_cols); };
+  for (int64_t k0 = 0; k0 < K; k0 += kNnPanel) {
+    const int64_t kn = std::min(kNnPanel, K - k0);
+    // the strip at column j starts at panel + j * kn
+    for (int64_t i = 0; i < kn; ++i) {
+      const float* bi = b + (k0 + i) * ldb;
+      for (int64_t j = 0; j < vec_cols; j += strip_cols(j)) {
+        const int64_t cols = strip_cols(j);
+        for (int64_t v = 0; v < cols; v += kTileLanes)
+          vstore(panel + j * kn + i * cols + v, vload<kTileLanes>(bi + j + v));
+      }
+    }
+    // The next panel's rows are prefetched while this one is multiplied, a slice of their lines by each tile (read
+    // only when the copy above reaches them, they stalled it: 30% of the kernel's samples).
+    const int64_t next_rows = std::min(kNnPanel, K - k0 - kn);
+    const int64_t tiles = (vec_cols + kTileCols - 1) / kTileCols * ((n + kTileRows - 1) / kTileRows);
+    const int64_t lines_per_tile = (next_rows * ldb * int64_t(sizeof(float)) / 64 + tiles - 1) / tiles;
+    const char* next = reinterpret_cast<const char*>(b + (k0 + kn) * ldb);
+    int64_t tile = 0;
+    for (int64_t j = 0; j < vec_cols; j += strip_cols(j)) {
+      const int64_t cols = strip_cols(j);
+      for (int64_t r = 0; r < n; r += kTileRows, ++tile) {
+        const int mb = static_cast<int>(std::min<int64_t>(kTileRows, n - r));
+        const float* ar[kTileRows];
+        for (int m = 0; m < mb; ++m) ar[m] = a + (r + m) * lda + k0;
+        const int64_t lines = next_rows > 0 ? std::min(lines_per_tile, kn) : 0;
+        const Prefetch pf{next + tile * lines_per_tile * 64, 64, lines, /*l2_only=*/true};
+        run_tile(mb, static_cast<int>(cols / kTileLanes), ar, 1, panel + j * kn, cols, kn, pf,
+                 [&](int m, int c, V8 v) {
+                   float* dst = out + (r + m) * ldo + j + c * kTileLanes;
+                   if (k0 > 0) v += vload<kTileLanes>(dst);
+                   std::memcpy(dst, &v, sizeof(v));
+                 });
+      }
+    }
+  }
+  for (int64_t j = vec_cols; j < M; ++j)
+    for (int64_t r = 0; r < n; ++r) {
+      float sum = 0.0f;
+      for (int64_t i = 0; i < K; ++i) sum += a[r * lda + i] * b[i * ldb + j];
+      out[r * ldo + j] = sum;
+    }
+}
+
+// out[M, K] = a[n, M]^T @ b[n, K] (a weight gradient: n is the expert's rows). Tiles of 6 output rows walk their
+// rows left to right, so the output is written once, in order, and with non-temporal stores where it is 32-byte
+// aligned: it is the largest thing the backward writes (a [2F, H] fp32 gradient per expert, 64 MB for 64 experts at
+// H512 F256), read next by the optimizer, and an ordinary store first reads every line it writes. Measured on one
+// [32, 510]^T x [32, 512] GEMM into 64 experts' outputs in turn, single thread, AVX2 EPYC: 630-710 us with
+// ordinary stores, 250-345 us with streaming ones.
+__attribute__((noinline)) void tile_tn(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t M,
+                                      int64_t K, float* out, int64_t ldo, bool final_output) {
+  // Both operands packed first (their rows, too, are often a power of two apart): a transposed ([M][n], each column
+  // of a contiguous for the broadcasts) and b as contiguous [n][16] strips (then one [n][8] strip), in column order.
+  thread_local std::vector<float> at_buf, b_buf;
+  float* const at_pack = scratch(at_buf, M * n);
+  float* const b_pack = scratch(b_buf, K * n);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t m = 0; m < M; ++m) at_pack[m * n + r] = a[r * lda + m];
+  const int64_t vec_cols = K - K % kTileLanes;
+  auto strip_cols = [vec_cols](int64_t c) { return strip_width(c, vec_cols); };
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < vec_cols; c += strip_cols(c))
+      for (int64_t v = 0; v < strip_cols(c); v += kTileLanes)
+        vstore(b_pack + c * n + r * strip_cols(c) + v, vload<kTileLanes>(b + r * ldb + c + v));
+  const bool stream = final_output && reinterpret_cast<uintptr_t>(out) % 32 == 0 && ldo % kTileLanes == 0;
+  for (int64_t j = 0; j < M; j += kTileRows) {
+    const int mb = static_cast<int>(std::min<int64_t>(kTileRows, M - j));
+    const float* ac[kTileRows];
+    for (int m = 0; m < mb; ++m) ac[m] = at_pack + (j + m) * n;
+    for (int64_t c = 0; c < vec_cols; c += strip_cols(c)) {
+      const int64_t cols = strip_cols(c);
+      run_tile(mb, static_cast<int>(cols / kTileLanes), ac, 1, b_pack + c * n, cols, n, Prefetch{},
+               [&](int m, int v, V8 acc) {
+                 float* dst = out + (j + m) * ldo + c + v * kTileLanes;
+#if H3F_HAVE_NARROW_TILES
+                 if (stream) {
+                   _mm256_stream_ps(dst, (__m256)acc);
+                   return;
+                 }
+#endif
+                 std::memcpy(dst, &acc, sizeof(acc));
+               });
+    }
+    for (int64_t c = vec_cols; c < K; ++c)
+      for (int m = 0; m < mb; ++m) {
+        float sum = 0.0f;
+        for (int64_t r = 0; r < n; ++r) sum += ac[m][r] * b[r * ldb + c];
+        out[(j + m) * ldo + c] = sum;
+      }
+  }
+#if H3F_HAVE_NARROW_TILES
+  if (stream) _mm_sfence();  // the streamed lines are visible before any other thread reads the gradient
+#endif
+}
+
+#if H3F_HAVE_NARROW_TILES
+#pragma GCC pop_options
+#endif
+
+}  // namespace
+}  // namespace h3fusion::cpu
