@@ -136,14 +136,14 @@ H3F_INLINE void run_tile(int mr, int nv, const float* const* s, int64_t s_step, 
 // out[n, M] = a[n, K] @ w[M, K]^T.
 __attribute__((noinline)) void tile_nt(const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K,
                                       float* out, int64_t ldo) {
-  // a's rows packed lane-major in blocks of 16 rows (the last one 8 when at most 8 rows remain), zero-padded: block
-  // b, of width(r0) columns from row r0 on, starts width-sized blocks after the previous one.
+  // a's rows packed lane-major in blocks of 16 rows (the last one 8 when at most 8 rows remain), zero-padded: the
+  // block of rows from r0 on, width(r0) columns wide, starts at pack + r0 * K (every block before it is 16 wide).
   auto width = [n](int64_t r0) { return n - r0 > kTileLanes ? int64_t(kTileCols) : int64_t(kTileLanes); };
   thread_local std::vector<float> pack_buf;
   float* const pack = scratch(pack_buf, (n + kTileCols) * K);
-  for (int64_t r0 = 0, used = 0; r0 < n; used += width(r0) * K, r0 += width(r0)) {
+  for (int64_t r0 = 0; r0 < n; r0 += width(r0)) {
     const int64_t wd = width(r0);
-    float* blk = pack + used;
+    float* blk = pack + r0 * K;
     for (int64_t i = 0; i < K; ++i)
       for (int64_t c = 0; c < wd; ++c) blk[i * wd + c] = r0 + c < n ? a[(r0 + c) * lda + i] : 0.0f;
   }
@@ -154,11 +154,11 @@ __attribute__((noinline)) void tile_nt(const float* a, int64_t lda, int64_t n, c
     // the next tile's weight rows, contiguous: a line every other step covers them (6 K floats in 3 K / 8 lines)
     const int64_t next_rows = std::clamp<int64_t>(M - j - kTileRows, 0, kTileRows);
     const Prefetch next{reinterpret_cast<const char*>(w + std::min(j + kTileRows, M) * K), 32, next_rows * K / 8};
-    for (int64_t r0 = 0, used = 0; r0 < n; used += width(r0) * K, r0 += width(r0)) {
+    for (int64_t r0 = 0; r0 < n; r0 += width(r0)) {
       const int64_t wd = width(r0);
       const int64_t rows = std::min(wd, n - r0);
       // the tile is out's block transposed: lane l of acc[m][c] is out[r0 + 8 c + l, j + m]
-      run_tile(mb, static_cast<int>(wd / kTileLanes), wr, 1, pack + used, wd, K, r0 == 0 ? next : Prefetch{},
+      run_tile(mb, static_cast<int>(wd / kTileLanes), wr, 1, pack + r0 * K, wd, K, r0 == 0 ? next : Prefetch{},
                [&](int m, int c, V8 v) {
                  for (int64_t l = 0; l < kTileLanes && c * kTileLanes + l < rows; ++l)
                    out[(r0 + c * kTileLanes + l) * ldo + j + m] = v[l];
@@ -178,15 +178,13 @@ __attribute__((noinline)) void tile_nn(const float* a, int64_t lda, int64_t n, c
   const int64_t vec_cols = M - M % kTileLanes;
   thread_local std::vector<float> panel_buf;
   float* const panel = scratch(panel_buf, kNnPanel * vec_cols);
-  // strips of 16 columns, then one of 8 where 8-15 columns are left: strip_cols(j) for the strip at column j
-  auto strip_cols = [vec_cols](int64_t j) { return strip_width(j, vec_cols); };
   for (int64_t k0 = 0; k0 < K; k0 += kNnPanel) {
     const int64_t kn = std::min(kNnPanel, K - k0);
     // the strip at column j starts at panel + j * kn
     for (int64_t i = 0; i < kn; ++i) {
       const float* bi = b + (k0 + i) * ldb;
-      for (int64_t j = 0; j < vec_cols; j += strip_cols(j)) {
-        const int64_t cols = strip_cols(j);
+      for (int64_t j = 0; j < vec_cols; j += strip_width(j, vec_cols)) {
+        const int64_t cols = strip_width(j, vec_cols);
         for (int64_t v = 0; v < cols; v += kTileLanes)
           vstore(panel + j * kn + i * cols + v, vload<kTileLanes>(bi + j + v));
       }
@@ -195,16 +193,18 @@ __attribute__((noinline)) void tile_nn(const float* a, int64_t lda, int64_t n, c
     // only when the copy above reaches them, they stalled it: 30% of the kernel's samples).
     const int64_t next_rows = std::min(kNnPanel, K - k0 - kn);
     const int64_t tiles = (vec_cols + kTileCols - 1) / kTileCols * ((n + kTileRows - 1) / kTileRows);
-    const int64_t lines_per_tile = (next_rows * ldb * int64_t(sizeof(float)) / 64 + tiles - 1) / tiles;
+    // (no tiles when M < 8: all columns are the scalar tail)
+    const int64_t lines_per_tile =
+        tiles > 0 ? (next_rows * ldb * int64_t(sizeof(float)) / 64 + tiles - 1) / tiles : 0;
+    const int64_t lines = next_rows > 0 ? std::min(lines_per_tile, kn) : 0;
     const char* next = reinterpret_cast<const char*>(b + (k0 + kn) * ldb);
     int64_t tile = 0;
-    for (int64_t j = 0; j < vec_cols; j += strip_cols(j)) {
-      const int64_t cols = strip_cols(j);
+    for (int64_t j = 0; j < vec_cols; j += strip_width(j, vec_cols)) {
+      const int64_t cols = strip_width(j, vec_cols);
       for (int64_t r = 0; r < n; r += kTileRows, ++tile) {
         const int mb = static_cast<int>(std::min<int64_t>(kTileRows, n - r));
         const float* ar[kTileRows];
         for (int m = 0; m < mb; ++m) ar[m] = a + (r + m) * lda + k0;
-        const int64_t lines = next_rows > 0 ? std::min(lines_per_tile, kn) : 0;
         const Prefetch pf{next + tile * lines_per_tile * 64, 64, lines, /*l2_only=*/true};
         run_tile(mb, static_cast<int>(cols / kTileLanes), ar, 1, panel + j * kn, cols, kn, pf,
                  [&](int m, int c, V8 v) {
@@ -239,18 +239,19 @@ __attribute__((noinline)) void tile_tn(const float* a, int64_t lda, int64_t n, c
   for (int64_t r = 0; r < n; ++r)
     for (int64_t m = 0; m < M; ++m) at_pack[m * n + r] = a[r * lda + m];
   const int64_t vec_cols = K - K % kTileLanes;
-  auto strip_cols = [vec_cols](int64_t c) { return strip_width(c, vec_cols); };
   for (int64_t r = 0; r < n; ++r)
-    for (int64_t c = 0; c < vec_cols; c += strip_cols(c))
-      for (int64_t v = 0; v < strip_cols(c); v += kTileLanes)
-        vstore(b_pack + c * n + r * strip_cols(c) + v, vload<kTileLanes>(b + r * ldb + c + v));
+    for (int64_t c = 0; c < vec_cols; c += strip_width(c, vec_cols)) {
+      const int64_t cols = strip_width(c, vec_cols);
+      for (int64_t v = 0; v < cols; v += kTileLanes)
+        vstore(b_pack + c * n + r * cols + v, vload<kTileLanes>(b + r * ldb + c + v));
+    }
   const bool stream = final_output && reinterpret_cast<uintptr_t>(out) % 32 == 0 && ldo % kTileLanes == 0;
   for (int64_t j = 0; j < M; j += kTileRows) {
     const int mb = static_cast<int>(std::min<int64_t>(kTileRows, M - j));
     const float* ac[kTileRows];
     for (int m = 0; m < mb; ++m) ac[m] = at_pack + (j + m) * n;
-    for (int64_t c = 0; c < vec_cols; c += strip_cols(c)) {
-      const int64_t cols = strip_cols(c);
+    for (int64_t c = 0; c < vec_cols; c += strip_width(c, vec_cols)) {
+      const int64_t cols = strip_width(c, vec_cols);
       run_tile(mb, static_cast<int>(cols / kTileLanes), ac, 1, b_pack + c * n, cols, n, Prefetch{},
                [&](int m, int v, V8 acc) {
                  float* dst = out + (j + m) * ldo + c + v * kTileLanes;
