@@ -379,8 +379,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward(
     acc_t* gwp = need_w ? grad_w_pair.mutable_data_ptr<acc_t>() : nullptr;
     for_each_expert(off, E, nt, [&](int64_t slot, int64_t e, int64_t r0, int64_t n) {
       if (n == 0) {  // no rows: the expert's weights get zero gradient
-        if (need_gu) grad_gu[e].zero_();
-        if (need_down) grad_down[e].zero_();
+        if (need_gu) zero_gradient(grad_gu[e]);
+        if (need_down) zero_gradient(grad_down[e]);
         return;
       }
       at::Tensor G_e = G[slot].narrow(0, 0, n), UA_e = UA[slot].narrow(0, 0, n);

@@ -24,6 +24,10 @@
 #include <string>
 #include <type_traits>
 
+#if defined(__x86_64__)
+#include <emmintrin.h>  // SSE2 (streaming stores), part of every x86-64 ISA level
+#endif
+
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 #define H3F_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -184,19 +188,50 @@ H3F_INLINE typename Vec<L>::f vload(const scalar_t* p) {
   return v;
 }
 
-// bf16: round to nearest even, NaN stays NaN (c10::BFloat16's rounding).
+// The bytes vstore writes for L floats: the vector itself (fp32), or L bf16 rounded to nearest even with NaN kept NaN
+// (c10::BFloat16's rounding).
 template <typename scalar_t, typename V>
-H3F_INLINE void vstore(scalar_t* p, V v) {
+H3F_INLINE auto vstore_bytes(V v) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    std::memcpy(p, &v, sizeof(v));
+    return v;
   } else {
     using VU = typename Vec<kLanesOf<V>>::u;
     const VU u = (VU)v;
     const VU rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     const VU bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? VU{} + 0x7FC0u : rounded;
-    const auto h = __builtin_convertvector(bits, typename Vec<kLanesOf<V>>::h);
-    std::memcpy(p, &h, sizeof(h));
+    return __builtin_convertvector(bits, typename Vec<kLanesOf<V>>::h);
   }
+}
+template <typename scalar_t, typename V>
+H3F_INLINE void vstore(scalar_t* p, V v) {
+  const auto bytes = vstore_bytes<scalar_t>(v);
+  std::memcpy(p, &bytes, sizeof(bytes));
+}
+
+// vstore with non-temporal stores, for an output written once and not read again soon (a weight gradient): the lines
+// bypass the cache and are not first read in, as a plain store's are, so writing memory-bound output moves half the
+// bytes. 16-byte SSE2 stores, which every x86-64 ISA level (so every clone) has; the write-combining buffers still
+// fill whole lines, since each row is written front to back. p must be 16-byte aligned; end with stream_fence().
+template <typename scalar_t, typename V>
+H3F_INLINE void vstore_stream(scalar_t* p, V v) {
+  const auto bytes = vstore_bytes<scalar_t>(v);
+#if defined(__x86_64__)
+  if constexpr (sizeof(bytes) % 16 == 0) {
+    for (size_t i = 0; i < sizeof(bytes); i += 16) {
+      __m128i chunk;
+      std::memcpy(&chunk, reinterpret_cast<const char*>(&bytes) + i, 16);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(reinterpret_cast<char*>(p) + i), chunk);
+    }
+    return;
+  }
+#endif
+  std::memcpy(p, &bytes, sizeof(bytes));
+}
+// Orders the streamed stores before whatever follows (another thread reading the output).
+H3F_INLINE void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
 }
 
 // Prefetch distances of the GEMM kernels (small_gemm.h, bf16_tiles.h's row-axpy form; its packed-rows form fetches the
