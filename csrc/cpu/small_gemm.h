@@ -243,8 +243,9 @@ H3F_ROW_FN void mid_nn(const float* a, int64_t lda, int64_t n, const float* b, i
 // ---- outer-product form: out[j, :] = sum_r a[r, j] * b[r, :] -----------------------------------------------------
 // The n rows of b stay in L1 while the output (a weight gradient) is written once, row by row; every element sums r
 // in ascending order. Writing the output is all the memory traffic there is, so with `stream` (the output is the
-// gradient itself, 16-byte aligned rows) it goes out with non-temporal stores: T4 H512 F1408 E8 k2 fp32 fwd+bwd,
-// 2 threads, AVX2, interleaved medians: see matmul_tn_into.
+// gradient itself, 16-byte aligned rows) it goes out with non-temporal stores, which do not read each line first:
+// T4 H512 F1408 E8 k2 fwd+bwd, 2 threads, AVX2, medians of 21 interleaved calls: fp32 9.58 -> 8.55 ms, bf16
+// 7.72 -> 7.10 ms; T16 H512 F256 E64 k8 fp32 17.2 -> 15.1 ms.
 template <int L, typename scalar_t>
 H3F_INLINE void small_tn_l(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* b, int64_t ldb, int64_t M,
                            int64_t K, scalar_t* out, int64_t ldo, bool stream) {
