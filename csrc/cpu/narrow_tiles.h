@@ -88,7 +88,11 @@ struct Prefetch {
 template <int MR, int NV, typename Put>
 H3F_INLINE void mk_tile(const float* const* s, int64_t s_step, const float* __restrict__ vec, int64_t v_step,
                         int64_t steps, const Prefetch& p, const Put& put) {
-  V8 acc[MR][NV] = {};
+  // Zeroed one register at a time: as an aggregate (`= {}`) GCC zeroed the array in memory with `rep stos` before
+  // every tile of tile_nt (2% of its samples).
+  V8 acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < NV; ++c) acc[m][c] = V8{};
   for (int64_t i = 0, si = 0, vi = 0; i < steps; ++i, si += s_step, vi += v_step) {
     if (i < p.count) {
       if (p.l2_only) {
