@@ -25,8 +25,8 @@ def check_against_reference(tensors, scaling, atol, rtol, activation="silu"):
     atol grows to 32 ulps of the tensor's largest magnitude: a shared base's gradient sums all 300 rows, with terms
     that reach ~150, so a small element of it is a few ulps of that scale off (seed 1746039321: 5.6e-5 on an element
     of 0.08 in a tensor whose largest is 149). The summation order is not the reference's (which is MKL's), so the
-    tolerance rule of conftest does not fit either: ours was 4-5x PyTorch's fp32 error on such draws, 5-7 ulps of the
-    scale. A wrong kernel is off by O(1) of the scale, hundreds of thousands of ulps."""
+    tolerance rule of conftest does not fit either: it failed on 11 of 25 seeds, ours 3-4.5x PyTorch's fp32 error, 5-7
+    ulps of the scale. A wrong kernel is off by O(1) of the scale, hundreds of thousands of ulps."""
     grad_y = torch.randn_like(tensors[0])
     y, grads = run_with_grads(ours, tensors, scaling, grad_y, activation)
     hi = tuple(t.double() if t.is_floating_point() else t for t in tensors)
