@@ -3,7 +3,14 @@
 a plain dense `mm` of the same dtype and thread count measured in the same run.
 
 One row per (case, dtype, mode) with every implementation's median time as its own column, `vs_best` (the fastest
-transformers implementation's time / ours) and `pct_of_dense` (our FLOP rate as a percentage of the dense `mm`'s).
+transformers implementation's time / ours), and ours against the machine's two limits, each measured in the same run:
+`pct_of_dense`, our FLOP rate as a percentage of the dense `mm`'s (the limit of the large shapes), and
+`pct_of_memory`, the bytes the layer cannot avoid moving over our time, as a percentage of the rate at which a plain
+`sum` reads the active experts' weights (the limit at decode sizes, where each weight is used by a token or two).
+Bytes that cannot be avoided: the active experts' weights, read once in the forward and once more in the backward,
+and, with weight gradients, a gradient for every expert written once (activations, a few rows at decode sizes, are
+left out, so this is a lower bound on the bytes). Above 100% means part of the weights came from the cache: the
+benchmark calls one layer over and over, where a model's layers would each bring their own weights.
 Modes: `fwd` (torch.no_grad), `fwd+bwd` (gradients of x, routing weights and both expert weights) and
 `fwd+bwd frozen` (expert weights frozen: gradients of x and routing weights only, as with LoRA or frozen experts).
 Every implementation gets two untimed warm-up calls (a user's first steps), then the implementations run
@@ -151,6 +158,27 @@ def dense_mm_step(T: int, H: int, F_: int, k: int, dtype: torch.dtype, device: s
     return (lambda: torch.mm(a, w.t())), 2.0 * T * k * H * 2 * F_
 
 
+def weights_read_step(p: dict):
+    """A plain `sum` over the weights of the experts the routing uses (the forward's unavoidable reads at decode
+    sizes), one expert at a time in place; returns (fn, bytes read, experts' bytes of all E experts)."""
+    with torch.no_grad():
+        _, experts = _route(h3fusion_ext, p)
+    active = sorted(set(experts.flatten().tolist()))
+    gate_up, down = p["gate_up"], p["down"]
+    expert_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+
+    def read():
+        return [(gate_up[e].sum(), down[e].sum()) for e in active]
+
+    return read, len(active) * expert_bytes, gate_up.shape[0] * expert_bytes
+
+
+def unavoidable_bytes(active_bytes: int, all_bytes: int, mode: str) -> int:
+    """Bytes a layer must move (weights and weight gradients only): the active experts' weights read in the forward
+    and again in the backward, and with weight gradients one for every expert, written once."""
+    return {"fwd": active_bytes, "fwd+bwd frozen": 2 * active_bytes, "fwd+bwd": 2 * active_bytes + all_bytes}[mode]
+
+
 def _cases(device: str, quick: bool):
     if not device.startswith("cuda"):
         for T, H, F_, E, k in CPU_CASES_QUICK if quick else CPU_CASES:
@@ -164,7 +192,8 @@ def _cases(device: str, quick: bool):
 
 def collect(device: str, quick: bool, case_filter: str = "") -> list[dict]:
     """Rows: bench, case, dtype, mode, <impl>_ms for ours and each transformers implementation, vs_best,
-    pct_of_dense, ours_gflops, dense_gflops, peak_mem_mb / eager_peak_mem_mb (fwd rows), plus the shape."""
+    pct_of_dense, ours_gflops, dense_gflops, pct_of_memory, ours_gbps, read_gbps, peak_mem_mb / eager_peak_mem_mb
+    (fwd rows), plus the shape."""
     rows: list[dict] = []
     on_gpu = device.startswith("cuda")
     budget = 1.0 if on_gpu else (4.0 if quick else 8.0)
@@ -178,11 +207,13 @@ def collect(device: str, quick: bool, case_filter: str = "") -> list[dict]:
         if case_filter and case_filter not in case:
             continue
         dense_fn, dense_flops = dense_mm_step(T, H, F_, k, dtype, device)
+        read_fn, active_bytes, all_bytes = weights_read_step(make_params(T, H, F_, E, k, dtype, device))
         for mode in MODES:
             fns, _p = _steps(T, H, F_, E, k, dtype, device, mode)
             # the dense mm runs interleaved with every mode's calls, so each row's fraction of it comes from the same
             # minutes of the machine (on a shared host the same mm measured 220-400 GFLOP/s a few minutes apart)
             fns["dense_mm"] = dense_fn
+            fns["weights_read"] = read_fn
             timings = time_interleaved(
                 fns,
                 device,
@@ -194,6 +225,8 @@ def collect(device: str, quick: bool, case_filter: str = "") -> list[dict]:
             )
             dense = timings.pop("dense_mm")
             dense_rate = dense_flops / (dense["median_ms"] * 1e-3) if isinstance(dense, dict) else None
+            read = timings.pop("weights_read")
+            read_rate = active_bytes / (read["median_ms"] * 1e-3) if isinstance(read, dict) else None
             row = {"bench": "moe", "case": case, "dtype": str(dtype).split(".")[-1], "mode": mode}
             row.update({"T": T, "H": H, "F": F_, "E": E, "k": k})
             errors = []
@@ -217,6 +250,11 @@ def collect(device: str, quick: bool, case_filter: str = "") -> list[dict]:
                 if dense_rate:
                     row["dense_gflops"] = dense_rate / 1e9
                     row["pct_of_dense"] = 100.0 * rate / dense_rate
+                if read_rate:
+                    bytes_rate = unavoidable_bytes(active_bytes, all_bytes, mode) / (ours_ms * 1e-3)
+                    row["ours_gbps"] = bytes_rate / 1e9
+                    row["read_gbps"] = read_rate / 1e9
+                    row["pct_of_memory"] = 100.0 * bytes_rate / read_rate
             if mode == "fwd":
                 for impl in ("ours", "eager"):
                     if impl in fns:
@@ -233,7 +271,7 @@ def collect(device: str, quick: bool, case_filter: str = "") -> list[dict]:
 
 TABLE_COLUMNS = [
     "case", "dtype", "mode", "ours_ms", "eager_ms", "grouped_mm_ms", "batched_mm_ms", "vs_best", "pct_of_dense",
-    "peak_mem_mb", "eager_peak_mem_mb", "error",
+    "pct_of_memory", "peak_mem_mb", "eager_peak_mem_mb", "error",
 ]  # fmt: skip
 
 

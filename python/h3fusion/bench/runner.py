@@ -37,6 +37,7 @@ COLUMNS = [
     "batched_mm_ms",
     "vs_best",
     "pct_of_dense",
+    "pct_of_memory",
     "median_ms",
     "tflops",
     "gbps",

@@ -1,0 +1,60 @@
+"""The MoE benchmark's rows: every implementation's column and ours against both machine limits (dense `mm` FLOPs
+and the unavoidable bytes against a plain read of the active experts' weights), on a tiny case.
+
+No timing is asserted (speed is shown by the benchmark itself); the tests check the byte and FLOP accounting.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from h3fusion.bench import moe_bench
+
+
+def test_weights_read_step_reads_exactly_the_active_experts():
+    # 3 tokens, top-1 over 8 experts: at most 3 experts are active, so the read covers fewer bytes than all 8
+    T, H, F, E, k = 3, 16, 8, 8, 1
+    p = moe_bench.make_params(T, H, F, E, k, torch.float32, "cpu")
+    read, active_bytes, all_bytes = moe_bench.weights_read_step(p)
+    _, experts = moe_bench._route(moe_bench.h3fusion_ext, p)
+    expert_bytes = 3 * H * F * 4
+    assert all_bytes == E * expert_bytes
+    assert active_bytes == len(set(experts.flatten().tolist())) * expert_bytes
+    assert active_bytes <= T * expert_bytes < all_bytes
+    sums = read()
+    assert len(sums) * expert_bytes == active_bytes
+    active = sorted(set(experts.flatten().tolist()))
+    torch.testing.assert_close(torch.stack([s[0] for s in sums]), p["gate_up"][active].sum(dim=(1, 2)))
+
+
+def test_unavoidable_bytes_per_mode():
+    assert moe_bench.unavoidable_bytes(30, 80, "fwd") == 30
+    assert moe_bench.unavoidable_bytes(30, 80, "fwd+bwd frozen") == 60  # read again by the backward
+    assert moe_bench.unavoidable_bytes(30, 80, "fwd+bwd") == 140  # plus a gradient for every expert
+    with pytest.raises(KeyError):
+        moe_bench.unavoidable_bytes(30, 80, "bwd")
+
+
+def test_collect_rows_carry_both_limits(monkeypatch):
+    pytest.importorskip("transformers")
+    T, H, F, E, k = 6, 16, 8, 4, 2
+    monkeypatch.setattr(moe_bench, "CPU_CASES_QUICK", [(T, H, F, E, k)])
+    rows = moe_bench.collect("cpu", quick=True)
+    assert [(r["dtype"], r["mode"]) for r in rows] == [
+        (dt, mode) for dt in ("float32", "bfloat16") for mode in moe_bench.MODES
+    ]
+    byte_counts = {
+        str(dt).split(".")[-1]: moe_bench.weights_read_step(moe_bench.make_params(T, H, F, E, k, dt, "cpu"))[1:]
+        for dt in (torch.float32, torch.bfloat16)
+    }
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        for impl in ("ours",) + moe_bench.HF_IMPLS:
+            assert r[f"{impl}_ms"] > 0
+        best = min(r[f"{impl}_ms"] for impl in moe_bench.HF_IMPLS)
+        assert r["vs_best"] == pytest.approx(best / r["ours_ms"])
+        assert r["pct_of_dense"] == pytest.approx(100 * r["ours_gflops"] / r["dense_gflops"])
+        assert r["pct_of_memory"] == pytest.approx(100 * r["ours_gbps"] / r["read_gbps"])
+        # the bytes behind ours_gbps: the mode's unavoidable bytes in this dtype
+        expected = moe_bench.unavoidable_bytes(*byte_counts[r["dtype"]], r["mode"])
+        assert r["ours_gbps"] * 1e9 * r["ours_ms"] * 1e-3 == pytest.approx(expected)
