@@ -9,8 +9,8 @@
 // thread, on an AVX2 EPYC: MKL 407 us, this tile 235-240 us.
 //
 // The tile (mk_tile) computes acc[m][v] += s[m](i) * vec(i)[8v .. 8v + 8) over a reduction index i, where
-//   a.w^T (nt): s[m] = weight row j + m, read in place; vec = a's rows packed lane-major ([K][16] per block of 16
-//               rows, zero-padded), so out is the tile transposed;
+//   a.w^T (nt): s[m] = weight row j + m, read in place; vec = a's rows packed lane-major ([K][16] per full block of
+//               16 rows), so out is the tile transposed; the 0-15 rows past the last block take dot products instead;
 //   a.b   (nn): s[m] = row r + m of a; vec = 16 columns of b's row i, from a packed panel of b;
 //   a^T.b (tn): s[m] = column j + m of a, vec = 16 columns of b's row i (i runs over a's n rows), both packed.
 // Operands other than a.w^T's weight are packed because their rows are often a power of two apart (2 KiB at 512
@@ -137,37 +137,78 @@ H3F_INLINE void run_tile(int mr, int nv, const float* const* s, int64_t s_step, 
 #undef H3F_TILE_CASE
 }
 
-// out[n, M] = a[n, K] @ w[M, K]^T.
+// out[r, m] = a[r, :] . wr[m][:] for r < NR, m < mb: dot products over K, 8 lanes a step, of NR rows of a (read in
+// place) by kTileRows weight rows (wr holds kTileRows pointers; those past mb repeat a row, their sums dropped), then
+// each row's accumulators folded to one vector of sums (lane m) and the scalar K tail added. At NR = 2: 12
+// accumulators and 8 loads per 12 FMAs, like the broadcast tile, with no lanes to pad. The lines of p are prefetched
+// spread evenly over the steps.
+template <int NR>
+H3F_INLINE void dot_rows_nt(const float* a, int64_t lda, const float* const* wr, int mb, int64_t K, const Prefetch& p,
+                            float* out, int64_t ldo) {
+  V8 acc[NR][kTileRows];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < kTileRows; ++m) acc[r][m] = V8{};
+  const int64_t kv = K - K % kTileLanes;
+  const int64_t per_step = p.count > 0 ? (p.count * kTileLanes + kv - 1) / std::max<int64_t>(kv, 1) : 0;
+  int64_t line = 0;
+  for (int64_t i = 0; i < kv; i += kTileLanes) {
+    for (int64_t q = 0; q < per_step && line < p.count; ++q, ++line)
+      __builtin_prefetch(p.pf + line * p.step_bytes, 0, 3);
+    V8 x[NR];
+    for (int r = 0; r < NR; ++r) x[r] = vload<kTileLanes>(a + r * lda + i);
+    for (int m = 0; m < kTileRows; ++m) {
+      const V8 wv = vload<kTileLanes>(wr[m] + i);
+      for (int r = 0; r < NR; ++r) acc[r][m] += x[r] * wv;
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    V8 v[kTileLanes];
+    for (int m = 0; m < kTileLanes; ++m) v[m] = m < kTileRows ? acc[r][m] : V8{};
+    const V8 sums = fold_lanes(v);
+    for (int m = 0; m < mb; ++m) {
+      float t = sums[m];
+      for (int64_t i = kv; i < K; ++i) t += a[r * lda + i] * wr[m][i];
+      out[r * ldo + m] = t;
+    }
+  }
+}
+
+// out[n, M] = a[n, K] @ w[M, K]^T: a's full blocks of 16 rows on the broadcast tile, the 0-15 rows after them on
+// dot_rows_nt, which pads nothing. Padded to 8 or 16 lanes, the rows of T256 H512 F256 E64 k8's experts (32 +- 6
+// each) put about a tenth of the tile's FMAs on padding; with the tail on dot products that fp32 forward went 12.07 ->
+// 11.52 ms (medians of 101 interleaved calls, 2 threads, AVX2 EPYC). Every row on dot products took 16.2 ms: they
+// run well below the broadcast tile, so they only take the rows it would pad.
 __attribute__((noinline)) void tile_nt(const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K,
                                       float* out, int64_t ldo) {
-  // a's rows packed lane-major in blocks of 16 rows (the last one 8 when at most 8 rows remain), zero-padded: the
-  // block of rows from r0 on, width(r0) columns wide, starts at pack + r0 * K (every block before it is 16 wide).
-  auto width = [n](int64_t r0) { return n - r0 > kTileLanes ? int64_t(kTileCols) : int64_t(kTileLanes); };
+  // a's full blocks packed lane-major, [K][16] each: the block of rows from r0 on starts at pack + r0 * K
+  const int64_t n16 = n - n % kTileCols;
   thread_local std::vector<float> pack_buf;
-  float* const pack = scratch(pack_buf, (n + kTileCols) * K);
-  for (int64_t r0 = 0; r0 < n; r0 += width(r0)) {
-    const int64_t wd = width(r0);
+  float* const pack = scratch(pack_buf, n16 * K);
+  for (int64_t r0 = 0; r0 < n16; r0 += kTileCols) {
     float* blk = pack + r0 * K;
     for (int64_t i = 0; i < K; ++i)
-      for (int64_t c = 0; c < wd; ++c) blk[i * wd + c] = r0 + c < n ? a[(r0 + c) * lda + i] : 0.0f;
+      for (int64_t c = 0; c < kTileCols; ++c) blk[i * kTileCols + c] = a[(r0 + c) * lda + i];
   }
   for (int64_t j = 0; j < M; j += kTileRows) {
     const int mb = static_cast<int>(std::min<int64_t>(kTileRows, M - j));
     const float* wr[kTileRows];
-    for (int m = 0; m < mb; ++m) wr[m] = w + (j + m) * K;
-    // the next tile's weight rows, contiguous: a line every other step covers them (6 K floats in 3 K / 8 lines)
+    for (int m = 0; m < kTileRows; ++m) wr[m] = w + (j + std::min(m, mb - 1)) * K;
+    // the next tile's weight rows, contiguous, prefetched by the first block: a line every other step covers them (6
+    // K floats in 3 K / 8 lines), or by the first rows on dot_rows_nt when there is no block
     const int64_t next_rows = std::clamp<int64_t>(M - j - kTileRows, 0, kTileRows);
-    const Prefetch next{reinterpret_cast<const char*>(w + std::min(j + kTileRows, M) * K), 32, next_rows * K / 8};
-    for (int64_t r0 = 0; r0 < n; r0 += width(r0)) {
-      const int64_t wd = width(r0);
-      const int64_t rows = std::min(wd, n - r0);
+    const char* next_w = reinterpret_cast<const char*>(w + std::min(j + kTileRows, M) * K);
+    for (int64_t r0 = 0; r0 < n16; r0 += kTileCols) {
       // the tile is out's block transposed: lane l of acc[m][c] is out[r0 + 8 c + l, j + m]
-      run_tile(mb, static_cast<int>(wd / kTileLanes), wr, 1, pack + r0 * K, wd, K, r0 == 0 ? next : Prefetch{},
-               [&](int m, int c, V8 v) {
-                 for (int64_t l = 0; l < kTileLanes && c * kTileLanes + l < rows; ++l)
-                   out[(r0 + c * kTileLanes + l) * ldo + j + m] = v[l];
-               });
+      const Prefetch pf = r0 == 0 ? Prefetch{next_w, 32, next_rows * K / 8} : Prefetch{};
+      run_tile(mb, 2, wr, 1, pack + r0 * K, kTileCols, K, pf, [&](int m, int c, V8 v) {
+        for (int l = 0; l < kTileLanes; ++l) out[(r0 + c * kTileLanes + l) * ldo + j + m] = v[l];
+      });
     }
+    const Prefetch tail_pf = n16 == 0 ? Prefetch{next_w, 64, next_rows * K / 16} : Prefetch{};
+    int64_t r = n16;
+    for (; r + 2 <= n; r += 2)
+      dot_rows_nt<2>(a + r * lda, lda, wr, mb, K, r == n16 ? tail_pf : Prefetch{}, out + r * ldo + j, ldo);
+    if (r < n) dot_rows_nt<1>(a + r * lda, lda, wr, mb, K, r == n16 ? tail_pf : Prefetch{}, out + r * ldo + j, ldo);
   }
 }
 

@@ -61,7 +61,18 @@ def check_against_fp64(inputs, weights_factor=None, atol=1e-6):
     stored in the activation dtype (as every GEMM output, on the BLAS path too), while the reference rounds the expert
     output instead, and the two roundings' errors differ by up to ~4x on a bad draw (3 of 150 draws at H7 F5 in
     test_moe_small_gemm; 1 of 150 in test_token_group_forward_matches_reference's routing by position, ratio 3.3; one
-    draw there reached 4.0). A wrong kernel is off by O(1), not a few ulps."""
+    draw there reached 4.0). A wrong kernel is off by O(1), not a few ulps.
+
+    The routing weights' gradient also gets a floor of 16 fp32 ulps of its largest value: it contracts over
+    both H and F, and the op (U . act over F) and PyTorch (dY . out over H) associate the sums differently; with a few
+    values per draw their cancellation varies, and the two errors are uncorrelated. Over 1000 draws at T3 H37 F19 E8
+    k2 fp32 PyTorch's own error reached 11.4 ulps of the largest value and ours 15.3 (medians 1.3 and 1.5), and a
+    factor of PyTorch's error on the same draw failed 1.6% of them.
+
+    bf16 values get factor 2.5: the pre-activation and the activation are stored in bf16 by both, and where one
+    rounding falls the other way the output moves by about an ulp more than PyTorch's own error (token groups' empty
+    expert case, T1300 H8 F12 E3 k2, 300 draws: ratio median 0.82, 95th percentile 1.21, max 2.19)."""
+    y_factor = 2.5 if inputs[0].dtype == torch.bfloat16 else 2.0
     if weights_factor is None:
         weights_factor = 6.0 if inputs[0].dtype == torch.bfloat16 else 3.0
     grad_y = torch.randn_like(inputs[0])
@@ -70,10 +81,12 @@ def check_against_fp64(inputs, weights_factor=None, atol=1e-6):
     hi = [t.double() if t.is_floating_point() else t for t in inputs]
     hp_y, hp_grads = run_with_grads(reference.moe_ffn, hi, grad_y.double())
     assert y.dtype == inputs[0].dtype
-    assert_close_to_reference(y, ref_y, hp_y, factor=2.0, what="y")
+    assert_close_to_reference(y, ref_y, hp_y, factor=y_factor, what="y")
     for name, g, rg, hg in zip(("x", "weights", "gate_up_proj", "down_proj"), grads, ref_grads, hp_grads, strict=True):
-        factor = weights_factor if name == "weights" else 3.0
-        assert_close_to_reference(g, rg, hg, factor=factor, atol=atol, what=f"grad {name}")
+        factor, floor = (weights_factor if name == "weights" else 3.0), atol
+        if name == "weights":  # see the docstring: 16 fp32 ulps of the largest value
+            floor = max(atol, 16 * torch.finfo(torch.float32).eps * hg.abs().max().item())
+        assert_close_to_reference(g, rg, hg, factor=factor, atol=floor, what=f"grad {name}")
     return y
 
 
