@@ -137,9 +137,29 @@ H3F_INLINE void run_tile(int mr, int nv, const float* const* s, int64_t s_step, 
 #undef H3F_TILE_CASE
 }
 
+// s[m] = the sum of v[m]'s lanes for m < 6 (s[6], s[7] are scratch), by a fixed tree: pairs of lanes (hadd), pairs
+// of pairs, then the two 128-bit halves.
+H3F_INLINE void lane_sums6(const V8* v, float* s) {
+#if H3F_HAVE_NARROW_TILES
+  const __m256 h01 = _mm256_hadd_ps(__m256(v[0]), __m256(v[1]));
+  const __m256 h23 = _mm256_hadd_ps(__m256(v[2]), __m256(v[3]));
+  const __m256 h45 = _mm256_hadd_ps(__m256(v[4]), __m256(v[5]));
+  const __m256 q0 = _mm256_hadd_ps(h01, h23), q1 = _mm256_hadd_ps(h45, h45);
+  _mm_storeu_ps(s, _mm_add_ps(_mm256_castps256_ps128(q0), _mm256_extractf128_ps(q0, 1)));
+  _mm_storeu_ps(s + 4, _mm_add_ps(_mm256_castps256_ps128(q1), _mm256_extractf128_ps(q1, 1)));
+#else
+  for (int m = 0; m < kTileRows; ++m) {
+    float t = 0.0f;
+    for (int l = 0; l < kTileLanes; ++l) t += v[m][l];
+    s[m] = t;
+  }
+#endif
+}
+
 // out[r, m] = a[r, :] . wr[m][:] for r < NR, m < mb: dot products over K, 8 lanes a step, of NR rows of a (read in
 // place) by kTileRows weight rows (wr holds kTileRows pointers; those past mb repeat a row, their sums dropped), then
-// each row's accumulators folded to one vector of sums (lane m) and the scalar K tail added. At NR = 2: 12
+// each row's accumulators summed (lane_sums6: the T256 forward below 3% faster than with fold_lanes' shuffles,
+// whose cost a 32-step dot product at K 256 hardly amortises) and the scalar K tail added. At NR = 2: 12
 // accumulators and 8 loads per 12 FMAs, like the broadcast tile, with no lanes to pad. The lines of p are prefetched
 // spread evenly over the steps.
 template <int NR>
@@ -162,9 +182,12 @@ H3F_INLINE void dot_rows_nt(const float* a, int64_t lda, const float* const* wr,
     }
   }
   for (int r = 0; r < NR; ++r) {
-    V8 v[kTileLanes];
-    for (int m = 0; m < kTileLanes; ++m) v[m] = m < kTileRows ? acc[r][m] : V8{};
-    const V8 sums = fold_lanes(v);
+    float sums[kTileLanes];
+    lane_sums6(acc[r], sums);
+    if (kv == K && mb == kTileRows) {
+      std::memcpy(out + r * ldo, sums, kTileRows * sizeof(float));
+      continue;
+    }
     for (int m = 0; m < mb; ++m) {
       float t = sums[m];
       for (int64_t i = kv; i < K; ++i) t += a[r * lda + i] * wr[m][i];
@@ -175,9 +198,9 @@ H3F_INLINE void dot_rows_nt(const float* a, int64_t lda, const float* const* wr,
 
 // out[n, M] = a[n, K] @ w[M, K]^T: a's full blocks of 16 rows on the broadcast tile, the 0-15 rows after them on
 // dot_rows_nt, which pads nothing. Padded to 8 or 16 lanes, the rows of T256 H512 F256 E64 k8's experts (32 +- 6
-// each) put about a tenth of the tile's FMAs on padding; with the tail on dot products that fp32 forward went 12.07 ->
-// 11.52 ms (medians of 101 interleaved calls, 2 threads, AVX2 EPYC). Every row on dot products took 16.2 ms: they
-// run well below the broadcast tile, so they only take the rows it would pad.
+// each) put about a tenth of the tile's FMAs on padding; with the tail on dot products that fp32 forward went 12.07
+// -> 11.52 ms (medians of 101 interleaved calls, 2 threads, AVX2 EPYC), then to 11.1-11.5 ms with lane_sums6. Every
+// row on dot products took 16.2 ms: they run well below the broadcast tile, so they only take the rows it would pad.
 __attribute__((noinline)) void tile_nt(const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K,
                                       float* out, int64_t ldo) {
   // a's full blocks packed lane-major, [K][16] each: the block of rows from r0 on starts at pack + r0 * K
