@@ -147,12 +147,11 @@ H3F_INLINE void lane_sums6(const V8* v, float* s) {
   const __m256 q0 = _mm256_hadd_ps(h01, h23), q1 = _mm256_hadd_ps(h45, h45);
   _mm_storeu_ps(s, _mm_add_ps(_mm256_castps256_ps128(q0), _mm256_extractf128_ps(q0, 1)));
   _mm_storeu_ps(s + 4, _mm_add_ps(_mm256_castps256_ps128(q1), _mm256_extractf128_ps(q1, 1)));
-#else
-  for (int m = 0; m < kTileRows; ++m) {
-    float t = 0.0f;
-    for (int l = 0; l < kTileLanes; ++l) t += v[m][l];
-    s[m] = t;
-  }
+#else  // never run (small_gemm_path takes these tiles on x86 only): the dot-product tiles' fold
+  V8 f[kTileLanes];
+  for (int m = 0; m < kTileLanes; ++m) f[m] = m < kTileRows ? v[m] : V8{};
+  const V8 sums = fold_lanes(f);
+  std::memcpy(s, &sums, sizeof(sums));
 #endif
 }
 

@@ -83,9 +83,9 @@ def check_against_fp64(inputs, weights_factor=None, atol=1e-6):
     assert y.dtype == inputs[0].dtype
     assert_close_to_reference(y, ref_y, hp_y, factor=y_factor, what="y")
     for name, g, rg, hg in zip(("x", "weights", "gate_up_proj", "down_proj"), grads, ref_grads, hp_grads, strict=True):
-        factor, floor = (weights_factor if name == "weights" else 3.0), atol
-        if name == "weights":  # see the docstring: 16 fp32 ulps of the largest value
-            floor = max(atol, 16 * torch.finfo(torch.float32).eps * hg.abs().max().item())
+        factor = weights_factor if name == "weights" else 3.0
+        # the routing weights' floor, see the docstring: 16 fp32 ulps of the largest value
+        floor = max(atol, 16 * torch.finfo(torch.float32).eps * hg.abs().max().item()) if name == "weights" else atol
         assert_close_to_reference(g, rg, hg, factor=factor, atol=floor, what=f"grad {name}")
     return y
 

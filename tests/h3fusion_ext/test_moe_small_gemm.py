@@ -92,7 +92,7 @@ def test_tiles_up_to_48_rows_match_reference(dtype, H, F):
     # 9..48 rows: fp32 forward projections in 4x4 tiles, bf16 tiles of all three forms (row counts that leave 2- and
     # 1-row tiles, odd counts that pair the last row with zero in the weight gradients); 49: BLAS again. On AVX2 the
     # a.w^T broadcast tiles take a's full blocks of 16 rows and dot products the rest, in pairs and a last single row
-    # (none past 48; 8 past 16 or 32 at 24 and 40; 9, 10, 13 rows with no block at all; 15 at 31 and 47), and 6-row
+    # (none past 48; 8 past 16 or 32 at 24 and 40; 9, 10, 13 rows with no block; 14 at 46; 15 at 31 and 47), and 6-row
     # tiles run with every remainder 1..5 (H, 2F, F and the row counts). The forward without autograd (the activation
     # read with the pre-activation's row stride) gives the training forward's bits.
     rows = [SMALL_MAX_ROWS + 1, 10, 13, 24, 31, 40, 46, 47, MID_MAX_ROWS, MID_MAX_ROWS + 1]
