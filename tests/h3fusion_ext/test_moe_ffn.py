@@ -69,6 +69,12 @@ def check_against_fp64(inputs, weights_factor=None, atol=1e-6):
     k2 fp32 PyTorch's own error reached 11.4 ulps of the largest value and ours 15.3 (medians 1.3 and 1.5), and a
     factor of PyTorch's error on the same draw failed 1.6% of them.
 
+    The values get a floor of 4 fp32 ulps of their largest value. Gate/up, the activation, its product with up and
+    the down projection each round once, and where they round the same way a correct fp32 op is ~2.5 ulps off while
+    PyTorch's own error on that draw may be half an ulp (T300 H8 F8 E2 k1, seed 537114951: ours 4.67e-6 at |y| 19,
+    PyTorch's 1.07e-6; the kernel's activation there is within a rounding of the exactly rounded pipeline). Over 4000
+    draws of that shape both errors had median 1.1 and max 3.2 ulps of the largest value.
+
     bf16 values get factor 2.5: the pre-activation and the activation are stored in bf16 by both, and where one
     rounding falls the other way the output moves by about an ulp more than PyTorch's own error (token groups' empty
     expert case, T1300 H8 F12 E3 k2, 300 draws: ratio median 0.82, 95th percentile 1.21, max 2.19)."""
@@ -81,7 +87,9 @@ def check_against_fp64(inputs, weights_factor=None, atol=1e-6):
     hi = [t.double() if t.is_floating_point() else t for t in inputs]
     hp_y, hp_grads = run_with_grads(reference.moe_ffn, hi, grad_y.double())
     assert y.dtype == inputs[0].dtype
-    assert_close_to_reference(y, ref_y, hp_y, factor=y_factor, what="y")
+    # the values' floor, see the docstring: 4 fp32 ulps of the largest value
+    y_floor = max(atol, 4 * torch.finfo(torch.float32).eps * hp_y.abs().max().item()) if hp_y.numel() else atol
+    assert_close_to_reference(y, ref_y, hp_y, factor=y_factor, atol=y_floor, what="y")
     for name, g, rg, hg in zip(("x", "weights", "gate_up_proj", "down_proj"), grads, ref_grads, hp_grads, strict=True):
         factor = weights_factor if name == "weights" else 3.0
         # the routing weights' floor, see the docstring: 16 fp32 ulps of the largest value
