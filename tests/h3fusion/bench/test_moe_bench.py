@@ -27,6 +27,21 @@ def test_weights_read_step_reads_exactly_the_active_experts():
     torch.testing.assert_close(torch.stack([s[0] for s in sums]), p["gate_up"][active].sum(dim=(1, 2)))
 
 
+def test_weights_read_step_reads_bf16_bytes_as_fp32_words():
+    # the same bytes, half as many elements: a bf16 sum's widening would otherwise slow the read below memory's rate
+    p = moe_bench.make_params(3, 16, 8, 8, 1, torch.bfloat16, "cpu")
+    read, active_bytes, _ = moe_bench.weights_read_step(p)
+    _, experts = moe_bench._route(moe_bench.h3fusion_ext, p)
+    active = sorted(set(experts.flatten().tolist()))
+    assert active_bytes == len(active) * 3 * 16 * 8 * 2
+    words = [moe_bench.as_fp32_words(p["gate_up"][e]) for e in active]
+    assert all(w.dtype == torch.float32 and w.numel() * 4 == p["gate_up"][0].numel() * 2 for w in words)
+    sums = read()
+    torch.testing.assert_close(torch.stack([s[0] for s in sums]), torch.stack([w.sum() for w in words]))
+    odd = torch.zeros(2, 3, dtype=torch.bfloat16)  # an odd last dimension cannot be seen as fp32: read as it is
+    assert moe_bench.as_fp32_words(odd) is odd
+
+
 def test_unavoidable_bytes_per_mode():
     assert moe_bench.unavoidable_bytes(30, 80, "fwd") == 30
     assert moe_bench.unavoidable_bytes(30, 80, "fwd+bwd frozen") == 60  # read again by the backward
