@@ -6,7 +6,8 @@ One row per (case, dtype, mode) with every implementation's median time as its o
 transformers implementation's time / ours), and ours against the machine's two limits, each measured in the same run:
 `pct_of_dense`, our FLOP rate as a percentage of the dense `mm`'s (the limit of the large shapes), and
 `pct_of_memory`, the bytes the layer cannot avoid moving over our time, as a percentage of the rate at which a plain
-`sum` reads the active experts' weights (their bytes as fp32 words, so the rate does not depend on the dtype) (the limit at decode sizes, where each weight is used by a token or two).
+`sum` reads the active experts' weights, their bytes seen as fp32 words so that the rate does not depend on the
+dtype (the limit at decode sizes, where each weight is used by a token or two).
 Bytes that cannot be avoided: the active experts' weights, read once in the forward and once more in the backward,
 and, with weight gradients, a gradient for every expert written once (activations, a few rows at decode sizes, are
 left out, so this is a lower bound on the bytes). Above 100% means part of the weights came from the cache: the
