@@ -87,14 +87,15 @@ def check_against_fp64(inputs, weights_factor=None, atol=1e-6):
     hi = [t.double() if t.is_floating_point() else t for t in inputs]
     hp_y, hp_grads = run_with_grads(reference.moe_ffn, hi, grad_y.double())
     assert y.dtype == inputs[0].dtype
-    # the values' floor, see the docstring: 4 fp32 ulps of the largest value
-    y_floor = max(atol, 4 * torch.finfo(torch.float32).eps * hp_y.abs().max().item()) if hp_y.numel() else atol
-    assert_close_to_reference(y, ref_y, hp_y, factor=y_factor, atol=y_floor, what="y")
+
+    def floor(ulps, ref):  # the floors of the docstring: `ulps` fp32 ulps of ref's largest value, at least atol
+        return max(atol, ulps * torch.finfo(torch.float32).eps * ref.abs().max().item()) if ref.numel() else atol
+
+    assert_close_to_reference(y, ref_y, hp_y, factor=y_factor, atol=floor(4, hp_y), what="y")
     for name, g, rg, hg in zip(("x", "weights", "gate_up_proj", "down_proj"), grads, ref_grads, hp_grads, strict=True):
         factor = weights_factor if name == "weights" else 3.0
-        # the routing weights' floor, see the docstring: 16 fp32 ulps of the largest value
-        floor = max(atol, 16 * torch.finfo(torch.float32).eps * hg.abs().max().item()) if name == "weights" else atol
-        assert_close_to_reference(g, rg, hg, factor=factor, atol=floor, what=f"grad {name}")
+        g_atol = floor(16, hg) if name == "weights" else atol
+        assert_close_to_reference(g, rg, hg, factor=factor, atol=g_atol, what=f"grad {name}")
     return y
 
 

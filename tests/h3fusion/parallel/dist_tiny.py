@@ -21,9 +21,13 @@ def _entry(rank, world, init_file, fn, args):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    # Success: leave without the interpreter's shutdown. Its static destructors can still meet a gloo thread and
-    # abort (SIGABRT, "terminate called without an active exception", once in a full CPU test run after the barrier
-    # above; 0 of 25 runs of the test alone). A failure raised above still reaches spawn, which reports it.
+    exit_without_shutdown()  # success only: a failure raised above still reaches spawn, which reports it
+
+
+def exit_without_shutdown() -> None:
+    """End a gloo rank that succeeded and left its process group, skipping the interpreter's shutdown: its static
+    destructors can still meet a gloo thread and abort (SIGABRT, "terminate called without an active exception",
+    once in a full CPU test run after the barrier above; 0 of 25 runs of the test alone)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
