@@ -86,6 +86,7 @@ def test_experts_without_rows_get_exact_zero_gradients(dtype, H, F):
         (75, 41),  # K tails of 11 (H) and 9 (F) in 32-wide steps; 64-column strips with 11 left; 16-column tails
         (20, 12),  # narrower than one 32-column half: the second half's mask is empty
         (55, 26),  # AVX2 broadcast tiles: 55 = 9 x 6 + 1 weight rows (a 1-row tile), 26 = 16 + 8 + 2 columns
+        (160, 72),  # AVX2 a.b tiles over two panels of b (K 160 = 128 + 32 and 144 = 128 + 16), padded strips
     ],
 )
 def test_tiles_up_to_48_rows_match_reference(dtype, H, F):
