@@ -297,13 +297,13 @@ __attribute__((noinline)) void tile_nn(const float* a, int64_t lda, int64_t n, c
 }
 
 // out[M, K] = a[n, M]^T @ b[n, K] (a weight gradient: n is the expert's rows). Tiles of 6 output rows walk their
-// rows left to right, so the output is written once, in order, and with non-temporal stores where it is 32-byte
-// aligned: it is the largest thing the backward writes (a [2F, H] fp32 gradient per expert, 64 MB for 64 experts at
-// H512 F256), read next by the optimizer, and an ordinary store first reads every line it writes. Measured on one
-// [32, 510]^T x [32, 512] GEMM into 64 experts' outputs in turn, single thread, AVX2 EPYC: 630-710 us with
-// ordinary stores, 250-345 us with streaming ones.
+// rows left to right, so the output is written once, in order, with ordinary stores. Non-temporal stores, which skip
+// reading each line first, lost here: 64 [32, 512]^T x [32, 512] GEMMs into 64 experts' outputs (64 MiB), AVX2 EPYC,
+// best of 7: 2 threads 9.9 ms streamed against 7.2-8.3 ms ordinary, 1 thread 18.0-19.1 against 14.0-14.7 ms; in the
+// op, T256 H512 F256 E64 k8 fp32 fwd+bwd, medians of 41 and 61 interleaved calls: 46.65 -> 43.86 and 47.12 -> 45.52
+// ms. (The few-rows tn kernel, small_gemm.h, writes a row at a time and keeps them.)
 __attribute__((noinline)) void tile_tn(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t M,
-                                      int64_t K, float* out, int64_t ldo, bool final_output) {
+                                      int64_t K, float* out, int64_t ldo) {
   // Both operands packed first (their rows, too, are often a power of two apart): a as [M / 6][n][6] blocks, the 6
   // columns of one tile's broadcasts row after row, and b as contiguous [n][16] strips (then one [n][8] strip), in
   // column order. a's blocks are copied 6 floats at a time; a scalar transpose of a to [M][n] took 9% of the kernel
@@ -326,7 +326,6 @@ __attribute__((noinline)) void tile_tn(const float* a, int64_t lda, int64_t n, c
       for (int64_t v = 0; v < cols; v += kTileLanes)
         vstore(b_pack + c * n + r * cols + v, vload<kTileLanes>(b + r * ldb + c + v));
     }
-  const bool stream = final_output && reinterpret_cast<uintptr_t>(out) % 32 == 0 && ldo % kTileLanes == 0;
   for (int64_t j = 0; j < M; j += kTileRows) {
     const int mb = static_cast<int>(std::min<int64_t>(kTileRows, M - j));
     // column j + m of a at step r: a_pack[j * n + r * 6 + m]
@@ -335,16 +334,7 @@ __attribute__((noinline)) void tile_tn(const float* a, int64_t lda, int64_t n, c
     for (int64_t c = 0; c < vec_cols; c += strip_width(c, vec_cols)) {
       const int64_t cols = strip_width(c, vec_cols);
       run_tile(mb, static_cast<int>(cols / kTileLanes), ac, kTileRows, b_pack + c * n, cols, n, Prefetch{},
-               [&](int m, int v, V8 acc) {
-                 float* dst = out + (j + m) * ldo + c + v * kTileLanes;
-#if H3F_HAVE_NARROW_TILES
-                 if (stream) {
-                   _mm256_stream_ps(dst, (__m256)acc);
-                   return;
-                 }
-#endif
-                 std::memcpy(dst, &acc, sizeof(acc));
-               });
+               [&](int m, int v, V8 acc) { std::memcpy(out + (j + m) * ldo + c + v * kTileLanes, &acc, sizeof(acc)); });
     }
     for (int64_t c = vec_cols; c < K; ++c)
       for (int m = 0; m < mb; ++m) {
@@ -353,9 +343,6 @@ __attribute__((noinline)) void tile_tn(const float* a, int64_t lda, int64_t n, c
         out[(j + m) * ldo + c] = sum;
       }
   }
-#if H3F_HAVE_NARROW_TILES
-  if (stream) _mm_sfence();  // the streamed lines are visible before any other thread reads the gradient
-#endif
 }
 
 #if H3F_HAVE_NARROW_TILES

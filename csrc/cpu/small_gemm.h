@@ -456,8 +456,8 @@ H3F_INLINE bf16_bits* mutable_bits(const at::Tensor& t) {
 }
 
 // out[M, K] = a[n, M]^T @ b[n, K], written into a view (a weight gradient: n is the expert's rows).
-// `final_output`: out is the gradient itself, not read again soon (the AVX2 tiles then write it with non-temporal
-// stores); false for the fp32 scratch of a widened bf16 GEMM, which is read back at once.
+// `final_output`: out is the gradient itself, not read again soon (the few-rows kernel then writes it with
+// non-temporal stores); false for the fp32 scratch of a widened bf16 GEMM, which is read back at once.
 [[maybe_unused]] void matmul_tn_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                                      bool final_output = true) {
   const int64_t n = a.size(0), M = a.size(1), K = b.size(1);
@@ -483,7 +483,7 @@ H3F_INLINE bf16_bits* mutable_bits(const at::Tensor& t) {
     });
   } else if (path == SmallGemm::kTilesFp32Narrow) {
     tile_tn(a.const_data_ptr<float>(), a.stride(0), n, b.const_data_ptr<float>(), b.stride(0), M, K,
-            out.mutable_data_ptr<float>(), out.stride(0), final_output);
+            out.mutable_data_ptr<float>(), out.stride(0));
   } else if (path == SmallGemm::kTilesFp32) {
     mid_tn(a.const_data_ptr<float>(), a.stride(0), n, b.const_data_ptr<float>(), b.stride(0), M, K,
            out.mutable_data_ptr<float>(), out.stride(0));
