@@ -41,7 +41,10 @@ def test_matches_oracle_values_and_grads(device, dtype, E, k, renorm):
     assert y.shape == x.shape and y.dtype == dtype
     assert logits.shape == (3 * T, E) and logits.dtype == torch.float32
     torch.testing.assert_close(logits.double(), logits64.detach(), rtol=1e-4, atol=1e-5)
-    assert_close_to_reference(y.reshape(-1, H), reflow, ref64, factor=2, what="y")
+    # y's floor is 2 ulps: over 2000 draws (bf16; fp16 alike over 1000) our y was off by at most 1.48 ulps of its
+    # largest value (median 0.59) and PyTorch's own by up to 1.90 (median 0.76), so 2x a lucky PyTorch error (0.45
+    # ulps, seed 1831290072) failed a correct 1.1-ulp result
+    assert_close_to_reference(y.reshape(-1, H), reflow, ref64, factor=2, what="y", ulps=2)
 
     g = torch.randn_like(ref64)
     y.reshape(-1, H).backward(g.to(dtype))
