@@ -54,13 +54,18 @@ def time_interleaved(
     budget_s: float = 5.0,
     min_repeats: int = 3,
     single_call_s: float | None = None,
+    slow_factor: float | None = 10.0,
 ) -> dict[str, dict[str, float] | Exception]:
     """`time_fn` for several implementations at once, alternating them call by call.
 
     On a shared machine the load drifts over seconds; alternating makes every implementation see the same drift,
     so their ratio (the speedup) stays meaningful even when absolute times do not. An implementation that raises is
     dropped and its exception returned in its place. Every implementation gets at least `min_repeats` timed calls,
-    more while under `budget_s` seconds, at most `repeats`. One whose first warm-up call takes longer than
+    more while the calls of those still alternating have taken under `budget_s` seconds, at most `repeats`. After
+    `min_repeats` rounds, one whose median is over `slow_factor` times the fastest's stops alternating (its times so
+    far stand; it cannot be the fastest): at T256 H512 F256 E64 k8 fp32 fwd+bwd on 2 CPU cores the eager loop took
+    3.1 s a call, so its calls alone spent the budget and ours (51 ms) and grouped_mm (82 ms) got 5 calls each, whose
+    median moved their ratio by +-20% between runs. One whose first warm-up call takes longer than
     `single_call_s` seconds is timed by that call alone (`repeats` 1, `single_call` True): on a CPU without bf16
     dot products transformers' bf16 backward took 21 s a call at T2048 H512 F1408, 30-60x ours, and repeating such
     calls would have taken the run past an hour for a ratio that one call already settles.
@@ -83,9 +88,12 @@ def time_interleaved(
         except Exception as exc:  # noqa: BLE001 - reported per implementation
             result[name] = exc
     times: dict[str, list[float]] = {name: [] for name in live}
-    start_all = time.perf_counter()
+
+    def spent_s() -> float:  # in the calls of the implementations still alternating
+        return sum(sum(times[name]) for name in live) * 1e-3
+
     rep = 0
-    while live and rep < repeats and (rep < min_repeats or time.perf_counter() - start_all < budget_s):
+    while live and rep < repeats and (rep < min_repeats or spent_s() < budget_s):
         for name, fn in list(live.items()):
             synchronize(device)
             t0 = time.perf_counter()
@@ -98,6 +106,10 @@ def time_interleaved(
                 continue
             times[name].append((time.perf_counter() - t0) * 1e3)
         rep += 1
+        if rep >= min_repeats and slow_factor is not None and live:
+            fastest = min(statistics.median(times[name]) for name in live)
+            for name in [n for n in live if statistics.median(times[n]) > slow_factor * fastest]:
+                del live[name]
     for name, ts in times.items():
         qs = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
         result[name] = {"median_ms": statistics.median(ts), "q20_ms": qs[0], "q80_ms": qs[3], "repeats": len(ts)}

@@ -90,3 +90,22 @@ def test_time_interleaved_times_a_slow_implementation_by_its_first_call():
     assert out["slow"]["repeats"] == 1 and out["slow"]["single_call"] and out["slow"]["median_ms"] >= 50
     assert calls["slow"] == 1  # neither a second warm-up nor timed calls
     assert out["fast"]["repeats"] == 4 and "single_call" not in out["fast"] and calls["fast"] == 6
+
+
+def test_time_interleaved_stops_alternating_an_implementation_far_slower_than_the_fastest():
+    import time
+
+    from h3fusion.bench.common import time_interleaved
+
+    def sleeper(seconds):
+        return lambda: time.sleep(seconds)
+
+    fns = {"fast": sleeper(0.01), "peer": sleeper(0.012), "slow": sleeper(0.2)}
+    out = time_interleaved(fns, "cpu", warmup=1, repeats=6, min_repeats=3, budget_s=5.0, slow_factor=10.0)
+    # the slow one (20x) keeps its min_repeats calls; the others alternate on to `repeats`, its time not counting
+    # against their budget
+    assert out["slow"]["repeats"] == 3 and out["slow"]["median_ms"] >= 200
+    assert out["fast"]["repeats"] == 6 and out["peer"]["repeats"] == 6
+    # without the cut, the slow one's calls spend the budget: every implementation stops at min_repeats
+    out = time_interleaved(fns, "cpu", warmup=1, repeats=6, min_repeats=3, budget_s=0.5, slow_factor=None)
+    assert {v["repeats"] for v in out.values()} == {3}
