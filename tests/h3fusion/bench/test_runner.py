@@ -100,11 +100,11 @@ def test_time_interleaved_stops_alternating_an_implementation_far_slower_than_th
     def sleeper(seconds):
         return lambda: time.sleep(seconds)
 
-    fns = {"fast": sleeper(0.01), "peer": sleeper(0.012), "slow": sleeper(0.2)}
-    out = time_interleaved(fns, "cpu", warmup=1, repeats=6, min_repeats=3, budget_s=5.0, slow_factor=10.0)
-    # the slow one (20x) keeps its min_repeats calls; the others alternate on to `repeats`, its time not counting
+    fns = {"fast": sleeper(0.01), "peer": sleeper(0.012), "slow": sleeper(0.3)}
+    out = time_interleaved(fns, "cpu", warmup=1, repeats=6, min_repeats=3, budget_s=0.5, slow_factor=10.0)
+    # the slow one (30x) keeps its min_repeats calls; the others alternate on to `repeats`, its time not counting
     # against their budget
-    assert out["slow"]["repeats"] == 3 and out["slow"]["median_ms"] >= 200
+    assert out["slow"]["repeats"] == 3 and out["slow"]["median_ms"] >= 300
     assert out["fast"]["repeats"] == 6 and out["peer"]["repeats"] == 6
     # without the cut, the slow one's calls spend the budget: every implementation stops at min_repeats
     out = time_interleaved(fns, "cpu", warmup=1, repeats=6, min_repeats=3, budget_s=0.5, slow_factor=None)
