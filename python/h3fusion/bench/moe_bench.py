@@ -181,7 +181,9 @@ def weights_read_step(p: dict):
     active = sorted(set(experts.flatten().tolist()))
     gate_up, down = p["gate_up"], p["down"]
     expert_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
-    words = torch.cat([as_fp32_words(w[e].contiguous()).reshape(-1) for e in active for w in (gate_up, down)])
+    # concatenated in the weights' dtype, then seen as words once: per-part views would mix fp32 and bf16 (and cat
+    # would widen the bf16 parts) wherever only one of H, F is odd
+    words = as_fp32_words(torch.cat([w[e].reshape(-1) for e in active for w in (gate_up, down)]))
 
     def read():
         return words.sum()
