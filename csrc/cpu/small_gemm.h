@@ -101,19 +101,12 @@ H3F_INLINE void dot_tiles(const scalar_t* a, int64_t lda, int64_t n, const scala
 // above widen each weight vector once per block of kRows rows of a (2 at 8 lanes) and each vector of a once per tile
 // of 4 weight rows, and at 8 lanes that widening, not the memory, set their speed. Measured in a C++ harness
 // (few_rows_ffn on 7 experts' cold bf16 weights, H512 F1408, 2 threads, AVX2 EPYC, medians of 200-300 interleaved
-// calls): 1 row an expert 3.06 -> 2.29-2.44 ms, 2 rows 3.23-3.68 -> 2.69-2.92 ms, 6 rows 8.2-10.1 -> 4.5-6.1 ms.
-// fp32 (nothing to widen) measured the same either way and keeps the tiles, as do 16-lane vectors (not measured).
-// Lanes then rows of a sum in a fixed order (lane_sum), so results do not depend on the thread count.
-template <typename V>
-H3F_INLINE float lane_sum(V v) {
-  constexpr int L = kLanesOf<V>;
-  float f[L];
-  std::memcpy(f, &v, sizeof(f));
-  for (int s = L / 2; s >= 1; s /= 2)
-    for (int q = 0; q < s; ++q) f[q] += f[q + s];
-  return f[0];
-}
-
+// calls): 1 row an expert 3.06 -> 2.29-2.44 ms, 2 rows 3.23-3.68 -> 2.69-2.92 ms, 6 rows 8.2-10.1 -> 4.5-6.1 ms;
+// then the folded row sums and the prefetch into L2 below, 1 row an expert: 2.02-2.11 -> 1.85-1.94 ms (3 rounds of
+// 400). fp32 (nothing to widen) measured the same either way and keeps the tiles, as do 16-lane vectors (not measured).
+// Each row of w ends as one vector per row of a; every L of them are folded together (fold_lanes: a fixed tree), so an
+// output's sum has the same order at any thread count, and a row costs no horizontal sum of its own.
+//
 // out[r, j] = a[r, :] . w[j, :] for NB rows of a (fp32, widened) against M consecutive rows of w (stride K).
 template <int NB, int L, typename scalar_t>
 H3F_INLINE void stream_dot_rows(const float* __restrict__ a, int64_t lda, const scalar_t* __restrict__ w, int64_t M,
@@ -126,27 +119,41 @@ H3F_INLINE void stream_dot_rows(const float* __restrict__ a, int64_t lda, const 
   constexpr int NA = NB == 1 ? 4 : NB <= 4 ? 2 : 1;
   static_assert(kLineVecs % NA == 0, "a line holds whole rounds of the accumulators");
   const int64_t k_lines = K - K % kLine, k_vecs = K - K % L;
-  for (int64_t j = 0; j < M; ++j) {
-    const scalar_t* wj = w + j * K;
-    V acc[NB][NA] = {};
-    int64_t i = 0;
-    for (; i < k_lines; i += kLine) {
-      __builtin_prefetch(reinterpret_cast<const char*>(wj + i) + kPrefetchBytes, 0, 0);
-      for (int q = 0; q < kLineVecs; ++q) {
-        const V wv = vload<L>(wj + i + q * L);
-        for (int r = 0; r < NB; ++r) acc[r][q % NA] += vload<L>(a + r * lda + i + q * L) * wv;
+  for (int64_t j0 = 0; j0 < M; j0 += L) {
+    const int64_t rows = std::min<int64_t>(L, M - j0);
+    V row_sums[NB][L] = {};  // [r][j - j0]: the lanes of out[r, j]
+    for (int64_t jj = 0; jj < rows; ++jj) {
+      const scalar_t* wj = w + (j0 + jj) * K;
+      V acc[NB][NA] = {};
+      int64_t i = 0;
+      for (; i < k_lines; i += kLine) {
+        // into L2 as well as L1 (locality 2, not the tiles' non-temporal 0): 6-9% faster in the harness above
+        __builtin_prefetch(reinterpret_cast<const char*>(wj + i) + kPrefetchBytes, 0, 2);
+        for (int q = 0; q < kLineVecs; ++q) {
+          const V wv = vload<L>(wj + i + q * L);
+          for (int r = 0; r < NB; ++r) acc[r][q % NA] += vload<L>(a + r * lda + i + q * L) * wv;
+        }
+      }
+      for (; i < k_vecs; i += L) {
+        const V wv = vload<L>(wj + i);
+        for (int r = 0; r < NB; ++r) acc[r][0] += vload<L>(a + r * lda + i) * wv;
+      }
+      for (int r = 0; r < NB; ++r) {
+        V v = acc[r][0];
+        for (int c = 1; c < NA; ++c) v += acc[r][c];
+        row_sums[r][jj] = v;
       }
     }
-    for (; i < k_vecs; i += L) {
-      const V wv = vload<L>(wj + i);
-      for (int r = 0; r < NB; ++r) acc[r][0] += vload<L>(a + r * lda + i) * wv;
-    }
     for (int r = 0; r < NB; ++r) {
-      V v = acc[r][0];
-      for (int c = 1; c < NA; ++c) v += acc[r][c];
-      float sum = lane_sum(v);
-      for (int64_t t = k_vecs; t < K; ++t) sum += a[r * lda + t] * float(wj[t]);
-      out[r * ldo + j] = scalar_t(sum);
+      const V sums = fold_lanes(row_sums[r]);
+      float s[L];
+      std::memcpy(s, &sums, sizeof(s));
+      for (int64_t jj = 0; jj < rows; ++jj) {
+        const scalar_t* wj = w + (j0 + jj) * K;
+        float sum = s[jj];
+        for (int64_t t = k_vecs; t < K; ++t) sum += a[r * lda + t] * float(wj[t]);
+        out[r * ldo + j0 + jj] = scalar_t(sum);
+      }
     }
   }
 }
