@@ -6,7 +6,7 @@
 // of weight rows instead: phase 1 (expert, block of F columns): both halves of the gate/up GEMM for those columns
 // and their activation; phase 2 (expert, block of H columns) of the down GEMM. Every unit costs about the same, so
 // the threads finish together (A/B, T4 bf16 forward, medians of 300 interleaved calls: 6-12% faster).
-// Results: every output element is one dot_tile sum (small_gemm.h) whichever unit computes it, and activation blocks
+// Results: every output element is one small_nt sum (small_gemm.h) whichever unit computes it, and activation blocks
 // start at multiples of 16 columns, so the vector/scalar split of each row is the whole row's: the output is bitwise
 // that of the expert-per-thread path, at any thread count.
 #pragma once

@@ -44,10 +44,11 @@ constexpr int64_t kMidGemmMaxRows = 48;
 // vector loaded feeds NB or 4 FMAs, and even a single row of a keeps 4 independent FMA chains in flight (one chain
 // per output waited on the FMA latency: at decode sizes on AVX2 a third of small_nt's samples sat on that wait).
 // Weight rows are outermost: a tile of 4 weight rows stays in L1 while every row block of a passes it, and the 4
-// weight streams are prefetched. Few rows (<= kSmallGemmMaxRows; memory-bound; fp32 and bf16) run at the CPU's
-// width; 9-48 rows (fp32, AVX-512 CPUs; compute-bound) at 16 lanes. Lane l of an accumulator sums the elements
-// i = l (mod L); the accumulators are folded into one vector (lane q = accumulator q) by a tree of shuffles that adds
-// lanes in a fixed order (lane l + L/2 into l, then + L/4, ..., + 1), and the scalar tail over K comes last.
+// weight streams are prefetched. Few rows (<= kSmallGemmMaxRows; memory-bound; fp32, and bf16 with 16 lanes: with
+// fewer, stream_dot below) run at the CPU's width; 9-48 rows (fp32, AVX-512 CPUs; compute-bound) at 16 lanes. Lane l
+// of an accumulator sums the elements i = l (mod L); the accumulators are folded into one vector (lane q =
+// accumulator q) by a tree of shuffles that adds lanes in a fixed order (lane l + L/2 into l, then + L/4, ..., + 1),
+// and the scalar tail over K comes last.
 constexpr int kTileW = 4;
 
 // out[r, m] for r < NB, m < mb (<= 4) of the tile at a, w; rows of w past mb repeat row mb - 1 (their sums are
