@@ -159,6 +159,8 @@ H3F_INLINE void stream_dot_rows(const float* __restrict__ a, int64_t lda, const 
   }
 }
 
+// out[n, M] = a[n, K] @ w[M, K]^T in bf16 (fp32 sums, one rounding each) for 1 <= n <= kSmallGemmMaxRows; w's rows
+// are consecutive (stride K).
 template <int L>
 H3F_INLINE void stream_dot(const c10::BFloat16* a, int64_t lda, int64_t n, const c10::BFloat16* w, int64_t M,
                            int64_t K, c10::BFloat16* out, int64_t ldo) {
@@ -182,12 +184,12 @@ H3F_INLINE void stream_dot(const c10::BFloat16* a, int64_t lda, int64_t n, const
 }
 static_assert(kSmallGemmMaxRows == 8, "stream_dot's cases cover 1-8 rows");
 
-// n <= kSmallGemmMaxRows.
 template <typename scalar_t>
 H3F_ROW_FN void small_nt(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* w, int64_t M, int64_t K,
                          scalar_t* out, int64_t ldo) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (!wide_vectors()) return stream_dot<kNarrowLanes>(a, lda, n, w, M, K, out, ldo);
+    if (!wide_vectors() && n >= 1 && n <= kSmallGemmMaxRows)
+      return stream_dot<kNarrowLanes>(a, lda, n, w, M, K, out, ldo);
   }
   H3F_BY_LANES(dot_tiles, (a, lda, n, w, M, K, out, ldo), scalar_t);
 }
