@@ -59,8 +59,8 @@ at::Tensor few_rows_ffn(const at::Tensor& x, const at::Tensor& w_gu, const at::T
       const int64_t e = active[u / blocks_f], r0 = off[e], n = off[e + 1] - r0;
       const int64_t f0 = (u % blocks_f) * kFewRowsUnitCols, cols = std::min(kFewRowsUnitCols, F - f0);
       const scalar_t* w = gup + e * 2 * F * H;
-      small_nt(xp + r0 * H, H, n, w + f0 * H, cols, H, hp + r0 * 2 * F + f0, 2 * F);
-      small_nt(xp + r0 * H, H, n, w + (F + f0) * H, cols, H, hp + r0 * 2 * F + F + f0, 2 * F);
+      small_nt_pair(xp + r0 * H, H, n, w + f0 * H, w + (F + f0) * H, cols, H, hp + r0 * 2 * F + f0,
+                    hp + r0 * 2 * F + F + f0, 2 * F);
       for (int64_t r = r0; r < r0 + n; ++r)
         gated_row(hp + r * 2 * F + f0, hp + r * 2 * F + F + f0, ap + r * lda + f0, cols, activation);
     }
@@ -69,7 +69,12 @@ at::Tensor few_rows_ffn(const at::Tensor& x, const at::Tensor& w_gu, const at::T
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t e = active[u / blocks_h], r0 = off[e], n = off[e + 1] - r0;
       const int64_t c0 = (u % blocks_h) * kFewRowsUnitCols, cols = std::min(kFewRowsUnitCols, H - c0);
-      small_nt(ap + r0 * lda, lda, n, dnp + e * H * F + c0 * F, cols, F, op + r0 * H + c0, H);
+      // the unit's two halves as a pair (two weight streams), and an odd last column alone
+      const scalar_t* w = dnp + e * H * F + c0 * F;
+      const int64_t half = cols / 2;
+      scalar_t* o = op + r0 * H + c0;
+      if (half > 0) small_nt_pair(ap + r0 * lda, lda, n, w, w + half * F, half, F, o, o + half, H);
+      if (cols % 2) small_nt(ap + r0 * lda, lda, n, w + (cols - 1) * F, 1, F, o + cols - 1, H);
     }
   });
   return down_out;

@@ -108,78 +108,96 @@ H3F_INLINE void dot_tiles(const scalar_t* a, int64_t lda, int64_t n, const scala
 // Each row of w ends as one vector per row of a; every L of them are folded together (fold_lanes: a fixed tree), so an
 // output's sum has the same order at any thread count, and a row costs no horizontal sum of its own.
 //
-// out[r, j] = a[r, :] . w[j, :] for NB rows of a (fp32, widened) against M consecutive rows of w (stride K).
-template <int NB, int L, typename scalar_t>
-H3F_INLINE void stream_dot_rows(const float* __restrict__ a, int64_t lda, const scalar_t* __restrict__ w, int64_t M,
-                                int64_t K, scalar_t* out, int64_t ldo) {
+// out[s][r, j] = a[r, :] . w[s][j, :] for NB rows of a (fp32, widened) against M consecutive rows (stride K) of each
+// of S weights, read in lockstep: S streams in flight per thread, which this machine's memory rewards (a plain read of
+// 30 MB split into 4 streams per thread ran at torch.sum's rate, 15-20% above one stream; the T4 forward with gate
+// and up, and two halves of down, read as pairs: 2.53-2.84 -> 2.11-2.35 ms in the harness above). Every output is
+// summed the same way whatever S: lanes of line-vector q go to accumulator q % NA, the accumulators add in order.
+template <int NB, int S, int L, typename scalar_t>
+H3F_INLINE void stream_dot_rows(const float* __restrict__ a, int64_t lda, const scalar_t* const* w, int64_t M,
+                                int64_t K, scalar_t* const* out, int64_t ldo) {
   using V = typename Vec<L>::f;
   constexpr int64_t kLine = 64 / sizeof(scalar_t);  // elements of one cache line of w
   constexpr int kLineVecs = int(kLine / L);
   // FMA chains per row of a: a single row needs several to keep the FMA latency off the memory's path; with more rows
-  // their own chains do, and the accumulators (NB * NA <= 8) leave registers for the weight vector.
+  // their own chains do, and the accumulators (NB * NA <= 8 a stream) leave registers for the weight vectors.
   constexpr int NA = NB == 1 ? 4 : NB <= 4 ? 2 : 1;
   static_assert(kLineVecs % NA == 0, "a line holds whole rounds of the accumulators");
   const int64_t k_lines = K - K % kLine, k_vecs = K - K % L;
   for (int64_t j0 = 0; j0 < M; j0 += L) {
     const int64_t rows = std::min<int64_t>(L, M - j0);
-    V row_sums[NB][L] = {};  // [r][j - j0]: the lanes of out[r, j]
+    V row_sums[S][NB][L] = {};  // [s][r][j - j0]: the lanes of out[s][r, j]
     for (int64_t jj = 0; jj < rows; ++jj) {
-      const scalar_t* wj = w + (j0 + jj) * K;
-      V acc[NB][NA] = {};
+      const scalar_t* wj[S];
+      for (int st = 0; st < S; ++st) wj[st] = w[st] + (j0 + jj) * K;
+      V acc[S][NB][NA] = {};
       int64_t i = 0;
-      for (; i < k_lines; i += kLine) {
-        // into L2 as well as L1 (locality 2, not the tiles' non-temporal 0): 6-9% faster in the harness above
-        __builtin_prefetch(reinterpret_cast<const char*>(wj + i) + kPrefetchBytes, 0, 2);
-        for (int q = 0; q < kLineVecs; ++q) {
-          const V wv = vload<L>(wj + i + q * L);
-          for (int r = 0; r < NB; ++r) acc[r][q % NA] += vload<L>(a + r * lda + i + q * L) * wv;
+      for (; i < k_lines; i += kLine)
+        for (int st = 0; st < S; ++st) {
+          // into L2 as well as L1 (locality 2, not the tiles' non-temporal 0): 6-9% faster in the harness above
+          __builtin_prefetch(reinterpret_cast<const char*>(wj[st] + i) + kPrefetchBytes, 0, 2);
+          for (int q = 0; q < kLineVecs; ++q) {
+            const V wv = vload<L>(wj[st] + i + q * L);
+            for (int r = 0; r < NB; ++r) acc[st][r][q % NA] += vload<L>(a + r * lda + i + q * L) * wv;
+          }
+        }
+      for (; i < k_vecs; i += L)
+        for (int st = 0; st < S; ++st) {
+          const V wv = vload<L>(wj[st] + i);
+          for (int r = 0; r < NB; ++r) acc[st][r][0] += vload<L>(a + r * lda + i) * wv;
+        }
+      for (int st = 0; st < S; ++st)
+        for (int r = 0; r < NB; ++r) {
+          V v = acc[st][r][0];
+          for (int c = 1; c < NA; ++c) v += acc[st][r][c];
+          row_sums[st][r][jj] = v;
+        }
+    }
+    for (int st = 0; st < S; ++st)
+      for (int r = 0; r < NB; ++r) {
+        const V sums = fold_lanes(row_sums[st][r]);
+        float sv[L];
+        std::memcpy(sv, &sums, sizeof(sv));
+        for (int64_t jj = 0; jj < rows; ++jj) {
+          const scalar_t* wj = w[st] + (j0 + jj) * K;
+          float sum = sv[jj];
+          for (int64_t t = k_vecs; t < K; ++t) sum += a[r * lda + t] * float(wj[t]);
+          out[st][r * ldo + j0 + jj] = scalar_t(sum);
         }
       }
-      for (; i < k_vecs; i += L) {
-        const V wv = vload<L>(wj + i);
-        for (int r = 0; r < NB; ++r) acc[r][0] += vload<L>(a + r * lda + i) * wv;
-      }
-      for (int r = 0; r < NB; ++r) {
-        V v = acc[r][0];
-        for (int c = 1; c < NA; ++c) v += acc[r][c];
-        row_sums[r][jj] = v;
-      }
-    }
-    for (int r = 0; r < NB; ++r) {
-      const V sums = fold_lanes(row_sums[r]);
-      float s[L];
-      std::memcpy(s, &sums, sizeof(s));
-      for (int64_t jj = 0; jj < rows; ++jj) {
-        const scalar_t* wj = w + (j0 + jj) * K;
-        float sum = s[jj];
-        for (int64_t t = k_vecs; t < K; ++t) sum += a[r * lda + t] * float(wj[t]);
-        out[r * ldo + j0 + jj] = scalar_t(sum);
-      }
-    }
   }
 }
 
-// out[n, M] = a[n, K] @ w[M, K]^T in bf16 (fp32 sums, one rounding each) for 1 <= n <= kSmallGemmMaxRows; w's rows
-// are consecutive (stride K).
-template <int L>
-H3F_INLINE void stream_dot(const c10::BFloat16* a, int64_t lda, int64_t n, const c10::BFloat16* w, int64_t M,
-                           int64_t K, c10::BFloat16* out, int64_t ldo) {
+// out[s][n, M] = a[n, K] @ w[s][M, K]^T for s < S (1 or 2), in bf16 (fp32 sums, one rounding each), for
+// 1 <= n <= kSmallGemmMaxRows; each w[s]'s rows are consecutive (stride K). Pairs run in lockstep up to 2 rows of a
+// (more would spill the accumulators), one weight after the other above.
+template <int L, int S>
+H3F_INLINE void stream_dot(const c10::BFloat16* a, int64_t lda, int64_t n, const c10::BFloat16* const* w, int64_t M,
+                           int64_t K, c10::BFloat16* const* out, int64_t ldo) {
   // The widened rows of a: n * K floats a thread (at most 8 rows), kept between calls so a decode step allocates none.
   static thread_local std::vector<float> widened;
   if (widened.size() < static_cast<size_t>(n * K)) widened.resize(n * K);
   float* af = widened.data();
   for (int64_t r = 0; r < n; ++r)
     for (int64_t i = 0; i < K; ++i) af[r * K + i] = float(a[r * lda + i]);
-  switch (n) {
-    case 1: return stream_dot_rows<1, L>(af, K, w, M, K, out, ldo);
-    case 2: return stream_dot_rows<2, L>(af, K, w, M, K, out, ldo);
-    case 3: return stream_dot_rows<3, L>(af, K, w, M, K, out, ldo);
-    case 4: return stream_dot_rows<4, L>(af, K, w, M, K, out, ldo);
-    case 5: return stream_dot_rows<5, L>(af, K, w, M, K, out, ldo);
-    case 6: return stream_dot_rows<6, L>(af, K, w, M, K, out, ldo);
-    case 7: return stream_dot_rows<7, L>(af, K, w, M, K, out, ldo);
-    case 8: return stream_dot_rows<8, L>(af, K, w, M, K, out, ldo);
-    default: TORCH_INTERNAL_ASSERT(false, "stream_dot takes 1-", kSmallGemmMaxRows, " rows, got ", n);
+  if constexpr (S == 2) {
+    if (n == 1) return stream_dot_rows<1, 2, L>(af, K, w, M, K, out, ldo);
+    if (n == 2) return stream_dot_rows<2, 2, L>(af, K, w, M, K, out, ldo);
+  }
+  for (int st = 0; st < S; ++st) {
+    const c10::BFloat16* const ws[1] = {w[st]};
+    c10::BFloat16* const os[1] = {out[st]};
+    switch (n) {
+      case 1: stream_dot_rows<1, 1, L>(af, K, ws, M, K, os, ldo); break;
+      case 2: stream_dot_rows<2, 1, L>(af, K, ws, M, K, os, ldo); break;
+      case 3: stream_dot_rows<3, 1, L>(af, K, ws, M, K, os, ldo); break;
+      case 4: stream_dot_rows<4, 1, L>(af, K, ws, M, K, os, ldo); break;
+      case 5: stream_dot_rows<5, 1, L>(af, K, ws, M, K, os, ldo); break;
+      case 6: stream_dot_rows<6, 1, L>(af, K, ws, M, K, os, ldo); break;
+      case 7: stream_dot_rows<7, 1, L>(af, K, ws, M, K, os, ldo); break;
+      case 8: stream_dot_rows<8, 1, L>(af, K, ws, M, K, os, ldo); break;
+      default: TORCH_INTERNAL_ASSERT(false, "stream_dot takes 1-", kSmallGemmMaxRows, " rows, got ", n);
+    }
   }
 }
 static_assert(kSmallGemmMaxRows == 8, "stream_dot's cases cover 1-8 rows");
@@ -188,10 +206,29 @@ template <typename scalar_t>
 H3F_ROW_FN void small_nt(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* w, int64_t M, int64_t K,
                          scalar_t* out, int64_t ldo) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (!wide_vectors() && n >= 1 && n <= kSmallGemmMaxRows)
-      return stream_dot<kNarrowLanes>(a, lda, n, w, M, K, out, ldo);
+    if (!wide_vectors() && n >= 1 && n <= kSmallGemmMaxRows) {
+      const scalar_t* const ws[1] = {w};
+      scalar_t* const os[1] = {out};
+      return stream_dot<kNarrowLanes, 1>(a, lda, n, ws, M, K, os, ldo);
+    }
   }
   H3F_BY_LANES(dot_tiles, (a, lda, n, w, M, K, out, ldo), scalar_t);
+}
+
+// small_nt twice, out0 = a @ w0^T and out1 = a @ w1^T (M rows each): the same bits, with the two weights read in
+// lockstep where that pays (stream_dot).
+template <typename scalar_t>
+H3F_ROW_FN void small_nt_pair(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* w0, const scalar_t* w1,
+                              int64_t M, int64_t K, scalar_t* out0, scalar_t* out1, int64_t ldo) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (!wide_vectors() && n >= 1 && n <= kSmallGemmMaxRows) {
+      const scalar_t* const ws[2] = {w0, w1};
+      scalar_t* const os[2] = {out0, out1};
+      return stream_dot<kNarrowLanes, 2>(a, lda, n, ws, M, K, os, ldo);
+    }
+  }
+  H3F_BY_LANES(dot_tiles, (a, lda, n, w0, M, K, out0, ldo), scalar_t);
+  H3F_BY_LANES(dot_tiles, (a, lda, n, w1, M, K, out1, ldo), scalar_t);
 }
 
 H3F_ROW_FN void mid_nt(const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K, float* out,
