@@ -104,7 +104,8 @@ H3F_INLINE void dot_tiles(const scalar_t* a, int64_t lda, int64_t n, const scala
 // (few_rows_ffn on 7 experts' cold bf16 weights, H512 F1408, 2 threads, AVX2 EPYC, medians of 200-300 interleaved
 // calls): 1 row an expert 3.06 -> 2.29-2.44 ms, 2 rows 3.23-3.68 -> 2.69-2.92 ms, 6 rows 8.2-10.1 -> 4.5-6.1 ms;
 // then the folded row sums and the prefetch into L2 below, 1 row an expert: 2.02-2.11 -> 1.85-1.94 ms (3 rounds of
-// 400). fp32 (nothing to widen) measured the same either way and keeps the tiles, as do 16-lane vectors (not measured).
+// 400). fp32 (nothing to widen) measured the same either way with one stream (stream_dot_takes says where it
+// streams); 16-lane vectors keep the tiles (not measured).
 // Each row of w ends as one vector per row of a; every L of them are folded together (fold_lanes: a fixed tree), so an
 // output's sum has the same order at any thread count, and a row costs no horizontal sum of its own.
 //
@@ -122,8 +123,9 @@ H3F_INLINE void stream_dot_rows(const float* __restrict__ a, int64_t lda, const 
   // FMA chains per row of a: a single row needs several to keep the FMA latency off the memory's path; with more rows
   // their own chains do, and the accumulators (NB * NA <= 8 a stream) leave registers for the weight vectors.
   constexpr int NA = NB == 1 ? 4 : NB <= 4 ? 2 : 1;
-  static_assert(kLineVecs % NA == 0, "a line holds whole rounds of the accumulators");
-  const int64_t k_lines = K - K % kLine, k_vecs = K - K % L;
+  constexpr int kStepVecs = kLineVecs > NA ? kLineVecs : NA;  // whole lines, whole rounds of the accumulators
+  constexpr int64_t kStep = kStepVecs * L;
+  const int64_t k_lines = K - K % kStep, k_vecs = K - K % L;
   for (int64_t j0 = 0; j0 < M; j0 += L) {
     const int64_t rows = std::min<int64_t>(L, M - j0);
     V row_sums[S][NB][L] = {};  // [s][r][j - j0]: the lanes of out[s][r, j]
@@ -132,11 +134,12 @@ H3F_INLINE void stream_dot_rows(const float* __restrict__ a, int64_t lda, const 
       for (int st = 0; st < S; ++st) wj[st] = w[st] + (j0 + jj) * K;
       V acc[S][NB][NA] = {};
       int64_t i = 0;
-      for (; i < k_lines; i += kLine)
+      for (; i < k_lines; i += kStep)
         for (int st = 0; st < S; ++st) {
           // into L2 as well as L1 (locality 2, not the tiles' non-temporal 0): 6-9% faster in the harness above
-          __builtin_prefetch(reinterpret_cast<const char*>(wj[st] + i) + kPrefetchBytes, 0, 2);
-          for (int q = 0; q < kLineVecs; ++q) {
+          for (int64_t l = 0; l < kStep; l += kLine)
+            __builtin_prefetch(reinterpret_cast<const char*>(wj[st] + i + l) + kPrefetchBytes, 0, 2);
+          for (int q = 0; q < kStepVecs; ++q) {
             const V wv = vload<L>(wj[st] + i + q * L);
             for (int r = 0; r < NB; ++r) acc[st][r][q % NA] += vload<L>(a + r * lda + i + q * L) * wv;
           }
@@ -168,12 +171,12 @@ H3F_INLINE void stream_dot_rows(const float* __restrict__ a, int64_t lda, const 
   }
 }
 
-// out[s][n, M] = a[n, K] @ w[s][M, K]^T for s < S (1 or 2), in bf16 (fp32 sums, one rounding each), for
-// 1 <= n <= kSmallGemmMaxRows; each w[s]'s rows are consecutive (stride K). Pairs run in lockstep up to 2 rows of a
-// (more would spill the accumulators), one weight after the other above.
-template <int L, int S>
-H3F_INLINE void stream_dot(const c10::BFloat16* a, int64_t lda, int64_t n, const c10::BFloat16* const* w, int64_t M,
-                           int64_t K, c10::BFloat16* const* out, int64_t ldo) {
+// out[s][n, M] = a[n, K] @ w[s][M, K]^T for s < S (1 or 2), fp32 sums rounded once to scalar_t, for the n that
+// stream_dot_takes; each w[s]'s rows are consecutive (stride K). Pairs run in lockstep up to 2 rows of a (more would
+// spill the accumulators), one weight after the other above.
+template <int L, int S, typename scalar_t>
+H3F_INLINE void stream_dot(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* const* w, int64_t M,
+                           int64_t K, scalar_t* const* out, int64_t ldo) {
   // The widened rows of a: n * K floats a thread (at most 8 rows), kept between calls so a decode step allocates none.
   static thread_local std::vector<float> widened;
   if (widened.size() < static_cast<size_t>(n * K)) widened.resize(n * K);
@@ -185,8 +188,8 @@ H3F_INLINE void stream_dot(const c10::BFloat16* a, int64_t lda, int64_t n, const
     if (n == 2) return stream_dot_rows<2, 2, L>(af, K, w, M, K, out, ldo);
   }
   for (int st = 0; st < S; ++st) {
-    const c10::BFloat16* const ws[1] = {w[st]};
-    c10::BFloat16* const os[1] = {out[st]};
+    const scalar_t* const ws[1] = {w[st]};
+    scalar_t* const os[1] = {out[st]};
     switch (n) {
       case 1: stream_dot_rows<1, 1, L>(af, K, ws, M, K, os, ldo); break;
       case 2: stream_dot_rows<2, 1, L>(af, K, ws, M, K, os, ldo); break;
@@ -202,15 +205,25 @@ H3F_INLINE void stream_dot(const c10::BFloat16* a, int64_t lda, int64_t n, const
 }
 static_assert(kSmallGemmMaxRows == 8, "stream_dot's cases cover 1-8 rows");
 
+// Which (dtype, rows) take stream_dot, on narrow vectors only (16 lanes keep the tiles: not measured there). bf16: 1-8
+// rows. fp32 (nothing to widen): 1-2 rows, where its pairs beat the tiles (harness, T4 k2 E8 forward: 2.53-2.63 ->
+// 2.28-2.39 ms; 2 rows an expert 2.72 -> 2.22 ms); with 4-6 rows one stream ran 7-9% behind the tiles, so they keep
+// them. small_nt and small_nt_pair choose alike, so a pair has the bits of two single calls.
+template <typename scalar_t>
+H3F_INLINE bool stream_dot_takes(int64_t n) {
+  if (wide_vectors() || n < 1) return false;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return n <= kSmallGemmMaxRows;
+  if constexpr (std::is_same_v<scalar_t, float>) return n <= 2;
+  return false;
+}
+
 template <typename scalar_t>
 H3F_ROW_FN void small_nt(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* w, int64_t M, int64_t K,
                          scalar_t* out, int64_t ldo) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (!wide_vectors() && n >= 1 && n <= kSmallGemmMaxRows) {
-      const scalar_t* const ws[1] = {w};
-      scalar_t* const os[1] = {out};
-      return stream_dot<kNarrowLanes, 1>(a, lda, n, ws, M, K, os, ldo);
-    }
+  if (stream_dot_takes<scalar_t>(n)) {
+    const scalar_t* const ws[1] = {w};
+    scalar_t* const os[1] = {out};
+    return stream_dot<kNarrowLanes, 1>(a, lda, n, ws, M, K, os, ldo);
   }
   H3F_BY_LANES(dot_tiles, (a, lda, n, w, M, K, out, ldo), scalar_t);
 }
@@ -220,12 +233,10 @@ H3F_ROW_FN void small_nt(const scalar_t* a, int64_t lda, int64_t n, const scalar
 template <typename scalar_t>
 H3F_ROW_FN void small_nt_pair(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* w0, const scalar_t* w1,
                               int64_t M, int64_t K, scalar_t* out0, scalar_t* out1, int64_t ldo) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (!wide_vectors() && n >= 1 && n <= kSmallGemmMaxRows) {
-      const scalar_t* const ws[2] = {w0, w1};
-      scalar_t* const os[2] = {out0, out1};
-      return stream_dot<kNarrowLanes, 2>(a, lda, n, ws, M, K, os, ldo);
-    }
+  if (stream_dot_takes<scalar_t>(n)) {
+    const scalar_t* const ws[2] = {w0, w1};
+    scalar_t* const os[2] = {out0, out1};
+    return stream_dot<kNarrowLanes, 2>(a, lda, n, ws, M, K, os, ldo);
   }
   H3F_BY_LANES(dot_tiles, (a, lda, n, w0, M, K, out0, ldo), scalar_t);
   H3F_BY_LANES(dot_tiles, (a, lda, n, w1, M, K, out1, ldo), scalar_t);
