@@ -238,8 +238,8 @@ H3F_ROW_FN void small_nt_pair(const scalar_t* a, int64_t lda, int64_t n, const s
     scalar_t* const os[2] = {out0, out1};
     return stream_dot<kNarrowLanes, 2>(a, lda, n, ws, M, K, os, ldo);
   }
-  H3F_BY_LANES(dot_tiles, (a, lda, n, w0, M, K, out0, ldo), scalar_t);
-  H3F_BY_LANES(dot_tiles, (a, lda, n, w1, M, K, out1, ldo), scalar_t);
+  small_nt(a, lda, n, w0, M, K, out0, ldo);
+  small_nt(a, lda, n, w1, M, K, out1, ldo);
 }
 
 H3F_ROW_FN void mid_nt(const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K, float* out,
