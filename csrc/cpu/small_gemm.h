@@ -12,10 +12,11 @@
 // Up to kSmallGemmMaxRows rows the memory-bound kernels below run (fp32, bf16); up to kMidGemmMaxRows, fp32 tiles
 // (mid_nt, mid_nn, mid_tn where the CPU has AVX-512, narrow_tiles.h's broadcast tiles where it has AVX2 only) and
 // bf16 VDPBF16PS tiles (bf16_tiles.h, where the CPU has them). Above that, for fp16/fp64, or for strided layouts,
-// each function calls at::mm_out (bf16 widened to fp32 on CPUs without bf16 dot products). The choice depends on the
-// shape and the CPU only, never on the thread count, so results are bitwise the same at any number of threads. The
-// kernels are single-threaded: they run inside a thread's group of experts, or on experts too small for threads to
-// pay. The vector-extension kernels are compiled for three ISA levels and run at the CPU's vector width (row_passes.h:
+// each function calls at::mm_out (bf16 widened to fp32 on CPUs without bf16 dot products), except fp32 linear_into on
+// AVX2-only CPUs, whose larger GEMMs run on the narrow tile with the threads splitting the weight (large_nt). The
+// choice depends on the shape and the CPU only, never on the thread count, so results are bitwise the same at any
+// number of threads. The other kernels are single-threaded: they run inside a thread's group of experts, or on
+// experts too small for threads to pay. The vector-extension kernels are compiled for three ISA levels and run at the CPU's vector width (row_passes.h:
 // Vec); narrow_tiles.h's for AVX2 + FMA only.
 #pragma once
 
@@ -24,6 +25,7 @@
 #include "row_passes.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
 #include <cstdint>
@@ -542,10 +544,47 @@ H3F_INLINE bf16_bits* mutable_bits(const at::Tensor& t) {
 #define H3F_BF16_TILES_CALL(call) TORCH_INTERNAL_ASSERT(false, "bf16 tiles are not built")
 #endif
 
-// out[n, M] = a[n, K] @ w[M, K]^T, written into a view.
-[[maybe_unused]] void linear_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w) {
+// fp32 a.w^T above kMidGemmMaxRows rows on AVX2 CPUs (the few-large-experts forward: 512-1024 rows an expert at E8
+// k2) runs on the narrow tile too, which beats MKL's sgemm there: one thread, [512, 512] x [2816, 512]^T 36.4
+// against 32.5 GFLOP/s, [512, 1408] x [512, 1408]^T 36.7 against 35.1, [1024, 1024] x [5632, 1024]^T 37.0 against
+// 33.6 (AVX2 EPYC, medians of 5-9). The threads split w's rows (whole tiles of kTileRows), so each reads only its
+// share of the weight and none waits on another; each walks a's rows kLargeNtChunkRows at a time, whose lane-major
+// copy (tile_nt) then stays in L2. Every output element is one lane's sum in K order whichever thread computes it,
+// and the row chunks are fixed, so the result depends on the shape only.
+constexpr int64_t kLargeNtChunkRows = 128;
+
+H3F_INLINE bool large_nt_takes(int64_t rows, const at::Tensor& out, const at::Tensor& a, const at::Tensor& w) {
+  return rows > kMidGemmMaxRows && a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
+         out.scalar_type() == at::kFloat && a.stride(1) == 1 && out.stride(1) == 1 && w.stride(1) == 1 &&
+         w.stride(0) == w.size(1) && !wide_vectors() && narrow_tiles_available();
+}
+
+void large_nt(const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K, float* out, int64_t ldo) {
+  const int64_t tiles = (M + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t m0 = t0 * kTileRows, m1 = std::min(M, t1 * kTileRows);
+    for (int64_t r = 0; r < n; r += kLargeNtChunkRows)
+      tile_nt(a + r * lda, lda, std::min(kLargeNtChunkRows, n - r), w + m0 * K, m1 - m0, K, out + r * ldo + m0, ldo);
+  });
+}
+
+// out[n, M] = a[n, K] @ w[M, K]^T, written into a view. `large_tiles`: rows above kMidGemmMaxRows may take large_nt
+// (false for the 128-row weight chunks of a widened bf16 GEMM, where it lost to sgemm: T2048 H512 F1408 E8 k2 bf16
+// forward, 3 interleaved processes of 15 calls each, 334-338 against 302-310 ms).
+[[maybe_unused]] void linear_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w,
+                                  bool large_tiles = true) {
   const int64_t n = a.size(0), M = w.size(0), K = w.size(1);
-  if (widen_bf16_gemm(n, a)) return widened_linear(out, a, w, linear_into);
+  if (widen_bf16_gemm(n, a)) {
+    return widened_linear(out, a, w, [](const at::Tensor& o, const at::Tensor& x, const at::Tensor& y) {
+      linear_into(o, x, y, /*large_tiles=*/false);
+    });
+  }
+  if (large_tiles && large_nt_takes(n, out, a, w)) {
+    H3F_RECORD_SMALL_GEMM();
+    large_nt(a.const_data_ptr<float>(), a.stride(0), n, w.const_data_ptr<float>(), M, K, out.mutable_data_ptr<float>(),
+             out.stride(0));
+    return;
+  }
   const SmallGemm path = w.stride(0) == K ? small_gemm_path(n, out, a, w) : SmallGemm::kBlas;
   if (path == SmallGemm::kBlas) {
     at::mm_out(const_cast<at::Tensor&>(out), a, w.t());

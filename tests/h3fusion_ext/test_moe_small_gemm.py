@@ -91,13 +91,36 @@ def test_experts_without_rows_get_exact_zero_gradients(dtype, H, F):
 )
 def test_tiles_up_to_48_rows_match_reference(dtype, H, F):
     # 9..48 rows: fp32 forward projections in 4x4 tiles, bf16 tiles of all three forms (row counts that leave 2- and
-    # 1-row tiles, odd counts that pair the last row with zero in the weight gradients); 49: BLAS again. On AVX2 the
+    # 1-row tiles, odd counts that pair the last row with zero in the weight gradients); 49: BLAS again (but for the
+    # fp32 forward projections on AVX2 CPUs: the test below). On AVX2 the
     # a.w^T broadcast tiles take a's full blocks of 16 rows and dot products the rest, in pairs and a last single row
     # (none past 48; 8 past 16 or 32 at 24 and 40; 9, 10, 13 rows with no block; 14 at 46; 15 at 31 and 47), and 6-row
     # tiles run with every remainder 1..5 (H, 2F, F and the row counts). The forward without autograd (the activation
     # read with the pre-activation's row stride) gives the training forward's bits.
     rows = [SMALL_MAX_ROWS + 1, 10, 13, 24, 31, 40, 46, 47, MID_MAX_ROWS, MID_MAX_ROWS + 1]
     inputs = routed_inputs(rows, H, F, dtype, seed=7)
+    y = check_all(inputs)
+    with torch.no_grad():
+        assert torch.equal(h3fusion_ext.moe_ffn(*inputs), y)
+
+
+@pytest.mark.parametrize(
+    "H,F",
+    [
+        (55, 26),  # 55 = 9 x 6 + 1 and 52 = 8 x 6 + 4 weight rows: threads split whole 6-row tiles, the last one short
+        (160, 72),  # K 160 and 72: whole 8-lane steps; 144 weight rows split evenly
+        (37, 13),  # K tails of 5 (H) and 5 (F) past the last 8-lane step
+    ],
+)
+def test_fp32_forward_above_48_rows_on_the_threaded_tile(H, F):
+    # fp32 forward projections above kMidGemmMaxRows run on large_nt on AVX2 CPUs (BLAS elsewhere): a's rows in chunks
+    # of 128, each on tile_nt (full 16-row blocks, then pairs of rows and a last single one on dot products), the
+    # threads splitting the weight's rows. 49: one block short of 64; 130 = 128 + 2 (a second chunk of 2 rows, dot
+    # products only); 143 = 128 + 15; 200 = 128 + 72 (4 blocks + 8 rows); 257 = 2 x 128 + 1. The backward stays on
+    # BLAS, so all four gradients check the forward's saved pre-activation too. The forward without autograd gives the
+    # training forward's bits.
+    rows = [MID_MAX_ROWS + 1, 130, 143, 200, 257]
+    inputs = routed_inputs(rows, H, F, torch.float32, seed=13)
     y = check_all(inputs)
     with torch.no_grad():
         assert torch.equal(h3fusion_ext.moe_ffn(*inputs), y)

@@ -39,12 +39,12 @@ def moe_ffn_inputs(T, H, F, E, k, dtype=torch.float32):
 
 
 # (T, H, F, E, k), by how the CPU op splits the work (csrc/cpu/moe_ffn.cpp; token groups in bf16 only, fp32 takes one
-# group and BLAS threads inside every forward GEMM):
+# group and threads inside every forward GEMM: BLAS's, or on AVX2 CPUs large_nt's split of the weight rows):
 #   token-groups: 512 rows per expert, two token groups in the forward (one per thread at 2 threads); four active
 #     experts, so the backward runs one group of experts per thread;
 #   blas-threaded-backward: two large experts, token groups in the forward, BLAS threads in the backward;
 #   more-groups-than-threads: 1024 rows per expert, four token groups, two per thread;
-#   blas-threaded: 384 rows per expert, one token group: BLAS threads inside every forward GEMM;
+#   blas-threaded: 384 rows per expert, one token group: threads inside every forward GEMM (fp32 on AVX2: large_nt);
 #   per-expert: many small experts, one expert per thread;
 #   few-rows: decode, no expert above 8 rows: the threads split every expert's weights in 64-column units;
 # each large enough that two threads really split the work.
