@@ -73,7 +73,8 @@ if _want_cuda is True and not _use_cuda:
     )
 
 debug = os.environ.get("H3FUSION_DEBUG", "0") == "1"
-sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+# csrc/*.cpp: the op schemas (ops.cpp) and the argument checks shared by the CPU and CUDA code
+sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
 # Headers too: setuptools skips an extension whose listed files are all older than the built library, so a changed
 # header must be listed to trigger a (ninja-incremental) rebuild.
 depends = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
@@ -99,6 +100,12 @@ if _use_cuda:
         "-U__CUDA_NO_HALF_CONVERSIONS__",
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
     ]
+    # nvcc's host compiler is the C++ compiler that builds the .cpp files: torch would pass the C compiler $CC
+    # (-ccbin) instead, and where an image sets CC and CXX to different compilers, the .cu and .cpp objects'
+    # inline copies would come from two compilers. A CXX of one word (a compiler, not "ccache g++") only.
+    _cxx = os.environ.get("CXX", "").split()
+    if len(_cxx) == 1 and shutil.which(_cxx[0]):
+        nvcc_flags += ["-ccbin", shutil.which(_cxx[0])]
     ext = CUDAExtension(
         "h3fusion_ext._C",
         sources,

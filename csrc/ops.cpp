@@ -89,7 +89,7 @@ TORCH_LIBRARY(h3fusion, m) {
 
   // ---- build facts -------------------------------------------------------------------------------------------
   m.def("has_cuda_kernels() -> bool");
-  // CUDA builds only (csrc/cuda/moe_gemm_backend.cu): the grouped-GEMM backend the latest CUDA moe_ffn call ran
+  // CUDA builds only (csrc/cuda/moe_gemm_backend.cpp): the grouped-GEMM backend the latest CUDA moe_ffn call ran
   // ("own" | "torch"; "none" before any), and the mode (auto | own | torch; initially H3FUSION_GROUPED_GEMM):
   // set it (None: leave it), get the previous one back.
   m.def("moe_ffn_gemm_backend() -> str");

@@ -20,7 +20,7 @@
 #include <limits>
 #include <tuple>
 
-#include "h3fusion/checks.h"
+#include "arg_checks.h"
 #include "h3fusion/logprob_driver.h"
 #include "h3fusion/logprob_math.h"
 
@@ -110,14 +110,11 @@ __global__ void softmax_grad_kernel(const acc_t* logits, out_t* out, int64_t col
   }
 }
 
-void check_cuda(const Tensor& hidden) {
-  TORCH_CHECK(hidden.is_cuda(), "hidden must be a CUDA tensor for the CUDA kernel, got ", hidden.device());
-}
 
 std::tuple<Tensor, Tensor> linear_logprob_forward_cuda(const Tensor& hidden, const Tensor& weight,
                                                        const Tensor& targets, int64_t ignore_index) {
   lp::check_inputs(hidden, weight, targets);
-  check_cuda(hidden);
+  h3fusion::cuda::check_logprob_hidden(hidden);
   const c10::cuda::CUDAGuard guard(hidden.device());
   const Tensor h = hidden.contiguous(), w = weight.contiguous();
   const Tensor t = targets.to(at::kLong).contiguous();
@@ -158,7 +155,7 @@ std::tuple<Tensor, Tensor> linear_logprob_backward_cuda(const Tensor& grad_logp,
                                                         const Tensor& targets, const Tensor& lse,
                                                         int64_t ignore_index, std::array<bool, 2> output_mask) {
   lp::check_inputs(hidden, weight, targets);
-  check_cuda(hidden);
+  h3fusion::cuda::check_logprob_hidden(hidden);
   lp::check_row_vector(grad_logp, "grad_logp", hidden);
   lp::check_row_vector(grad_lse, "grad_lse", hidden);
   lp::check_row_vector(lse, "lse", hidden);

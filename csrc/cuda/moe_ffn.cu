@@ -33,8 +33,8 @@
 #include <array>
 #include <tuple>
 
+#include "arg_checks.h"
 #include "grouped_gemm.cuh"
-#include "h3fusion/checks.h"
 #include "launchers.cuh"
 #include "moe_ffn_torch_gemm.h"
 #include "moe_gemm_backend.h"
@@ -42,66 +42,13 @@
 namespace h3fusion::cuda {
 namespace {
 
-struct MoeDims {
-  int64_t T, H, k, E, F;
-};
-
-void check_cuda_float(const at::Tensor& t, const char* name) {
-  check_float(t, name);
-  TORCH_CHECK(t.scalar_type() != at::kDouble, name,
-              " has dtype float64, which moe_ffn supports on the CPU only; on CUDA use float32, bfloat16 or float16");
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
-}
-
-// The checks shared by forward and backward: x, weights, gate_up_proj, down_proj.
-MoeDims check_common(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& gate_up_proj,
-                     const at::Tensor& down_proj) {
-  check_dim(x, "x", 2);
-  check_cuda_float(x, "x");
-  check_dim(weights, "weights", 2);
-  check_float(weights, "weights");
-  TORCH_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == x.scalar_type(),
-              "weights must have dtype float32 or x's dtype (", x.scalar_type(), "), got ", weights.scalar_type());
-  check_same_device(weights, "weights", x, "x");
-  check_dim(gate_up_proj, "gate_up_proj", 3);
-  check_same_dtype(gate_up_proj, "gate_up_proj", x, "x");
-  check_same_device(gate_up_proj, "gate_up_proj", x, "x");
-  check_dim(down_proj, "down_proj", 3);
-  check_same_dtype(down_proj, "down_proj", x, "x");
-  check_same_device(down_proj, "down_proj", x, "x");
-
-  MoeDims d{};
-  d.T = x.size(0);
-  d.H = x.size(1);
-  d.k = weights.size(1);
-  d.E = gate_up_proj.size(0);
-  check_size(weights, "weights", 0, d.T, "x.shape[0]");
-  TORCH_CHECK(d.E >= 1, "gate_up_proj.shape[0] (the number of experts E) must be >= 1, got ", d.E);
-  // k > E is legal here (a token may list one expert twice; every pair is its own row), as on the CPU
-  TORCH_CHECK(d.k >= 1, "weights.shape[1] (k) must be >= 1, got shape ", weights.sizes());
-  TORCH_CHECK(gate_up_proj.size(1) % 2 == 0, "gate_up_proj.shape[1] must be 2F (even), got shape ",
-              gate_up_proj.sizes());
-  d.F = gate_up_proj.size(1) / 2;
-  check_size(gate_up_proj, "gate_up_proj", 2, d.H, "x.shape[1]");
-  check_size(down_proj, "down_proj", 0, d.E, "gate_up_proj.shape[0]");
-  check_size(down_proj, "down_proj", 1, d.H, "x.shape[1]");
-  check_size(down_proj, "down_proj", 2, d.F, "gate_up_proj.shape[1] / 2");
-  TORCH_CHECK(d.T * d.k < (int64_t(1) << 31), "x.shape[0] * k = ", d.T * d.k,
-              " (token, slot) pairs do not fit the int32 indices");
-  return d;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_forward_cuda(
     const at::Tensor& x_in, const at::Tensor& weights_in, const at::Tensor& experts_in,
     const at::Tensor& gate_up_in, const at::Tensor& down_in, bool save_pre_activation,
     c10::string_view activation_name) {
-  const MoeDims d = check_common(x_in, weights_in, gate_up_in, down_in);
+  const MoeDims d = check_moe_ffn_common(x_in, weights_in, gate_up_in, down_in);
   const Activation activation = parse_activation(activation_name);
-  check_dim(experts_in, "experts", 2);
-  check_dtype(experts_in, "experts", at::kInt);
-  check_same_device(experts_in, "experts", x_in, "x");
-  check_size(experts_in, "experts", 0, d.T, "x.shape[0]");
-  check_size(experts_in, "experts", 1, d.k, "weights.shape[1]");
+  check_moe_ffn_experts(experts_in, x_in, d);
   const c10::cuda::CUDAGuard guard(x_in.device());
   if (choose_moe_gemm_backend(x_in, gate_up_in, down_in) == MoeGemmBackend::kTorch) {
     auto out = moe_ffn_forward_torch_gemm(x_in, weights_in, experts_in, gate_up_in, down_in, activation);
@@ -141,37 +88,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cuda
     const at::Tensor& down_in, const at::Tensor& sorted_pairs_in, const at::Tensor& pair_rows_in,
     const at::Tensor& offsets_in, const at::Tensor& gate_up_out_in, std::array<bool, 4> output_mask,
     c10::string_view activation_name) {
-  const MoeDims d = check_common(x_in, weights_in, gate_up_in, down_in);
+  const MoeDims d = check_moe_ffn_common(x_in, weights_in, gate_up_in, down_in);
   const Activation activation = parse_activation(activation_name);
   const int64_t R = d.T * d.k;
   // output_mask: x, weights, gate_up_proj, down_proj. A gradient left out skips its GEMMs and comes back undefined.
   // (The per-pair dot products of grad_weights are fused into gated_act_backward and cost no extra pass here.)
   const auto [need_x, need_w, need_gu, need_down] = output_mask;
   if (!need_x && !need_w && !need_gu && !need_down) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  check_dim(grad_y_in, "grad_y", 2);
-  // any float dtype, cast to x's below: the CPU op accepts the same (grad_y_in.to(x.dtype)), so both agree
-  check_float(grad_y_in, "grad_y");
-  check_same_device(grad_y_in, "grad_y", x_in, "x");
-  check_size(grad_y_in, "grad_y", 0, d.T, "x.shape[0]");
-  check_size(grad_y_in, "grad_y", 1, d.H, "x.shape[1]");
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{sorted_pairs_in, "sorted_pairs"},
-                                std::pair<const at::Tensor&, const char*>{pair_rows_in, "pair_rows"}}) {
-    check_dim(t, name, 1);
-    check_dtype(t, name, at::kInt);
-    check_same_device(t, name, x_in, "x");
-    check_size(t, name, 0, R, "x.shape[0] * k");
-  }
-  check_dim(offsets_in, "expert_offsets", 1);
-  check_dtype(offsets_in, "expert_offsets", at::kLong);
-  check_same_device(offsets_in, "expert_offsets", x_in, "x");
-  check_size(offsets_in, "expert_offsets", 0, d.E + 1, "gate_up_proj.shape[0] + 1");
-  check_dim(gate_up_out_in, "gate_up_out", 2);
-  check_same_dtype(gate_up_out_in, "gate_up_out", x_in, "x");
-  check_same_device(gate_up_out_in, "gate_up_out", x_in, "x");
-  TORCH_CHECK(R == 0 || gate_up_out_in.dim() != 2 || gate_up_out_in.size(0) != 0,
-              "gate_up_out is empty: moe_ffn_forward ran with save_pre_activation=False, so it has no backward");
-  check_size(gate_up_out_in, "gate_up_out", 0, R, "x.shape[0] * k");
-  check_size(gate_up_out_in, "gate_up_out", 1, 2 * d.F, "gate_up_proj.shape[1]");
+  check_moe_ffn_backward(grad_y_in, x_in, sorted_pairs_in, pair_rows_in, offsets_in, gate_up_out_in, d);
   const c10::cuda::CUDAGuard guard(x_in.device());
   if (choose_moe_gemm_backend(x_in, gate_up_in, down_in) == MoeGemmBackend::kTorch) {
     return moe_ffn_backward_torch_gemm(grad_y_in, x_in, weights_in, gate_up_in, down_in, sorted_pairs_in,

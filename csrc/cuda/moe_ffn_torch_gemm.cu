@@ -1,4 +1,4 @@
-// The "torch" GEMM backend of the CUDA moe_ffn (declared in moe_ffn_torch_gemm.h, chosen in moe_gemm_backend.cu).
+// The "torch" GEMM backend of the CUDA moe_ffn (declared in moe_ffn_torch_gemm.h, chosen in moe_gemm_backend.cpp).
 //
 // Design: the same chain as moe_ffn.cu with at::_grouped_mm (torch's CUTLASS grouped GEMM on sm_90/sm_100) for the
 // GEMMs. Group ends = expert_offsets[1:] as int32 (a device-side cast, so nothing is read on the host). R = T*k rows

@@ -1,5 +1,5 @@
 // Which grouped-GEMM backend the CUDA moe_ffn runs: our WMMA/SIMT kernels ("own", grouped_gemm_*.cu) or
-// at::_grouped_mm ("torch", moe_ffn_torch_gemm.cu). Implemented in moe_gemm_backend.cu.
+// at::_grouped_mm ("torch", moe_ffn_torch_gemm.cu). Implemented in moe_gemm_backend.cpp.
 //
 // Mode (process-wide): H3FUSION_GROUPED_GEMM=auto|own|torch, read once at the first moe_ffn call on CUDA (unset or
 // empty = auto); the op moe_ffn_set_gemm_backend changes it at run time (tests, benchmarks).

@@ -14,6 +14,7 @@
 
 #include <h3fusion/moe_lora_ffn_impl.h>
 
+#include "arg_checks.h"
 #include "launchers.cuh"
 
 namespace h3fusion::cuda {
@@ -35,17 +36,11 @@ struct CudaPrimitives : lora::AtenRowPasses {  // the row passes over ATen ops
   }
 };
 
-void check_cuda_input(const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.scalar_type() != at::kDouble,
-              "x has dtype float64, which moe_ffn supports on the CPU only; on CUDA use float32, bfloat16 or float16");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_ffn_forward(
     const at::Tensor& x, const at::Tensor& weights, const at::Tensor& experts, const at::Tensor& gate_up_proj,
     const at::Tensor& down_proj, const at::Tensor& gate_up_a, const at::Tensor& gate_up_b, const at::Tensor& down_a,
     const at::Tensor& down_b, double scaling, c10::string_view activation, bool save_for_backward) {
-  check_cuda_input(x);
+  check_moe_lora_x(x);
   const c10::cuda::CUDAGuard guard(x.device());
   return lora::forward<CudaPrimitives>(x, weights, experts, gate_up_proj, down_proj, gate_up_a, gate_up_b, down_a,
                                        down_b, scaling, activation, save_for_backward);
@@ -59,7 +54,7 @@ lora::Grads moe_lora_ffn_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                   const at::Tensor& expert_offsets, const at::Tensor& gate_up_out,
                                   const at::Tensor& gate_up_z, const at::Tensor& down_z,
                                   std::array<bool, 8> output_mask) {
-  check_cuda_input(x);
+  check_moe_lora_x(x);
   const c10::cuda::CUDAGuard guard(x.device());
   return lora::backward<CudaPrimitives>(grad_y, x, weights, gate_up_proj, down_proj, gate_up_a, gate_up_b, down_a,
                                         down_b, scaling, activation, sorted_pairs, pair_rows, expert_offsets,

@@ -41,8 +41,8 @@
 #include <cstdint>
 #include <tuple>
 
+#include "arg_checks.h"
 #include "cuda_utils.cuh"
-#include "h3fusion/checks.h"
 #include "launchers.cuh"
 
 namespace h3fusion::cuda {
@@ -52,10 +52,6 @@ constexpr int kPlanChunk = 256;     // pairs per chunk = threads of a rank block
 constexpr int kScanThreads = 256;   // threads of the scan blocks
 constexpr int kRowWarps = 8;        // rows (gather) or tokens (combine) per 256-thread block
 constexpr int kRowThreads = kRowWarps * kWarpSize;
-
-void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
-}
 
 // Bucket of an expert id: the id itself when valid, E (the tail bucket) otherwise.
 __device__ __forceinline__ int32_t bucket_of(int32_t e, int32_t E) { return (e >= 0 && e < E) ? e : E; }
@@ -216,13 +212,8 @@ at::ScalarType acc_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDoub
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_plan(const at::Tensor& experts, int64_t num_experts) {
-  check_dim(experts, "experts", 2);
-  check_dtype(experts, "experts", at::kInt);
-  check_cuda(experts, "experts");
-  TORCH_CHECK(num_experts >= 1 && num_experts < INT_MAX, "num_experts must be in [1, 2^31 - 1), got ",
-              num_experts);
+  check_route_plan(experts, num_experts);
   const int64_t N = experts.numel();
-  TORCH_CHECK(N <= INT_MAX, "experts has ", N, " entries; T*k must fit in int32 (the index outputs are int32)");
   const int64_t E = num_experts;
 
   const c10::cuda::CUDAGuard guard(experts.device());
@@ -295,18 +286,10 @@ void zero_unrouted_rows(const at::Tensor& rows, const at::Tensor& expert_offsets
 }
 
 at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& sorted_pairs, int64_t k) {
-  check_dim(x, "x", 2);
-  check_float(x, "x");
-  check_cuda(x, "x");
-  check_dim(sorted_pairs, "sorted_pairs", 1);
-  check_dtype(sorted_pairs, "sorted_pairs", at::kInt);
-  check_same_device(sorted_pairs, "sorted_pairs", x, "x");
-  TORCH_CHECK(k >= 1 && k < INT_MAX, "k must be in [1, 2^31 - 1), got ", k);
+  check_gather_rows(x, sorted_pairs, k);
   const int64_t T = x.size(0);
   const int64_t H = x.size(1);
   const int64_t R = T * k;
-  check_size(sorted_pairs, "sorted_pairs", 0, R, "x.shape[0] * k");
-  TORCH_CHECK(R <= INT_MAX, "x.shape[0] * k = ", R, " must fit in int32 (sorted_pairs is int32)");
 
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
@@ -335,20 +318,10 @@ at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& sorted_pairs, int6
 }
 
 at::Tensor combine_rows(const at::Tensor& rows, const at::Tensor& weights, const at::Tensor& pair_rows) {
-  check_dim(rows, "rows", 2);
-  check_float(rows, "rows");
-  check_cuda(rows, "rows");
-  check_dim(weights, "weights", 2);
-  check_float(weights, "weights");
-  check_same_device(weights, "weights", rows, "rows");
-  check_dim(pair_rows, "pair_rows", 1);
-  check_dtype(pair_rows, "pair_rows", at::kInt);
-  check_same_device(pair_rows, "pair_rows", rows, "rows");
+  check_combine_rows(rows, weights, pair_rows);
   const int64_t T = weights.size(0);
   const int64_t k = weights.size(1);
   const int64_t H = rows.size(1);
-  check_size(pair_rows, "pair_rows", 0, T * k, "weights.shape[0] * weights.shape[1]");
-  check_size(rows, "rows", 0, T * k, "weights.shape[0] * weights.shape[1]");
 
   const c10::cuda::CUDAGuard guard(rows.device());
   const at::Tensor rc = rows.contiguous();

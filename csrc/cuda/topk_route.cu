@@ -26,8 +26,8 @@
 #include <cmath>
 #include <tuple>
 
+#include "arg_checks.h"
 #include "cuda_utils.cuh"
-#include "h3fusion/checks.h"
 
 namespace h3fusion::cuda {
 namespace {
@@ -191,19 +191,10 @@ __global__ void __launch_bounds__(kThreads)
 
 at::ScalarType acc_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
-}
-
 std::tuple<at::Tensor, at::Tensor> topk_route_cuda(const at::Tensor& logits, int64_t k, bool renormalize) {
-  check_dim(logits, "logits", 2);
-  check_float(logits, "logits");
-  check_cuda(logits, "logits");
+  check_topk_route(logits, k);
   const int64_t T = logits.size(0);
   const int64_t E = logits.size(1);
-  TORCH_CHECK(k >= 1 && k <= E, "k must satisfy 1 <= k <= E (the number of experts, logits.shape[1] = ", E,
-              "), got k=", k);
-  TORCH_CHECK(E < INT_MAX, "logits.shape[1] (the number of experts) must be below 2^31 - 1, got ", E);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = logits.contiguous();
   at::Tensor weights = at::empty({T, k}, x.options().dtype(acc_dtype(x.scalar_type())));
@@ -224,24 +215,10 @@ std::tuple<at::Tensor, at::Tensor> topk_route_cuda(const at::Tensor& logits, int
 
 at::Tensor topk_route_backward_cuda(const at::Tensor& grad_weights, const at::Tensor& logits,
                                     const at::Tensor& experts, bool renormalize) {
-  check_dim(logits, "logits", 2);
-  check_float(logits, "logits");
-  check_cuda(logits, "logits");
-  check_dim(experts, "experts", 2);
-  check_dtype(experts, "experts", at::kInt);
-  check_same_device(experts, "experts", logits, "logits");
-  check_dim(grad_weights, "grad_weights", 2);
-  check_float(grad_weights, "grad_weights");
-  check_same_device(grad_weights, "grad_weights", logits, "logits");
+  check_topk_route_backward(grad_weights, logits, experts);
   const int64_t T = logits.size(0);
   const int64_t E = logits.size(1);
   const int64_t k = experts.size(1);
-  check_size(experts, "experts", 0, T, "logits.shape[0]");
-  TORCH_CHECK(k >= 1 && k <= E, "experts.shape[1] (k) must satisfy 1 <= k <= E (logits.shape[1] = ", E, "), got ",
-              k);
-  check_size(grad_weights, "grad_weights", 0, T, "logits.shape[0]");
-  check_size(grad_weights, "grad_weights", 1, k, "experts.shape[1]");
-  TORCH_CHECK(E < INT_MAX, "logits.shape[1] (the number of experts) must be below 2^31 - 1, got ", E);
 
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = logits.contiguous();

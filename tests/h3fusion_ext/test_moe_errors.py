@@ -132,3 +132,56 @@ def test_moe_ffn_device_mismatch(name):
     args[name] = args[name].cpu()
     with pytest.raises(RuntimeError, match=name):
         h3fusion_ext.moe_ffn(**args)
+
+
+# ---- the CUDA kernels' own argument checks, reached without a GPU ---------------------------------------------
+# A CUDA build (CI builds one) registers the CUDA kernels; redispatching a call to the CUDA key with host tensors
+# runs their argument checks up to "must be a CUDA tensor". On the first GPU run, checks that threw from .cu host
+# code crashed the process instead of raising (csrc/include/h3fusion/checks.h): these calls must raise and name
+# the argument.
+needs_cuda_build = pytest.mark.skipif(
+    not h3fusion_ext.has_cuda_kernels(), reason="needs a CUDA build of h3fusion_ext (CI builds one; no GPU needed)"
+)
+
+
+def _cuda_kernel_calls() -> dict:
+    """op name -> (the argument the error must name, the op's arguments on the host)."""
+    g = good_inputs()
+    x, w, e, gu, dp = g["x"], g["weights"], g["experts"], g["gate_up_proj"], g["down_proj"]
+    logits, sp, r, V = torch.randn(T, E), torch.arange(T * K, dtype=torch.int32), 2, 11
+    lora = (torch.randn(E, r, H), torch.randn(E, 2 * F, r), torch.randn(E, r, F), torch.randn(E, H, r))
+    hidden, lm_head, targets, n = torch.randn(T, H), torch.randn(V, H), torch.randint(0, V, (T,)), torch.randn(T)
+    offsets = torch.tensor([0, 3, 6, 9, 12], dtype=torch.int64)
+    return {
+        "topk_route": ("logits", (logits, K, True)),
+        "topk_route_backward": ("logits", (torch.randn(T, K), logits, e, True)),
+        "moe_route_plan": ("experts", (e, E)),
+        "moe_gather": ("x", (x, sp, K)),
+        "moe_combine": ("rows", (torch.randn(T * K, H), w, sp)),
+        "moe_ffn_forward": ("x", (x, w, e, gu, dp, True, "silu")),
+        "moe_ffn_backward": ("x", (x, x, w, gu, dp, sp, sp, offsets, torch.randn(T * K, 2 * F), [True] * 4, "silu")),
+        "moe_lora_ffn_forward": ("x", (x, w, e, gu, dp, *lora, 1.0, "silu", True)),
+        "linear_logprob_forward": ("hidden", (hidden, lm_head, targets, -100)),
+        "linear_logprob_backward": ("hidden", (n, n, hidden, lm_head, targets, n, -100, [True, True])),
+    }
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("op", list(_cuda_kernel_calls()))
+def test_cuda_kernel_checks_raise_on_host_tensors(op):
+    name, args = _cuda_kernel_calls()[op]
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    with pytest.raises(RuntimeError, match=f"{name} must be a CUDA tensor"):
+        getattr(torch.ops.h3fusion, op).default.redispatch(cuda_only, *args)
+
+
+@needs_cuda_build
+def test_cuda_moe_ffn_refuses_float64_by_name():
+    # the very check that crashed on the H200 (test_cuda_moe_ffn.py::test_bad_inputs_name_the_argument); it comes
+    # before the device check, so a host float64 x reaches it
+    g = {k: (v.double() if v.is_floating_point() and k != "weights" else v) for k, v in good_inputs().items()}
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    with pytest.raises(RuntimeError, match="x has dtype float64, which moe_ffn supports on the CPU only"):
+        torch.ops.h3fusion.moe_ffn_forward.default.redispatch(
+            cuda_only, g["x"], g["weights"], g["experts"], g["gate_up_proj"], g["down_proj"], True, "silu"
+        )

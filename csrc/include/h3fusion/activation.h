@@ -9,8 +9,6 @@
 //                                                                P' = P (1 - P) c (1 + 3 * 0.044715 g^2)
 #pragma once
 
-#include <c10/util/Exception.h>
-
 #include <string_view>
 
 namespace h3fusion {
@@ -24,11 +22,7 @@ constexpr double kInvSqrt2Pi = 0.3989422804014327;  // 1 / sqrt(2 pi)
 constexpr double kInvSqrt2 = 0.7071067811865476;
 
 // The op argument `activation` ("silu", "gelu", "gelu_tanh") -> the enum; anything else is a clear error.
-inline Activation parse_activation(std::string_view name) {
-  if (name == "silu") return Activation::kSilu;
-  if (name == "gelu") return Activation::kGelu;
-  if (name == "gelu_tanh") return Activation::kGeluTanh;
-  TORCH_CHECK(false, "activation must be one of \"silu\", \"gelu\", \"gelu_tanh\", got \"", std::string(name), "\"");
-}
+// Defined in csrc/checks.cpp (host code; see checks.h for why argument errors are raised out of line).
+Activation parse_activation(std::string_view name);
 
 }  // namespace h3fusion

@@ -1,45 +1,32 @@
 // One shape/dtype/device checker for every op, so each error names the argument it is about.
+//
+// Every argument check of the ops is defined out of line in a .cpp file (csrc/checks.cpp, csrc/op_checks.cpp,
+// csrc/cuda/arg_checks.cpp), compiled by the C++ compiler, and none in the host code of a .cu file: on the first
+// GPU run (H200 image, benchmarks/results/2026-12-04T1224-h200) each TORCH_CHECK that fired directly in the host
+// code of a kernel-bearing .cu file killed the process (segfault) instead of raising, while the checks below,
+// then inline and called from the same .cu functions, raised normally. Out of line, which compiler built the code
+// that throws no longer depends on which inline copy the linker keeps.
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
 
-#include <initializer_list>
-#include <string>
+#include <cstdint>
 
 namespace h3fusion {
 
 // The argument `name` must have rank `dim`.
-inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.dim() == dim, name, " must be a ", dim, "-D tensor, got shape ", t.sizes());
-}
+void check_dim(const at::Tensor& t, const char* name, int64_t dim);
 
 // The argument `name` must have size `expected` along `dim` (what_expected explains where that size comes from).
-inline void check_size(const at::Tensor& t, const char* name, int64_t dim, int64_t expected,
-                       const char* what_expected) {
-  TORCH_CHECK(t.size(dim) == expected, name, ".shape[", dim, "] must equal ", what_expected, " (", expected,
-              "), got shape ", t.sizes());
-}
+void check_size(const at::Tensor& t, const char* name, int64_t dim, int64_t expected, const char* what_expected);
 
-inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
-}
+void check_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype);
 
-// Floating dtypes the ops accept for activations and weights.
-inline void check_float(const at::Tensor& t, const char* name) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf || s == at::kDouble, name,
-              " must be float32, bfloat16, float16 or float64, got ", s);
-}
+// Floating dtypes the ops accept for activations and weights: float32, bfloat16, float16, float64.
+void check_float(const at::Tensor& t, const char* name);
 
-inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ", ref_name, " (",
-              ref.scalar_type(), "), got ", t.scalar_type());
-}
+void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name);
 
-inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (", ref.device(),
-              "), got ", t.device());
-}
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name);
 
 }  // namespace h3fusion

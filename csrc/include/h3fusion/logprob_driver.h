@@ -34,29 +34,12 @@ inline at::ScalarType acc_dtype(const at::Tensor& hidden) {
 }
 
 // Checks shared by forward and backward. Errors name the argument.
-inline void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets) {
-  check_dim(hidden, "hidden", 2);
-  check_dim(weight, "weight", 2);
-  check_dim(targets, "targets", 1);
-  check_float(hidden, "hidden");
-  check_same_dtype(weight, "weight", hidden, "hidden");
-  TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt,
-              "targets must have dtype int64 or int32, got ", targets.scalar_type());
-  check_size(weight, "weight", 1, hidden.size(1), "hidden.shape[1] (H)");
-  check_size(targets, "targets", 0, hidden.size(0), "hidden.shape[0] (N)");
-  check_same_device(weight, "weight", hidden, "hidden");
-  check_same_device(targets, "targets", hidden, "hidden");
-  TORCH_CHECK(weight.size(0) > 0, "weight must have at least one row (vocabulary size V >= 1), got shape ",
-              weight.sizes());
-}
+// (defined in csrc/op_checks.cpp)
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets);
 
 // Checks of the backward's extra [N] vectors (grad_logp, grad_lse, lse): rank, length, floating dtype, device.
-inline void check_row_vector(const at::Tensor& t, const char* name, const at::Tensor& hidden) {
-  check_dim(t, name, 1);
-  check_size(t, name, 0, hidden.size(0), "hidden.shape[0] (N)");
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating tensor, got ", t.scalar_type());
-  check_same_device(t, name, hidden, "hidden");
-}
+// (defined in csrc/op_checks.cpp)
+void check_row_vector(const at::Tensor& t, const char* name, const at::Tensor& hidden);
 
 inline int64_t env_int(const char* name, int64_t fallback) {
   const char* v = std::getenv(name);

@@ -97,73 +97,12 @@ struct Dims {
 };
 
 // The checks shared by forward and backward; every error names its argument.
-inline Dims check_args(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& gate_up_proj,
-                       const at::Tensor& down_proj, const at::Tensor& gate_up_a, const at::Tensor& gate_up_b,
-                       const at::Tensor& down_a, const at::Tensor& down_b, double scaling) {
-  check_dim(x, "x", 2);
-  check_float(x, "x");
-  const int64_t T = x.size(0), H = x.size(1);
-  check_dim(weights, "weights", 2);
-  check_float(weights, "weights");
-  check_size(weights, "weights", 0, T, "x.shape[0]");
-  TORCH_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == x.scalar_type(),
-              "weights must have dtype float32 or x's dtype (", x.scalar_type(), "), got ", weights.scalar_type());
-  const int64_t k = weights.size(1);
-  TORCH_CHECK(k >= 1, "weights.shape[1] (k) must be >= 1, got shape ", weights.sizes());
-  TORCH_CHECK(std::isfinite(scaling), "scaling (the LoRA scale) must be finite, got ", scaling);
-
-  // The factors fix E and r.
-  check_dim(gate_up_a, "gate_up_a", 3);
-  check_same_dtype(gate_up_a, "gate_up_a", x, "x");
-  const int64_t E = gate_up_a.size(0), r = gate_up_a.size(1);
-  TORCH_CHECK(E >= 1, "gate_up_a.shape[0] (the number of experts E) must be >= 1, got shape ", gate_up_a.sizes());
-  TORCH_CHECK(r >= 1, "gate_up_a.shape[1] (the LoRA rank r) must be >= 1, got shape ", gate_up_a.sizes());
-  check_size(gate_up_a, "gate_up_a", 2, H, "x.shape[1]");
-
-  check_dim(gate_up_proj, "gate_up_proj", 3);
-  check_same_dtype(gate_up_proj, "gate_up_proj", x, "x");
-  const int64_t Eb = gate_up_proj.size(0);
-  TORCH_CHECK(Eb == 1 || Eb == E, "gate_up_proj.shape[0] must be 1 (a base shared by every expert) or the number of "
-              "experts E = gate_up_a.shape[0] (", E, "), got shape ", gate_up_proj.sizes());
-  const int64_t F = check_expert_weights(gate_up_proj, down_proj, x);
-
-  check_dim(gate_up_b, "gate_up_b", 3);
-  check_same_dtype(gate_up_b, "gate_up_b", x, "x");
-  check_size(gate_up_b, "gate_up_b", 0, E, "gate_up_a.shape[0] (E)");
-  check_size(gate_up_b, "gate_up_b", 1, 2 * F, "gate_up_proj.shape[1]");
-  check_size(gate_up_b, "gate_up_b", 2, r, "gate_up_a.shape[1] (the rank r)");
-  check_dim(down_a, "down_a", 3);
-  check_same_dtype(down_a, "down_a", x, "x");
-  check_size(down_a, "down_a", 0, E, "gate_up_a.shape[0] (E)");
-  check_size(down_a, "down_a", 1, r, "gate_up_a.shape[1] (the rank r)");
-  check_size(down_a, "down_a", 2, F, "gate_up_proj.shape[1] / 2");
-  check_dim(down_b, "down_b", 3);
-  check_same_dtype(down_b, "down_b", x, "x");
-  check_size(down_b, "down_b", 0, E, "gate_up_a.shape[0] (E)");
-  check_size(down_b, "down_b", 1, H, "x.shape[1]");
-  check_size(down_b, "down_b", 2, r, "gate_up_a.shape[1] (the rank r)");
-
-  check_same_device(weights, "weights", x, "x");
-  check_same_device(gate_up_proj, "gate_up_proj", x, "x");
-  check_same_device(down_proj, "down_proj", x, "x");
-  check_same_device(gate_up_a, "gate_up_a", x, "x");
-  check_same_device(gate_up_b, "gate_up_b", x, "x");
-  check_same_device(down_a, "down_a", x, "x");
-  check_same_device(down_b, "down_b", x, "x");
-  return {T, H, k, E, F, r, Eb == 1};
-}
+Dims check_args(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& gate_up_proj,
+                const at::Tensor& down_proj, const at::Tensor& gate_up_a, const at::Tensor& gate_up_b,
+                const at::Tensor& down_a, const at::Tensor& down_b, double scaling);  // (csrc/op_checks.cpp)
 
 // expert_offsets on the host (one copy; a sync on CUDA), checked: starts at 0, non-decreasing, ends <= R.
-inline std::vector<int64_t> host_offsets(const at::Tensor& offsets, int64_t E, int64_t R) {
-  const at::Tensor o = offsets.to(at::kCPU).contiguous();
-  const int64_t* p = o.const_data_ptr<int64_t>();
-  std::vector<int64_t> off(p, p + E + 1);
-  TORCH_CHECK(off[0] == 0 && off[E] <= R, "expert_offsets must start at 0 and end at most at x.shape[0] * k (", R,
-              ")");
-  for (int64_t e = 0; e < E; ++e)
-    TORCH_CHECK(off[e + 1] >= off[e], "expert_offsets must be non-decreasing, got a drop after expert ", e);
-  return off;
-}
+std::vector<int64_t> host_offsets(const at::Tensor& offsets, int64_t E, int64_t R);  // (csrc/op_checks.cpp)
 
 // Rows [off[E], R) belong to no expert (ids outside [0, E), possible on CUDA only): zero, so they contribute nothing.
 inline void zero_tail(const at::Tensor& rows, const std::vector<int64_t>& off) {

@@ -118,36 +118,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                          at::Tensor>;
 
-inline void check_saved(const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& sorted_pairs,
-                        const at::Tensor& pair_rows, const at::Tensor& offsets, const at::Tensor& h,
-                        const at::Tensor& z1, const at::Tensor& z2, const Dims& d) {
-  const int64_t R = d.T * d.k;
-  check_dim(grad_y, "grad_y", 2);
-  check_float(grad_y, "grad_y");
-  check_size(grad_y, "grad_y", 0, d.T, "x.shape[0]");
-  check_size(grad_y, "grad_y", 1, d.H, "x.shape[1]");
-  check_same_device(grad_y, "grad_y", x, "x");
-  for (const auto& [t, name] : {std::pair{&sorted_pairs, "sorted_pairs"}, std::pair{&pair_rows, "pair_rows"}}) {
-    check_dim(*t, name, 1);
-    check_dtype(*t, name, at::kInt);
-    check_size(*t, name, 0, R, "x.shape[0] * k");
-    check_same_device(*t, name, x, "x");
-  }
-  check_dim(offsets, "expert_offsets", 1);
-  check_dtype(offsets, "expert_offsets", at::kLong);
-  check_size(offsets, "expert_offsets", 0, d.E + 1, "the number of experts + 1");
-  check_same_device(offsets, "expert_offsets", x, "x");
-  for (const auto& [t, name, width] :
-       {std::tuple{&h, "gate_up_out", 2 * d.F}, std::tuple{&z1, "gate_up_z", d.r}, std::tuple{&z2, "down_z", d.r}}) {
-    check_dim(*t, name, 2);
-    check_same_dtype(*t, name, x, "x");
-    check_same_device(*t, name, x, "x");
-    TORCH_CHECK(R == 0 || t->size(0) != 0, name,
-                " is empty: moe_lora_ffn_forward ran with save_for_backward=False, so it has no backward");
-    check_size(*t, name, 0, R, "x.shape[0] * k");
-    check_size(*t, name, 1, width, width == d.r ? "gate_up_a.shape[1] (the rank r)" : "gate_up_proj.shape[1]");
-  }
-}
+void check_saved(const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& sorted_pairs,
+                 const at::Tensor& pair_rows, const at::Tensor& offsets, const at::Tensor& h, const at::Tensor& z1,
+                 const at::Tensor& z2, const Dims& d);  // (csrc/op_checks.cpp)
 
 // The backward, with G the grad_y rows, w the rows' routing weights, da = w (G W2_e + s (G B2_e) A2_e) the gradient
 // of a, dh = the gated activation's backward of da, dz1 = dh B1_e:
