@@ -1,4 +1,4 @@
-"""The CUDA moe_ffn GEMM-backend mode API (h3fusion_ext/gemm_backend.py, csrc/cuda/moe_gemm_backend.cu).
+"""The CUDA moe_ffn GEMM-backend mode API (h3fusion_ext/gemm_backend.py, csrc/cuda/moe_gemm_backend.cpp).
 
 Needs no GPU: the mode ops take no tensors. In a build without CUDA kernels the API says so. Which backend a call
 runs, and its results, are tested on the GPU in test_cuda_moe_ffn.py.
