@@ -8,6 +8,8 @@ Switches (environment):
                            `setup.py build_ext --inplace`, incrementally: unchanged sources are not recompiled).
   MAX_JOBS                 parallel compile jobs (torch's own knob); default from free memory.
   H3FUSION_DEBUG=1         -O0 -g host code, -G device code.
+  H3FUSION_NVCC_CCBIN=PATH nvcc's host compiler; default: $CXX when it is one word (the compiler of the .cpp files),
+                           else torch's choice ($CC); set it empty for torch's choice always.
 """
 
 from __future__ import annotations
@@ -103,9 +105,12 @@ if _use_cuda:
     # nvcc's host compiler is the C++ compiler that builds the .cpp files: torch would pass the C compiler $CC
     # (-ccbin) instead, and where an image sets CC and CXX to different compilers, the .cu and .cpp objects'
     # inline copies would come from two compilers. A CXX of one word (a compiler, not "ccache g++") only.
-    _cxx = os.environ.get("CXX", "").split()
-    if len(_cxx) == 1 and shutil.which(_cxx[0]):
-        nvcc_flags += ["-ccbin", shutil.which(_cxx[0])]
+    _ccbin = os.environ.get("H3FUSION_NVCC_CCBIN")
+    if _ccbin is None:
+        _cxx = os.environ.get("CXX", "").split()
+        _ccbin = shutil.which(_cxx[0]) if len(_cxx) == 1 else None
+    if _ccbin:
+        nvcc_flags += ["-ccbin", _ccbin]
     ext = CUDAExtension(
         "h3fusion_ext._C",
         sources,
