@@ -105,7 +105,7 @@ env = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else
        "compute_capability": "%d.%d" % torch.cuda.get_device_capability() if torch.cuda.is_available() else None,
        "arch_list": os.environ["ARCH"], "torch": torch.__version__, "torch_cuda": torch.version.cuda,
        "python": sys.version.split()[0],
-       # the C++ compilers: torch builds .cpp files with $CXX and passes $CC to nvcc as its host compiler (-ccbin)
+       # the C++ compilers: .cpp files build with $CXX; nvcc's host compiler (-ccbin) is $CXX too (setup.py), else $CC
        "CC": os.environ.get("CC"), "CXX": os.environ.get("CXX"),
        "cxx_version": sh(f"{os.environ.get('CXX') or 'c++'} --version | head -1"),
        "cc_version": sh(f"{os.environ.get('CC') or 'cc'} --version | head -1"),
@@ -125,7 +125,7 @@ write_summary
 # ---- 1. build for this GPU only ---------------------------------------------------------------------------------
 export TORCH_CUDA_ARCH_LIST=$ARCH H3FUSION_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
 # One attempt: a second build after a failed one only doubles the time (the first GPU run lost its budget so).
-# Compiler lines are printed (-v) so that the host compiler nvcc used (-ccbin, from $CC) is on record.
+# Compiler lines are printed (-v) so that the host compiler nvcc used (-ccbin) is on record.
 build() { "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e .; }
 run_step build ${GPU_CHECK_BUILD_S:-200} bash -c "$(declare -f build); PY=$PY build && $PY -c 'import h3fusion_ext as h; assert h.has_cuda_kernels(); print(\"CUDA kernels: yes\")'"
 export PYTHONPATH="$ROOT:$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"

@@ -16,10 +16,27 @@ void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
 }
 
+namespace {
+
+// t: a `dim`-D floating tensor (check_float's dtypes) on a CUDA device.
+void check_cuda_floating(const at::Tensor& t, const char* name, int64_t dim) {
+  check_dim(t, name, dim);
+  check_float(t, name);
+  check_cuda(t, name);
+}
+
+// moe_ffn / moe_lora_ffn's x (or any of their floating inputs): floating, not float64 (CPU-only), on CUDA.
+void check_cuda_float(const at::Tensor& t, const char* name) {
+  check_float(t, name);
+  TORCH_CHECK(t.scalar_type() != at::kDouble, name,
+              " has dtype float64, which moe_ffn supports on the CPU only; on CUDA use float32, bfloat16 or float16");
+  check_cuda(t, name);
+}
+
+}  // namespace
+
 void check_topk_route(const at::Tensor& logits, int64_t k) {
-  check_dim(logits, "logits", 2);
-  check_float(logits, "logits");
-  check_cuda(logits, "logits");
+  check_cuda_floating(logits, "logits", 2);
   const int64_t E = logits.size(1);
   TORCH_CHECK(k >= 1 && k <= E, "k must satisfy 1 <= k <= E (the number of experts, logits.shape[1] = ", E,
               "), got k=", k);
@@ -27,9 +44,7 @@ void check_topk_route(const at::Tensor& logits, int64_t k) {
 }
 
 void check_topk_route_backward(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& experts) {
-  check_dim(logits, "logits", 2);
-  check_float(logits, "logits");
-  check_cuda(logits, "logits");
+  check_cuda_floating(logits, "logits", 2);
   check_dim(experts, "experts", 2);
   check_dtype(experts, "experts", at::kInt);
   check_same_device(experts, "experts", logits, "logits");
@@ -58,9 +73,7 @@ void check_route_plan(const at::Tensor& experts, int64_t num_experts) {
 }
 
 void check_gather_rows(const at::Tensor& x, const at::Tensor& sorted_pairs, int64_t k) {
-  check_dim(x, "x", 2);
-  check_float(x, "x");
-  check_cuda(x, "x");
+  check_cuda_floating(x, "x", 2);
   check_dim(sorted_pairs, "sorted_pairs", 1);
   check_dtype(sorted_pairs, "sorted_pairs", at::kInt);
   check_same_device(sorted_pairs, "sorted_pairs", x, "x");
@@ -71,9 +84,7 @@ void check_gather_rows(const at::Tensor& x, const at::Tensor& sorted_pairs, int6
 }
 
 void check_combine_rows(const at::Tensor& rows, const at::Tensor& weights, const at::Tensor& pair_rows) {
-  check_dim(rows, "rows", 2);
-  check_float(rows, "rows");
-  check_cuda(rows, "rows");
+  check_cuda_floating(rows, "rows", 2);
   check_dim(weights, "weights", 2);
   check_float(weights, "weights");
   check_same_device(weights, "weights", rows, "rows");
@@ -84,17 +95,6 @@ void check_combine_rows(const at::Tensor& rows, const at::Tensor& weights, const
   check_size(pair_rows, "pair_rows", 0, R, "weights.shape[0] * weights.shape[1]");
   check_size(rows, "rows", 0, R, "weights.shape[0] * weights.shape[1]");
 }
-
-namespace {
-
-void check_cuda_float(const at::Tensor& t, const char* name) {
-  check_float(t, name);
-  TORCH_CHECK(t.scalar_type() != at::kDouble, name,
-              " has dtype float64, which moe_ffn supports on the CPU only; on CUDA use float32, bfloat16 or float16");
-  check_cuda(t, name);
-}
-
-}  // namespace
 
 MoeDims check_moe_ffn_common(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& gate_up_proj,
                              const at::Tensor& down_proj) {
@@ -171,11 +171,7 @@ void check_moe_ffn_backward(const at::Tensor& grad_y, const at::Tensor& x, const
   check_size(gate_up_out, "gate_up_out", 1, 2 * d.F, "gate_up_proj.shape[1]");
 }
 
-void check_moe_lora_x(const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.scalar_type() != at::kDouble,
-              "x has dtype float64, which moe_ffn supports on the CPU only; on CUDA use float32, bfloat16 or float16");
-}
+void check_moe_lora_x(const at::Tensor& x) { check_cuda_float(x, "x"); }
 
 void check_logprob_hidden(const at::Tensor& hidden) {
   TORCH_CHECK(hidden.is_cuda(), "hidden must be a CUDA tensor for the CUDA kernel, got ", hidden.device());

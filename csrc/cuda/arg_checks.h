@@ -49,7 +49,7 @@ void check_moe_ffn_backward(const at::Tensor& grad_y, const at::Tensor& x, const
                             const at::Tensor& pair_rows, const at::Tensor& expert_offsets,
                             const at::Tensor& gate_up_out, const MoeDims& d);
 
-// moe_lora_ffn on CUDA: x on CUDA and not float64 (the rest is lora::check_args, shared with the CPU).
+// moe_lora_ffn on CUDA: x floating, not float64, on CUDA (the rest is lora::check_args, shared with the CPU).
 void check_moe_lora_x(const at::Tensor& x);
 
 // linear_logprob on CUDA: hidden on CUDA (the rest is logprob::check_inputs, shared with the CPU).
