@@ -28,7 +28,7 @@
 #include <torch/library.h>
 
 #include <h3fusion/checks.h>
-#include <h3fusion/expert_checks.h>
+#include <h3fusion/op_checks.h>
 
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -50,29 +50,12 @@ constexpr int64_t kRowsPerExpertForBlasThreads = 256;
 // Cost of touching one expert's weights, in rows of work, for balancing experts over threads.
 constexpr int64_t kExpertFixedCostRows = 8;
 
-struct Dims {
-  int64_t T, H, k, E, F;
-};
-
-Dims check_ffn_args(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& gate_up_proj,
-                    const at::Tensor& down_proj) {
-  check_dim(x, "x", 2);
-  check_float(x, "x");
-  const int64_t T = x.size(0), H = x.size(1);
-  check_dim(weights, "weights", 2);
-  check_size(weights, "weights", 0, T, "x.shape[0]");
-  TORCH_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == x.scalar_type(),
-              "weights must have dtype float32 or x's dtype (", x.scalar_type(), "), got ", weights.scalar_type());
-  const int64_t k = weights.size(1);
-  TORCH_CHECK(k >= 1, "weights.shape[1] (k) must be >= 1, got shape ", weights.sizes());
-  const int64_t F = check_expert_weights(gate_up_proj, down_proj, x);
-  const int64_t E = gate_up_proj.size(0);
-  TORCH_CHECK(E >= 1, "gate_up_proj.shape[0] (number of experts) must be >= 1, got shape ", gate_up_proj.sizes());
-  check_same_device(weights, "weights", x, "x");
-  check_same_device(gate_up_proj, "gate_up_proj", x, "x");
-  check_same_device(down_proj, "down_proj", x, "x");
+// The argument checks of both devices (h3fusion/op_checks.h), and the CPU's ISA override read on this thread.
+MoeDims check_ffn_args(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& gate_up_proj,
+                       const at::Tensor& down_proj) {
+  const MoeDims d = check_moe_ffn_args(x, weights, gate_up_proj, down_proj);
   (void)cpu_isa_capped_at_avx2();  // read first here, on the calling thread: a bad value is an error, not an abort
-  return {T, H, k, E, F};
+  return d;
 }
 
 // Calls fn(slot, e, row_begin, rows) for every expert. Parallel mode runs one task per thread (slot = the task, for
@@ -185,16 +168,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_f
     const at::Tensor& x_in, const at::Tensor& weights_in, const at::Tensor& experts_in,
     const at::Tensor& gate_up_in, const at::Tensor& down_in, bool save_pre_activation,
     c10::string_view activation_name) {
-  const Dims d = check_ffn_args(x_in, weights_in, gate_up_in, down_in);
+  const MoeDims d = check_ffn_args(x_in, weights_in, gate_up_in, down_in);
   const Activation activation = parse_activation(activation_name);
   // The internal GEMMs are not part of any autograd graph (autograd for this op is registered in Python).
   tune_malloc_once();
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_dim(experts_in, "experts", 2);
-  check_dtype(experts_in, "experts", at::kInt);
-  check_size(experts_in, "experts", 0, d.T, "x.shape[0]");
-  check_size(experts_in, "experts", 1, d.k, "weights.shape[1]");
-  check_same_device(experts_in, "experts", x_in, "x");
+  check_moe_ffn_experts(experts_in, x_in, d);
   at::Tensor sorted_pairs, pair_rows, offsets;
   std::tie(sorted_pairs, pair_rows, offsets) = route_plan(experts_in, d.E);
 
@@ -314,31 +293,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward(
     const at::Tensor& down_in, const at::Tensor& sorted_pairs_in, const at::Tensor& pair_rows_in,
     const at::Tensor& offsets_in, const at::Tensor& gate_up_out_in, std::array<bool, 4> output_mask,
     c10::string_view activation_name) {
-  const Dims d = check_ffn_args(x_in, weights_in, gate_up_in, down_in);
+  const MoeDims d = check_ffn_args(x_in, weights_in, gate_up_in, down_in);
   const Activation activation = parse_activation(activation_name);
   // The internal GEMMs are not part of any autograd graph (autograd for this op is registered in Python).
   tune_malloc_once();
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t R = d.T * d.k, F = d.F, H = d.H, E = d.E;
-  check_dim(grad_y_in, "grad_y", 2);
-  check_float(grad_y_in, "grad_y");
-  check_size(grad_y_in, "grad_y", 0, d.T, "x.shape[0]");
-  check_size(grad_y_in, "grad_y", 1, H, "x.shape[1]");
-  check_dim(sorted_pairs_in, "sorted_pairs", 1);
-  check_dtype(sorted_pairs_in, "sorted_pairs", at::kInt);
-  check_size(sorted_pairs_in, "sorted_pairs", 0, R, "x.shape[0] * k");
-  check_dim(pair_rows_in, "pair_rows", 1);
-  check_dtype(pair_rows_in, "pair_rows", at::kInt);
-  check_size(pair_rows_in, "pair_rows", 0, R, "x.shape[0] * k");
-  check_dim(offsets_in, "expert_offsets", 1);
-  check_dtype(offsets_in, "expert_offsets", at::kLong);
-  check_size(offsets_in, "expert_offsets", 0, E + 1, "number of experts + 1");
-  check_dim(gate_up_out_in, "gate_up_out", 2);
-  check_same_dtype(gate_up_out_in, "gate_up_out", x_in, "x");
-  TORCH_CHECK(R == 0 || gate_up_out_in.size(0) != 0,
-              "gate_up_out is empty: moe_ffn_forward ran with save_pre_activation=False, so it has no backward");
-  check_size(gate_up_out_in, "gate_up_out", 0, R, "x.shape[0] * k");
-  check_size(gate_up_out_in, "gate_up_out", 1, 2 * F, "gate_up_proj.shape[1]");
+  check_moe_ffn_backward_args(grad_y_in, x_in, sorted_pairs_in, pair_rows_in, offsets_in, gate_up_out_in, d);
 
   // output_mask: x, weights, gate_up_proj, down_proj. What each needs:
   //   U = grad_y rows @ W_down (for dH and grad_w); dH (for grad_x and grad_gate_up); the activation (recomputed in

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <h3fusion/checks.h>
+#include <h3fusion/op_checks.h>
 
 #include <atomic>
 #include <cstdint>
@@ -17,13 +18,9 @@
 namespace h3fusion::cpu {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_plan(const at::Tensor& experts_in, int64_t num_experts) {
-  check_dim(experts_in, "experts", 2);
-  check_dtype(experts_in, "experts", at::kInt);
-  TORCH_CHECK(num_experts >= 1 && num_experts < INT32_MAX, "num_experts must be in [1, 2^31 - 1), got ",
-              num_experts);
+  check_route_plan_args(experts_in, num_experts);
   const at::Tensor experts = experts_in.contiguous();
   const int64_t P = experts.numel();
-  TORCH_CHECK(P < (int64_t(1) << 31), "experts has ", P, " entries; at most 2^31 - 1 (token, slot) pairs fit int32");
   const int32_t* ids = experts.const_data_ptr<int32_t>();
   at::Tensor offsets = at::empty({num_experts + 1}, experts.options().dtype(at::kLong));
   at::Tensor sorted_pairs = at::empty({P}, experts.options());

@@ -5,7 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <h3fusion/checks.h>
+#include <h3fusion/op_checks.h>
 
 #include <atomic>
 #include <cmath>
@@ -54,16 +54,9 @@ void topk_row(const scalar_t* z, int64_t E, int64_t k, int32_t* idx) {
   }
 }
 
-void check_logits(const at::Tensor& logits) {
-  check_dim(logits, "logits", 2);
-  check_float(logits, "logits");
-}
-
 std::tuple<at::Tensor, at::Tensor> topk_route(const at::Tensor& logits_in, int64_t k, bool renormalize) {
-  check_logits(logits_in);
+  check_topk_route_args(logits_in, k);
   const int64_t T = logits_in.size(0), E = logits_in.size(1);
-  TORCH_CHECK(k >= 1 && k <= E, "k must satisfy 1 <= k <= E (number of experts = logits.shape[1] = ", E,
-              "), got k = ", k);
   const at::Tensor logits = logits_in.contiguous();
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor weights = at::empty({T, k}, logits.options().dtype(acc_dtype));
@@ -99,16 +92,9 @@ std::tuple<at::Tensor, at::Tensor> topk_route(const at::Tensor& logits_in, int64
 //   dL/dz_e    = p_e (dL/dp_e - sum_f p_f dL/dp_f), with dL/dp zero off the chosen experts.
 at::Tensor topk_route_backward(const at::Tensor& grad_weights_in, const at::Tensor& logits_in,
                                const at::Tensor& experts_in, bool renormalize) {
-  check_logits(logits_in);
+  check_topk_route_backward_args(grad_weights_in, logits_in, experts_in);
   const int64_t T = logits_in.size(0), E = logits_in.size(1);
-  check_dim(experts_in, "experts", 2);
-  check_dtype(experts_in, "experts", at::kInt);
-  check_size(experts_in, "experts", 0, T, "logits.shape[0]");
   const int64_t k = experts_in.size(1);
-  check_dim(grad_weights_in, "grad_weights", 2);
-  check_float(grad_weights_in, "grad_weights");
-  check_size(grad_weights_in, "grad_weights", 0, T, "logits.shape[0]");
-  check_size(grad_weights_in, "grad_weights", 1, k, "experts.shape[1]");
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor experts = experts_in.contiguous();
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -6,9 +6,9 @@
 
 #include <climits>
 #include <cstdint>
-#include <utility>
 
 #include "h3fusion/checks.h"
+#include "h3fusion/op_checks.h"
 
 namespace h3fusion::cuda {
 
@@ -36,40 +36,18 @@ void check_cuda_float(const at::Tensor& t, const char* name) {
 }  // namespace
 
 void check_topk_route(const at::Tensor& logits, int64_t k) {
-  check_cuda_floating(logits, "logits", 2);
-  const int64_t E = logits.size(1);
-  TORCH_CHECK(k >= 1 && k <= E, "k must satisfy 1 <= k <= E (the number of experts, logits.shape[1] = ", E,
-              "), got k=", k);
-  TORCH_CHECK(E < INT_MAX, "logits.shape[1] (the number of experts) must be below 2^31 - 1, got ", E);
+  check_topk_route_args(logits, k);
+  check_cuda(logits, "logits");
 }
 
 void check_topk_route_backward(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& experts) {
-  check_cuda_floating(logits, "logits", 2);
-  check_dim(experts, "experts", 2);
-  check_dtype(experts, "experts", at::kInt);
-  check_same_device(experts, "experts", logits, "logits");
-  check_dim(grad_weights, "grad_weights", 2);
-  check_float(grad_weights, "grad_weights");
-  check_same_device(grad_weights, "grad_weights", logits, "logits");
-  const int64_t T = logits.size(0);
-  const int64_t E = logits.size(1);
-  const int64_t k = experts.size(1);
-  check_size(experts, "experts", 0, T, "logits.shape[0]");
-  TORCH_CHECK(k >= 1 && k <= E, "experts.shape[1] (k) must satisfy 1 <= k <= E (logits.shape[1] = ", E, "), got ",
-              k);
-  check_size(grad_weights, "grad_weights", 0, T, "logits.shape[0]");
-  check_size(grad_weights, "grad_weights", 1, k, "experts.shape[1]");
-  TORCH_CHECK(E < INT_MAX, "logits.shape[1] (the number of experts) must be below 2^31 - 1, got ", E);
+  check_topk_route_backward_args(grad_weights, logits, experts);
+  check_cuda(logits, "logits");
 }
 
 void check_route_plan(const at::Tensor& experts, int64_t num_experts) {
-  check_dim(experts, "experts", 2);
-  check_dtype(experts, "experts", at::kInt);
+  check_route_plan_args(experts, num_experts);
   check_cuda(experts, "experts");
-  TORCH_CHECK(num_experts >= 1 && num_experts < INT_MAX, "num_experts must be in [1, 2^31 - 1), got ",
-              num_experts);
-  const int64_t N = experts.numel();
-  TORCH_CHECK(N <= INT_MAX, "experts has ", N, " entries; T*k must fit in int32 (the index outputs are int32)");
 }
 
 void check_gather_rows(const at::Tensor& x, const at::Tensor& sorted_pairs, int64_t k) {
@@ -100,75 +78,7 @@ MoeDims check_moe_ffn_common(const at::Tensor& x, const at::Tensor& weights, con
                              const at::Tensor& down_proj) {
   check_dim(x, "x", 2);
   check_cuda_float(x, "x");
-  check_dim(weights, "weights", 2);
-  check_float(weights, "weights");
-  TORCH_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == x.scalar_type(),
-              "weights must have dtype float32 or x's dtype (", x.scalar_type(), "), got ", weights.scalar_type());
-  check_same_device(weights, "weights", x, "x");
-  check_dim(gate_up_proj, "gate_up_proj", 3);
-  check_same_dtype(gate_up_proj, "gate_up_proj", x, "x");
-  check_same_device(gate_up_proj, "gate_up_proj", x, "x");
-  check_dim(down_proj, "down_proj", 3);
-  check_same_dtype(down_proj, "down_proj", x, "x");
-  check_same_device(down_proj, "down_proj", x, "x");
-
-  MoeDims d{};
-  d.T = x.size(0);
-  d.H = x.size(1);
-  d.k = weights.size(1);
-  d.E = gate_up_proj.size(0);
-  check_size(weights, "weights", 0, d.T, "x.shape[0]");
-  TORCH_CHECK(d.E >= 1, "gate_up_proj.shape[0] (the number of experts E) must be >= 1, got ", d.E);
-  // k > E is legal here (a token may list one expert twice; every pair is its own row), as on the CPU
-  TORCH_CHECK(d.k >= 1, "weights.shape[1] (k) must be >= 1, got shape ", weights.sizes());
-  TORCH_CHECK(gate_up_proj.size(1) % 2 == 0, "gate_up_proj.shape[1] must be 2F (even), got shape ",
-              gate_up_proj.sizes());
-  d.F = gate_up_proj.size(1) / 2;
-  check_size(gate_up_proj, "gate_up_proj", 2, d.H, "x.shape[1]");
-  check_size(down_proj, "down_proj", 0, d.E, "gate_up_proj.shape[0]");
-  check_size(down_proj, "down_proj", 1, d.H, "x.shape[1]");
-  check_size(down_proj, "down_proj", 2, d.F, "gate_up_proj.shape[1] / 2");
-  TORCH_CHECK(d.T * d.k < (int64_t(1) << 31), "x.shape[0] * k = ", d.T * d.k,
-              " (token, slot) pairs do not fit the int32 indices");
-  return d;
-}
-
-void check_moe_ffn_experts(const at::Tensor& experts, const at::Tensor& x, const MoeDims& d) {
-  check_dim(experts, "experts", 2);
-  check_dtype(experts, "experts", at::kInt);
-  check_same_device(experts, "experts", x, "x");
-  check_size(experts, "experts", 0, d.T, "x.shape[0]");
-  check_size(experts, "experts", 1, d.k, "weights.shape[1]");
-}
-
-void check_moe_ffn_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& sorted_pairs,
-                            const at::Tensor& pair_rows, const at::Tensor& expert_offsets,
-                            const at::Tensor& gate_up_out, const MoeDims& d) {
-  const int64_t R = d.T * d.k;
-  check_dim(grad_y, "grad_y", 2);
-  // any float dtype, cast to x's by the op: the CPU op accepts the same (grad_y.to(x.dtype)), so both agree
-  check_float(grad_y, "grad_y");
-  check_same_device(grad_y, "grad_y", x, "x");
-  check_size(grad_y, "grad_y", 0, d.T, "x.shape[0]");
-  check_size(grad_y, "grad_y", 1, d.H, "x.shape[1]");
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{sorted_pairs, "sorted_pairs"},
-                                std::pair<const at::Tensor&, const char*>{pair_rows, "pair_rows"}}) {
-    check_dim(t, name, 1);
-    check_dtype(t, name, at::kInt);
-    check_same_device(t, name, x, "x");
-    check_size(t, name, 0, R, "x.shape[0] * k");
-  }
-  check_dim(expert_offsets, "expert_offsets", 1);
-  check_dtype(expert_offsets, "expert_offsets", at::kLong);
-  check_same_device(expert_offsets, "expert_offsets", x, "x");
-  check_size(expert_offsets, "expert_offsets", 0, d.E + 1, "gate_up_proj.shape[0] + 1");
-  check_dim(gate_up_out, "gate_up_out", 2);
-  check_same_dtype(gate_up_out, "gate_up_out", x, "x");
-  check_same_device(gate_up_out, "gate_up_out", x, "x");
-  TORCH_CHECK(R == 0 || gate_up_out.size(0) != 0,
-              "gate_up_out is empty: moe_ffn_forward ran with save_pre_activation=False, so it has no backward");
-  check_size(gate_up_out, "gate_up_out", 0, R, "x.shape[0] * k");
-  check_size(gate_up_out, "gate_up_out", 1, 2 * d.F, "gate_up_proj.shape[1]");
+  return check_moe_ffn_args(x, weights, gate_up_proj, down_proj);
 }
 
 void check_moe_lora_x(const at::Tensor& x) { check_cuda_float(x, "x"); }

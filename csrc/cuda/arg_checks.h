@@ -9,18 +9,19 @@
 
 #include <cstdint>
 
+#include "h3fusion/op_checks.h"
+
 namespace h3fusion::cuda {
 
 // t must live on a CUDA device (the op's other tensors are checked against it with check_same_device).
 void check_cuda(const at::Tensor& t, const char* name);
 
-// topk_route: logits [T, E] floating on CUDA, 1 <= k <= E < 2^31 - 1.
+// topk_route, topk_route_backward, moe_route_plan: the checks both devices share (h3fusion/op_checks.h), then the
+// tensors on CUDA.
 void check_topk_route(const at::Tensor& logits, int64_t k);
 
-// topk_route_backward: grad_weights [T, k] floating, logits [T, E], experts [T, k] int32, all on logits' device.
 void check_topk_route_backward(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& experts);
 
-// moe_route_plan: experts [T, k] int32 on CUDA, 1 <= num_experts < 2^31 - 1, T*k <= 2^31 - 1.
 void check_route_plan(const at::Tensor& experts, int64_t num_experts);
 
 // moe_gather: x [T, H] floating on CUDA, sorted_pairs [T*k] int32 on x's device, k >= 1, T*k <= 2^31 - 1.
@@ -29,25 +30,13 @@ void check_gather_rows(const at::Tensor& x, const at::Tensor& sorted_pairs, int6
 // moe_combine: rows [T*k, H] floating on CUDA, weights [T, k] floating and pair_rows [T*k] int32 on rows' device.
 void check_combine_rows(const at::Tensor& rows, const at::Tensor& weights, const at::Tensor& pair_rows);
 
-// moe_ffn's sizes: T tokens, hidden H, k slots, E experts, intermediate F.
-struct MoeDims {
-  int64_t T, H, k, E, F;
-};
-
-// moe_ffn forward and backward: x [T, H] float32/bfloat16/float16 on CUDA (float64 is CPU-only), weights [T, k]
-// float32 or x's dtype, gate_up_proj [E, 2F, H] and down_proj [E, H, F] in x's dtype, E >= 1, k >= 1,
-// T*k < 2^31, all on x's device.
+// moe_ffn forward and backward: x float32/bfloat16/float16 on CUDA (float64 is CPU-only), then the checks both
+// devices share (h3fusion/op_checks.h: check_moe_ffn_args).
 MoeDims check_moe_ffn_common(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& gate_up_proj,
                              const at::Tensor& down_proj);
 
-// moe_ffn forward: experts [T, k] int32 on x's device.
-void check_moe_ffn_experts(const at::Tensor& experts, const at::Tensor& x, const MoeDims& d);
-
-// moe_ffn backward: grad_y [T, H] floating; sorted_pairs and pair_rows [T*k] int32; expert_offsets [E+1] int64;
-// gate_up_out [T*k, 2F] in x's dtype and not the empty stand-in of a forward run without save_pre_activation.
-void check_moe_ffn_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& sorted_pairs,
-                            const at::Tensor& pair_rows, const at::Tensor& expert_offsets,
-                            const at::Tensor& gate_up_out, const MoeDims& d);
+// (moe_ffn's experts and backward arguments take the shared checks as they are: check_moe_ffn_experts,
+// check_moe_ffn_backward_args.)
 
 // moe_lora_ffn on CUDA: x floating, not float64, on CUDA (the rest is lora::check_args, shared with the CPU).
 void check_moe_lora_x(const at::Tensor& x);

@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cuda
   // (The per-pair dot products of grad_weights are fused into gated_act_backward and cost no extra pass here.)
   const auto [need_x, need_w, need_gu, need_down] = output_mask;
   if (!need_x && !need_w && !need_gu && !need_down) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  check_moe_ffn_backward(grad_y_in, x_in, sorted_pairs_in, pair_rows_in, offsets_in, gate_up_out_in, d);
+  check_moe_ffn_backward_args(grad_y_in, x_in, sorted_pairs_in, pair_rows_in, offsets_in, gate_up_out_in, d);
   const c10::cuda::CUDAGuard guard(x_in.device());
   if (choose_moe_gemm_backend(x_in, gate_up_in, down_in) == MoeGemmBackend::kTorch) {
     return moe_ffn_backward_torch_gemm(grad_y_in, x_in, weights_in, gate_up_in, down_in, sorted_pairs_in,
