@@ -46,8 +46,8 @@ constexpr int64_t kMidGemmMaxRows = 48;
 // vector loaded feeds NB or 4 FMAs, and even a single row of a keeps 4 independent FMA chains in flight (one chain
 // per output waited on the FMA latency: at decode sizes on AVX2 a third of small_nt's samples sat on that wait).
 // Weight rows are outermost: a tile of 4 weight rows stays in L1 while every row block of a passes it, and the 4
-// weight streams are prefetched. Few rows (<= kSmallGemmMaxRows; memory-bound; fp32, and bf16 with 16 lanes: with
-// fewer, stream_dot below) run at the CPU's width; 9-48 rows (fp32, AVX-512 CPUs; compute-bound) at 16 lanes. Lane l
+// weight streams are prefetched. Few rows (<= kSmallGemmMaxRows; memory-bound; those stream_dot_takes leaves to the
+// tiles) run at the CPU's width; 9-48 rows (fp32, AVX-512 CPUs; compute-bound) at 16 lanes. Lane l
 // of an accumulator sums the elements i = l (mod L); the accumulators are folded into one vector (lane q =
 // accumulator q) by a tree of shuffles that adds lanes in a fixed order (lane l + L/2 into l, then + L/4, ..., + 1),
 // and the scalar tail over K comes last.
@@ -106,8 +106,8 @@ H3F_INLINE void dot_tiles(const scalar_t* a, int64_t lda, int64_t n, const scala
 // (few_rows_ffn on 7 experts' cold bf16 weights, H512 F1408, 2 threads, AVX2 EPYC, medians of 200-300 interleaved
 // calls): 1 row an expert 3.06 -> 2.29-2.44 ms, 2 rows 3.23-3.68 -> 2.69-2.92 ms, 6 rows 8.2-10.1 -> 4.5-6.1 ms;
 // then the folded row sums and the prefetch into L2 below, 1 row an expert: 2.02-2.11 -> 1.85-1.94 ms (3 rounds of
-// 400). fp32 (nothing to widen) measured the same either way with one stream (stream_dot_takes says where it
-// streams); 16-lane vectors keep the tiles (not measured).
+// 400). fp32 (nothing to widen) measured the same either way with one stream; with 16 lanes both dtypes stream their
+// fewest rows too (stream_dot_takes says where, and the measurements).
 // Each row of w ends as one vector per row of a; every L of them are folded together (fold_lanes: a fixed tree), so an
 // output's sum has the same order at any thread count, and a row costs no horizontal sum of its own.
 //
@@ -207,16 +207,28 @@ H3F_INLINE void stream_dot(const scalar_t* a, int64_t lda, int64_t n, const scal
 }
 static_assert(kSmallGemmMaxRows == 8, "stream_dot's cases cover 1-8 rows");
 
-// Which (dtype, rows) take stream_dot, on narrow vectors only (16 lanes keep the tiles: not measured there). bf16: 1-8
-// rows. fp32 (nothing to widen): 1-2 rows, where its pairs beat the tiles (harness, T4 k2 E8 forward: 2.53-2.63 ->
-// 2.28-2.39 ms; 2 rows an expert 2.72 -> 2.22 ms); with 4-6 rows one stream ran 7-9% behind the tiles, so they keep
-// them. small_nt and small_nt_pair choose alike, so a pair has the bits of two single calls.
+// Which (dtype, rows) take stream_dot. Narrow vectors: bf16 1-8 rows; fp32 (nothing to widen) 1-2 rows, where its
+// pairs beat the tiles (harness, T4 k2 E8 forward: 2.53-2.63 -> 2.28-2.39 ms; 2 rows an expert 2.72 -> 2.22 ms);
+// with 4-6 rows one stream ran 7-9% behind the tiles, so they keep them. 16-lane vectors (AVX-512; Zen 4 EPYC, 2
+// threads, few_rows_ffn forward at H512 F1408 E8 k2 with n rows an expert, medians of 300 calls, two rounds): bf16
+// 1-3 rows 1.12 -> 0.95, 1.88 -> 1.21, 2.13-2.45 -> 1.46-1.56 ms, while at 4 and 8 rows the 4-row tile (one widened
+// weight vector feeds 4 rows) stayed 5-9% ahead; fp32 1-6 rows 3.1-3.5 -> 2.2-2.5 ms (1 row), 3.5-3.7 -> 1.8-2.5
+// (4), 3.5-4.0 -> 3.3-3.5 (6), 8 rows either way. small_nt and small_nt_pair choose alike, so a pair has the bits
+// of two single calls; the choice depends on the CPU and n only.
 template <typename scalar_t>
 H3F_INLINE bool stream_dot_takes(int64_t n) {
-  if (wide_vectors() || n < 1) return false;
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return n <= kSmallGemmMaxRows;
-  if constexpr (std::is_same_v<scalar_t, float>) return n <= 2;
+  if (n < 1) return false;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return n <= (wide_vectors() ? 3 : kSmallGemmMaxRows);
+  if constexpr (std::is_same_v<scalar_t, float>) return n <= (wide_vectors() ? 6 : 2);
   return false;
+}
+
+// stream_dot at the CPU's width (row_passes.h: wide_vectors).
+template <int S, typename scalar_t>
+H3F_INLINE void stream_dot_any(const scalar_t* a, int64_t lda, int64_t n, const scalar_t* const* w, int64_t M,
+                               int64_t K, scalar_t* const* out, int64_t ldo) {
+  if (wide_vectors()) return stream_dot<kWideLanes, S>(a, lda, n, w, M, K, out, ldo);
+  stream_dot<kNarrowLanes, S>(a, lda, n, w, M, K, out, ldo);
 }
 
 template <typename scalar_t>
@@ -225,7 +237,7 @@ H3F_ROW_FN void small_nt(const scalar_t* a, int64_t lda, int64_t n, const scalar
   if (stream_dot_takes<scalar_t>(n)) {
     const scalar_t* const ws[1] = {w};
     scalar_t* const os[1] = {out};
-    return stream_dot<kNarrowLanes, 1>(a, lda, n, ws, M, K, os, ldo);
+    return stream_dot_any<1>(a, lda, n, ws, M, K, os, ldo);
   }
   H3F_BY_LANES(dot_tiles, (a, lda, n, w, M, K, out, ldo), scalar_t);
 }
@@ -238,7 +250,7 @@ H3F_ROW_FN void small_nt_pair(const scalar_t* a, int64_t lda, int64_t n, const s
   if (stream_dot_takes<scalar_t>(n)) {
     const scalar_t* const ws[2] = {w0, w1};
     scalar_t* const os[2] = {out0, out1};
-    return stream_dot<kNarrowLanes, 2>(a, lda, n, ws, M, K, os, ldo);
+    return stream_dot_any<2>(a, lda, n, ws, M, K, os, ldo);
   }
   small_nt(a, lda, n, w0, M, K, out0, ldo);
   small_nt(a, lda, n, w1, M, K, out1, ldo);
