@@ -13,7 +13,7 @@
 // (mid_nt, mid_nn, mid_tn where the CPU has AVX-512, narrow_tiles.h's broadcast tiles where it has AVX2 only) and
 // bf16 VDPBF16PS tiles (bf16_tiles.h, where the CPU has them). Above that, for fp16/fp64, or for strided layouts,
 // each function calls at::mm_out (bf16 widened to fp32 on CPUs without bf16 dot products), except fp32 linear_into on
-// AVX2-only CPUs, whose larger GEMMs run on the narrow tile with the threads splitting the weight (large_nt). The
+// AVX2-only and AMD CPUs, whose larger GEMMs run on the narrow tile with the threads splitting the weight (large_nt). The
 // choice depends on the shape and the CPU only, never on the thread count, so results are bitwise the same at any
 // number of threads. The other kernels are single-threaded: they run inside a thread's group of experts, or on
 // experts too small for threads to pay. The vector-extension kernels are compiled for three ISA levels and run at the CPU's vector width (row_passes.h:
@@ -557,7 +557,7 @@ H3F_INLINE bf16_bits* mutable_bits(const at::Tensor& t) {
 #endif
 
 // fp32 a.w^T above kMidGemmMaxRows rows on AVX2 CPUs (the few-large-experts forward: 512-1024 rows an expert at E8
-// k2) runs on the narrow tile too, which beats MKL's sgemm there: one thread, [512, 512] x [2816, 512]^T 36.4
+// k2), and on AMD CPUs with AVX-512 (large_nt_cpu), runs on the narrow tile too, which beats MKL's sgemm there: one thread, [512, 512] x [2816, 512]^T 36.4
 // against 32.5 GFLOP/s, [512, 1408] x [512, 1408]^T 36.7 against 35.1, [1024, 1024] x [5632, 1024]^T 37.0 against
 // 33.6 (AVX2 EPYC, medians of 5-9). The threads split w's rows (whole tiles of kTileRows), so each reads only its
 // share of the weight and none waits on another; each walks a's rows kLargeNtChunkRows at a time, whose lane-major
@@ -565,10 +565,28 @@ H3F_INLINE bf16_bits* mutable_bits(const at::Tensor& t) {
 // and the row chunks are fixed, so the result depends on the shape only.
 constexpr int64_t kLargeNtChunkRows = 128;
 
+// Which CPUs: those without AVX-512, and AMD CPUs with it, where MKL's sgemm ran no faster than on AVX2 and the narrow
+// tile won too (Zen 4 EPYC, 2 threads, A/B interleaved in one process, medians: T2048 H512 F1408 E8 k2 fp32 forward
+// 111.1 -> 101.7 ms, T4096 H1024 F2816 821.7 -> 771.4 ms; transformers' eager loop 119.7 and 838.1 ms). On other
+// AVX-512 CPUs MKL's 16-lane kernels keep these GEMMs (not measured against the 8-lane tile).
+H3F_INLINE bool large_nt_cpu() {
+#if H3F_HAVE_NARROW_TILES
+  static const bool ok = [] {
+    if (!narrow_tiles_available()) return false;
+    if (!wide_vectors()) return true;
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") > 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 H3F_INLINE bool large_nt_takes(int64_t rows, const at::Tensor& out, const at::Tensor& a, const at::Tensor& w) {
   return rows > kMidGemmMaxRows && a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
          out.scalar_type() == at::kFloat && a.stride(1) == 1 && out.stride(1) == 1 && w.stride(1) == 1 &&
-         w.stride(0) == w.size(1) && !wide_vectors() && narrow_tiles_available();
+         w.stride(0) == w.size(1) && large_nt_cpu();
 }
 
 void large_nt(const float* a, int64_t lda, int64_t n, const float* w, int64_t M, int64_t K, float* out, int64_t ldo) {
