@@ -113,9 +113,9 @@ def test_tiles_up_to_48_rows_match_reference(dtype, H, F):
     ],
 )
 def test_fp32_forward_above_48_rows_on_the_threaded_tile(H, F):
-    # fp32 forward projections above kMidGemmMaxRows run on large_nt on AVX2 and AMD CPUs (BLAS elsewhere): a's rows in chunks
-    # of 128, each on tile_nt (full 16-row blocks, then pairs of rows and a last single one on dot products), the
-    # threads splitting the weight's rows. 49: one block short of 64; 130 = 128 + 2 (a second chunk of 2 rows, dot
+    # fp32 forward projections above kMidGemmMaxRows run on large_nt on AVX2 and AMD CPUs (BLAS elsewhere): a's rows
+    # in chunks of 128, each on tile_nt (full 16-row blocks, then pairs of rows and a last single one on dot products),
+    # the threads splitting the weight's rows. 49: one block short of 64; 130 = 128 + 2 (a second chunk of 2 rows, dot
     # products only); 143 = 128 + 15; 200 = 128 + 72 (4 blocks + 8 rows); 257 = 2 x 128 + 1. The backward stays on
     # BLAS, so all four gradients check the forward's saved pre-activation too. The forward without autograd gives the
     # training forward's bits.
