@@ -18,21 +18,28 @@
 #include "h3fusion/op_checks.h"
 
 namespace h3fusion {
+namespace {
 
-void check_topk_route_args(const at::Tensor& logits, int64_t k) {
+// Router logits [T, E], floating, E < 2^31 - 1 (expert ids are int32); returns E.
+int64_t check_logits(const at::Tensor& logits) {
   check_dim(logits, "logits", 2);
   check_float(logits, "logits");
   const int64_t E = logits.size(1);
+  TORCH_CHECK(E < INT_MAX, "logits.shape[1] (the number of experts) must be below 2^31 - 1, got ", E);
+  return E;
+}
+
+}  // namespace
+
+void check_topk_route_args(const at::Tensor& logits, int64_t k) {
+  const int64_t E = check_logits(logits);
   TORCH_CHECK(k >= 1 && k <= E, "k must satisfy 1 <= k <= E (the number of experts, logits.shape[1] = ", E,
               "), got k = ", k);
-  TORCH_CHECK(E < INT_MAX, "logits.shape[1] (the number of experts) must be below 2^31 - 1, got ", E);
 }
 
 void check_topk_route_backward_args(const at::Tensor& grad_weights, const at::Tensor& logits,
                                     const at::Tensor& experts) {
-  check_dim(logits, "logits", 2);
-  check_float(logits, "logits");
-  const int64_t T = logits.size(0), E = logits.size(1);
+  const int64_t E = check_logits(logits), T = logits.size(0);
   check_dim(experts, "experts", 2);
   check_dtype(experts, "experts", at::kInt);
   check_same_device(experts, "experts", logits, "logits");
@@ -45,7 +52,6 @@ void check_topk_route_backward_args(const at::Tensor& grad_weights, const at::Te
   check_same_device(grad_weights, "grad_weights", logits, "logits");
   check_size(grad_weights, "grad_weights", 0, T, "logits.shape[0]");
   check_size(grad_weights, "grad_weights", 1, k, "experts.shape[1]");
-  TORCH_CHECK(E < INT_MAX, "logits.shape[1] (the number of experts) must be below 2^31 - 1, got ", E);
 }
 
 void check_route_plan_args(const at::Tensor& experts, int64_t num_experts) {

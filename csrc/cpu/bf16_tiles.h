@@ -382,16 +382,10 @@ H3F_BF16_FN void bf16_tn(const bf16_bits* a, int64_t lda, int64_t n, const bf16_
         }
       }
       if (mb == kRows && c + kVecs * kLanes <= K) {  // a whole tile: stored from the registers
-        if (stream) {
 #pragma GCC unroll 16
-          for (int q = 0; q < kRows * kVecs; ++q)
-            vstore_stream(reinterpret_cast<c10::BFloat16*>(out + (j + q / kVecs) * ldo + c + (q % kVecs) * kLanes),
-                          acc[q]);
-        } else {
-#pragma GCC unroll 16
-          for (int q = 0; q < kRows * kVecs; ++q)
-            vstore(reinterpret_cast<c10::BFloat16*>(out + (j + q / kVecs) * ldo + c + (q % kVecs) * kLanes), acc[q]);
-        }
+        for (int q = 0; q < kRows * kVecs; ++q)
+          vstore_out(reinterpret_cast<c10::BFloat16*>(out + (j + q / kVecs) * ldo + c + (q % kVecs) * kLanes), acc[q],
+                     stream);
         continue;
       }
       float res[kRows * kVecs][kLanes];

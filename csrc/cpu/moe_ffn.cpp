@@ -7,8 +7,8 @@
 // region).
 // The forward of few large experts splits bf16 tokens into groups (forward_token_groups) that each run every expert
 // on their rows: one run of groups per thread when there are enough groups, else groups one after another (always so
-// for other dtypes), each GEMM with all threads (BLAS's, or for fp32 projections on AVX2 and AMD CPUs the narrow tile's split
-// of the weight rows: small_gemm.h, large_nt) and the row passes with at::parallel_for. With at least two
+// for other dtypes), each GEMM with all threads (BLAS's, or for fp32 projections on AVX2 and AMD CPUs the narrow
+// tile's split of the weight rows: small_gemm.h, large_nt) and the row passes with at::parallel_for. With at least two
 // active experts per thread, the backward also runs one group of experts per thread (fewer barriers; see
 // backward_thread_count).
 // Memory: every scratch buffer is per expert (or per row block of an expert) and per thread, so a forward without

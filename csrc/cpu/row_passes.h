@@ -227,6 +227,17 @@ H3F_INLINE void vstore_stream(scalar_t* p, V v) {
 #endif
   std::memcpy(p, &bytes, sizeof(bytes));
 }
+// vstore_stream where `stream` (the caller checked its alignment), else vstore: the store of the weight-gradient
+// kernels (small_gemm.h, bf16_tiles.h), whose output goes out non-temporal where that paid.
+template <typename scalar_t, typename V>
+H3F_INLINE void vstore_out(scalar_t* p, V v, bool stream) {
+  if (stream) {
+    vstore_stream(p, v);
+  } else {
+    vstore(p, v);
+  }
+}
+
 // Orders the streamed stores before whatever follows (another thread reading the output).
 H3F_INLINE void stream_fence() {
 #if defined(__x86_64__)

@@ -13,8 +13,8 @@
 // (mid_nt, mid_nn, mid_tn where the CPU has AVX-512, narrow_tiles.h's broadcast tiles where it has AVX2 only) and
 // bf16 VDPBF16PS tiles (bf16_tiles.h, where the CPU has them). Above that, for fp16/fp64, or for strided layouts,
 // each function calls at::mm_out (bf16 widened to fp32 on CPUs without bf16 dot products), except fp32 linear_into on
-// AVX2-only and AMD CPUs, whose larger GEMMs run on the narrow tile with the threads splitting the weight (large_nt). The
-// choice depends on the shape and the CPU only, never on the thread count, so results are bitwise the same at any
+// AVX2-only and AMD CPUs, whose larger GEMMs run on the narrow tile with the threads splitting the weight (large_nt).
+// The choice depends on the shape and the CPU only, never on the thread count, so results are bitwise the same at any
 // number of threads. The other kernels are single-threaded: they run inside a thread's group of experts, or on
 // experts too small for threads to pay. The vector-extension kernels are compiled for three ISA levels and run at the CPU's vector width (row_passes.h:
 // Vec); narrow_tiles.h's for AVX2 + FMA only.
@@ -412,11 +412,7 @@ H3F_INLINE void small_tn_l(const scalar_t* a, int64_t lda, int64_t n, const scal
     for (; c + L <= K; c += L) {
       typename Vec<L>::f acc{};
       for (int64_t r = 0; r < n; ++r) acc += s[r] * vload<L>(b + r * ldb + c);
-      if (stream) {
-        vstore_stream(oj + c, acc);
-      } else {
-        vstore(oj + c, acc);
-      }
+      vstore_out(oj + c, acc, stream);
     }
     for (; c < K; ++c) {
       float sum = 0.0f;
@@ -454,13 +450,7 @@ H3F_INLINE void tn_tile(const float* const* ar, int64_t lda, int64_t n, const fl
   }
   for (int m = 0; m < kTileW; ++m)
     if (m < mb)
-      for (int v = 0; v < NV; ++v) {
-        if (stream) {
-          vstore_stream(out + m * ldo + v * L, acc[m][v]);
-        } else {
-          vstore(out + m * ldo + v * L, acc[m][v]);
-        }
-      }
+      for (int v = 0; v < NV; ++v) vstore_out(out + m * ldo + v * L, acc[m][v], stream);
 }
 
 H3F_ROW_FN void mid_tn(const float* a, int64_t lda, int64_t n, const float* b, int64_t ldb, int64_t M, int64_t K,
@@ -567,9 +557,9 @@ H3F_INLINE bf16_bits* mutable_bits(const at::Tensor& t) {
 #endif
 
 // fp32 a.w^T above kMidGemmMaxRows rows on AVX2 CPUs (the few-large-experts forward: 512-1024 rows an expert at E8
-// k2), and on AMD CPUs with AVX-512 (large_nt_cpu), runs on the narrow tile too, which beats MKL's sgemm there: one thread, [512, 512] x [2816, 512]^T 36.4
-// against 32.5 GFLOP/s, [512, 1408] x [512, 1408]^T 36.7 against 35.1, [1024, 1024] x [5632, 1024]^T 37.0 against
-// 33.6 (AVX2 EPYC, medians of 5-9). The threads split w's rows (whole tiles of kTileRows), so each reads only its
+// k2), and on AMD CPUs with AVX-512 (large_nt_cpu), runs on the narrow tile too, which beats MKL's sgemm there: one
+// thread, [512, 512] x [2816, 512]^T 36.4 against 32.5 GFLOP/s, [512, 1408] x [512, 1408]^T 36.7 against 35.1,
+// [1024, 1024] x [5632, 1024]^T 37.0 against 33.6 (AVX2 EPYC, medians of 5-9). The threads split w's rows (whole tiles of kTileRows), so each reads only its
 // share of the weight and none waits on another; each walks a's rows kLargeNtChunkRows at a time, whose lane-major
 // copy (tile_nt) then stays in L2. Every output element is one lane's sum in K order whichever thread computes it,
 // and the row chunks are fixed, so the result depends on the shape only.
